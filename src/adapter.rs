@@ -1,0 +1,95 @@
+//! The [`Adapter`] trait: the whole contract between an adapter method and the rest of the
+//! crate.
+//!
+//! An adapter wraps one frozen linear layer `y = x W0^T + b`. It sees the layer's input `x`, the
+//! base output and the frozen weights, and returns the adapted output: additive methods (LoRA)
+//! add an update to the base output, weight-decomposed methods (DoRA) rescale it. It can fold
+//! itself into the base weight (merge) and take itself out again (unmerge), and it names its
+//! tensors with HF PEFT's key suffixes so that [`crate::format`] can save and load them.
+
+use std::fmt::Debug;
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::{Error, Result};
+
+/// What an adapter sees of the frozen layer it wraps.
+#[derive(Debug, Clone, Copy)]
+pub struct BaseLayer<'a> {
+    /// The frozen weight `W0: (out, in)`.
+    pub weight: &'a Tensor,
+    /// The frozen bias `b: (out,)`, if the layer has one.
+    pub bias: Option<&'a Tensor>,
+}
+
+/// An adapter method's per-layer state and math. Object safe: layers hold `Box<dyn Adapter>`.
+pub trait Adapter: Debug + Send + Sync {
+    /// The method's name as PEFT writes `peft_type` (`"LORA"`, ...).
+    fn peft_type(&self) -> &'static str;
+
+    /// `(in_features, out_features)` of the layer this adapter was built for.
+    fn features(&self) -> (usize, usize);
+
+    /// The dtype the adapter computes in (its parameters' dtype).
+    fn dtype(&self) -> DType;
+
+    /// The adapted output of the layer, given its input `x: (..., in)` and the frozen layer's
+    /// output `base_out: (..., out)` (in the base dtype). `train` switches dropout on.
+    ///
+    /// The adapter branch runs in [`Adapter::dtype`] and is cast back to `base_out`'s dtype.
+    fn forward(&self, x: &Tensor, base_out: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor>;
+
+    /// The additive update `dW` such that the merged weight is `w0 + dW`, in the adapter's
+    /// dtype. Methods whose merge is not additive (DoRA) return `W' - w0`.
+    fn delta_weight(&self, w0: &Tensor) -> Result<Tensor>;
+
+    /// The merged weight `W'` for the frozen weight `w0`, in `w0`'s dtype (the sum is taken in
+    /// f32). By default `w0 + dW`.
+    ///
+    /// Takes `&mut self` because some methods (DoRA) must remember a value of the base weight
+    /// to be able to [`Adapter::unmerge`] later.
+    fn merge(&mut self, w0: &Tensor) -> Result<Tensor> {
+        let delta = self.delta_weight(w0)?;
+        Ok((w0.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(w0.dtype())?)
+    }
+
+    /// The frozen weight `W0` recovered from a weight that [`Adapter::merge`] produced. By
+    /// default `merged - dW`.
+    fn unmerge(&mut self, merged: &Tensor) -> Result<Tensor> {
+        let delta = self.delta_weight(merged)?;
+        Ok((merged.to_dtype(DType::F32)? - delta.to_dtype(DType::F32)?)?.to_dtype(merged.dtype())?)
+    }
+
+    /// The trainable parameters, each with its PEFT key suffix (e.g. `lora_A.weight`).
+    fn trainable_vars(&self) -> Vec<(String, Var)>;
+
+    /// Every tensor this layer writes to an adapter file, with its PEFT key suffix. By default the
+    /// trainable parameters.
+    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        self.trainable_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+    }
+
+    /// Replaces the saved tensor `suffix` by `value`; its shape has been checked against
+    /// [`Adapter::saved_tensors`] and its dtype converted to [`Adapter::dtype`]. By default
+    /// sets the trainable parameter of that name.
+    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
+        let var = self
+            .trainable_vars()
+            .into_iter()
+            .find_map(|(k, v)| (k == suffix).then_some(v))
+            .ok_or_else(|| Error::Unsupported(format!("{} has no tensor `{suffix}`", self.peft_type())))?;
+        var.set(value)?;
+        Ok(())
+    }
+
+    /// The number of trainable scalars.
+    fn num_trainable(&self) -> usize {
+        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// Adds an adapter branch computed in the adapter's dtype to a base output, in the base dtype,
+/// as PEFT does (`result + delta.to(result.dtype)`).
+pub(crate) fn add_branch(base_out: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    Ok(base_out.add(&branch.to_dtype(base_out.dtype())?)?)
+}

@@ -1,0 +1,75 @@
+//! Helpers shared by the adapter methods: seeded initialisers and branch dropout.
+//!
+//! Inits are drawn on the host from the caller's seeded RNG (candle's CPU device cannot be
+//! seeded), then moved to the target device, so a seed gives the same adapter on every device.
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use rand::Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use crate::{Error, Result};
+
+/// Samples `U(-bound, bound)` of `shape`.
+pub(crate) fn uniform(rng: &mut impl Rng, shape: impl Into<Shape>, bound: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    let shape = shape.into();
+    let dist = Uniform::new_inclusive(-bound as f32, bound as f32).map_err(|e| Error::config("init", e.to_string()))?;
+    let data: Vec<f32> = (0..shape.elem_count()).map(|_| dist.sample(rng)).collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}
+
+/// Samples `N(0, std^2)` of `shape`.
+pub(crate) fn normal(rng: &mut impl Rng, shape: impl Into<Shape>, std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    let shape = shape.into();
+    let dist = Normal::new(0f32, std as f32).map_err(|e| Error::config("init", e.to_string()))?;
+    let data: Vec<f32> = (0..shape.elem_count()).map(|_| dist.sample(rng)).collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}
+
+/// torch's `kaiming_uniform_(w, a=sqrt(5))` for a `(rows, fan_in)` weight, the default init of
+/// `nn.Linear`: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+pub(crate) fn kaiming_uniform(rng: &mut impl Rng, rows: usize, fan_in: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    // gain = sqrt(2 / (1 + a^2)) = sqrt(1/3); bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
+    uniform(rng, (rows, fan_in), 1.0 / (fan_in as f64).sqrt(), dtype, device)
+}
+
+/// A trainable parameter holding `t`.
+pub(crate) fn var(t: Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t)?)
+}
+
+/// Dropout on the adapter branch's input, only in training mode.
+pub(crate) fn branch_dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        Ok(candle_nn::ops::dropout(x, p)?)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// Checks a dropout probability: PEFT's `lora_dropout` must lie in `[0, 1)`.
+pub(crate) fn check_dropout(p: f64) -> Result<f32> {
+    if (0.0..1.0).contains(&p) {
+        Ok(p as f32)
+    } else {
+        Err(Error::config("dropout", format!("{p} is outside [0, 1)")))
+    }
+}
+
+/// Checks an adapter rank against the layer: at least 1.
+pub(crate) fn check_rank(r: usize) -> Result<()> {
+    if r == 0 {
+        return Err(Error::config("r", "the rank must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Checks a scaling factor produced by a strategy.
+pub(crate) fn check_scaling(alpha: f64, s: f64) -> Result<f64> {
+    if !alpha.is_finite() {
+        return Err(Error::config("lora_alpha", format!("{alpha} is not finite")));
+    }
+    if !s.is_finite() {
+        return Err(Error::config("scaling", format!("the strategy gave a non-finite factor {s}")));
+    }
+    Ok(s)
+}

@@ -1,0 +1,379 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), and through its
+//! scaling strategy rsLoRA (Kalajdzievski 2023) and RoRA (Liu et al. 2025).
+//!
+//! ```text
+//! A: (r, in), B: (out, r), both trainable
+//! y = x W0^T + b + s * (drop(x) A^T) B^T
+//! merge: W = W0 + s B A
+//! s = alpha / r          (LoRA)
+//! s = alpha / sqrt(r)    (rsLoRA, RoRA; PEFT's `use_rslora: true`)
+//! ```
+//! Inits (PEFT's `init_lora_weights`): `true` = `A ~ kaiming_uniform(a=sqrt(5))`, `B = 0`;
+//! `"gaussian"` = `A ~ N(0, (1/r)^2)`, `B = 0`; `"pissa"` (Meng et al. 2024) = the rank-`r`
+//! SVD truncation `U_r S_r V_r^T` of `W0`, split as `A = sqrt(S_r / s) V_r^T`,
+//! `B = U_r sqrt(S_r / s)`, with the base rewritten to the residual `W0 - s B A`; `false` = both
+//! `A` and `B` drawn like `nn.Linear`'s default (a non-zero update, for tests).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::common::{branch_dropout, check_dropout, check_rank, check_scaling, kaiming_uniform, normal, var};
+use crate::adapter::{add_branch, Adapter, BaseLayer};
+use crate::config::{pattern_value, serde_alpha, BuiltAdapter, TargetConfig};
+use crate::linalg::truncated_svd;
+use crate::scaling::{self, Scaling, ScalingStrategy, Standard};
+use crate::{Error, Result};
+
+/// How LoRA's `A` and `B` start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraInit {
+    /// `true`: `A ~ kaiming_uniform(a=sqrt(5))`, `B = 0` (PEFT's default).
+    #[default]
+    Kaiming,
+    /// `false`: `A` and `B` both drawn like `nn.Linear`'s default, so the update is not zero.
+    Random,
+    /// `"gaussian"`: `A ~ N(0, (1/r)^2)`, `B = 0`.
+    Gaussian,
+    /// `"pissa"`: principal singular components of `W0`; the base becomes the residual.
+    Pissa,
+}
+
+impl Serialize for LoraInit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Kaiming => s.serialize_bool(true),
+            Self::Random => s.serialize_bool(false),
+            Self::Gaussian => s.serialize_str("gaussian"),
+            Self::Pissa => s.serialize_str("pissa"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraInit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Bool(true) => Ok(Self::Kaiming),
+            serde_json::Value::Bool(false) => Ok(Self::Random),
+            serde_json::Value::String(s) if s.eq_ignore_ascii_case("gaussian") => Ok(Self::Gaussian),
+            serde_json::Value::String(s) if s == "pissa" => Ok(Self::Pissa),
+            other => Err(D::Error::custom(format!(
+                "init_lora_weights {other} is not supported (supported: true, false, \"gaussian\", \"pissa\")"
+            ))),
+        }
+    }
+}
+
+/// A LoRA / rsLoRA / RoRA config, field for field PEFT's `LoraConfig` (`peft_type: "LORA"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// The rank `r` (PEFT default 8).
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// `alpha` in the scaling factor (PEFT default 8).
+    #[serde(default = "default_alpha", with = "serde_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout probability on the adapter branch input, in `[0, 1)`.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// `alpha / sqrt(r)` instead of `alpha / r` (rsLoRA, RoRA).
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// The init of `A` and `B`.
+    #[serde(default)]
+    pub init_lora_weights: LoraInit,
+    /// Per-module ranks: a key matches a module path that ends in it (as a regex).
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alphas, matched like `rank_pattern`.
+    #[serde(default, with = "serde_alpha::map")]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Which modules get an adapter.
+    #[serde(flatten)]
+    pub target: TargetConfig,
+    /// A scaling strategy that overrides `use_rslora` (not part of PEFT's format: it is saved
+    /// as the equivalent `lora_alpha` / `alpha_pattern`).
+    #[serde(skip)]
+    pub scaling: Option<Scaling>,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+
+impl LoraConfig {
+    /// LoRA with `s = alpha / r` on `target_modules`.
+    pub fn lora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        Self {
+            r,
+            lora_alpha: alpha,
+            lora_dropout: 0.0,
+            use_rslora: false,
+            init_lora_weights: LoraInit::Kaiming,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            target: TargetConfig::list(target_modules),
+            scaling: None,
+        }
+    }
+
+    /// rsLoRA (Kalajdzievski 2023): LoRA with `s = alpha / sqrt(r)`.
+    pub fn rslora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        Self { use_rslora: true, ..Self::lora(r, alpha, target_modules) }
+    }
+
+    /// RoRA (Liu et al. 2025): the same rank-stabilised factor `alpha / sqrt(r)` as rsLoRA,
+    /// motivated by keeping accuracy rising with rank (notably when recovering pruned models).
+    pub fn rora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        Self::rslora(r, alpha, target_modules)
+    }
+
+    /// Uses `strategy` for the scaling factor instead of `use_rslora`.
+    pub fn with_scaling(mut self, strategy: impl ScalingStrategy + 'static) -> Self {
+        self.use_rslora = strategy.is_rank_stabilized();
+        self.scaling = Some(Arc::new(strategy));
+        self
+    }
+
+    /// Sets the branch dropout.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.lora_dropout = p;
+        self
+    }
+
+    /// Sets the init.
+    pub fn with_init(mut self, init: LoraInit) -> Self {
+        self.init_lora_weights = init;
+        self
+    }
+
+    /// The scaling strategy in force.
+    pub fn strategy(&self) -> Scaling {
+        self.scaling.clone().unwrap_or_else(|| scaling::from_use_rslora(self.use_rslora))
+    }
+
+    /// `(r, alpha)` for the module at `path`, after `rank_pattern` / `alpha_pattern`.
+    pub fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
+        let r = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.r);
+        let alpha = pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.lora_alpha);
+        Ok((r, alpha))
+    }
+
+    /// Checks the hyper-parameters that do not depend on a layer.
+    pub fn validate(&self) -> Result<()> {
+        check_rank(self.r)?;
+        for (k, &r) in &self.rank_pattern {
+            check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
+        }
+        for (_, &a) in std::iter::once((&String::new(), &self.lora_alpha)).chain(&self.alpha_pattern) {
+            check_scaling(a, 0.0)?;
+        }
+        check_dropout(self.lora_dropout)?;
+        self.target.validate()
+    }
+
+    /// Builds the adapter of the module at `path` wrapping `base`, drawing its init from `rng`.
+    pub fn build(&self, path: &str, base: BaseLayer<'_>, dtype: DType, rng: &mut impl Rng) -> Result<BuiltAdapter> {
+        let (r, alpha) = self.rank_and_alpha(path)?;
+        let (lora, residual) = Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)?;
+        Ok(BuiltAdapter { adapter: Box::new(lora), base_weight: residual })
+    }
+
+    /// This config as PEFT must read it: a strategy PEFT does not know is written as the
+    /// `lora_alpha` (and `alpha_pattern` entries) that give the same factor under `alpha / r`.
+    pub fn to_peft(&self) -> Self {
+        let strategy = self.strategy();
+        let mut out = self.clone();
+        out.scaling = None;
+        if strategy.is_rank_stabilized() {
+            out.use_rslora = true;
+        } else if strategy.name() != Standard.name() {
+            out.use_rslora = false;
+            let equivalent = |alpha: f64, r: usize| strategy.scale(alpha, r) * r as f64;
+            out.lora_alpha = equivalent(self.lora_alpha, self.r);
+            let mut alphas = BTreeMap::new();
+            for key in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+                let r = self.rank_pattern.get(key).copied().unwrap_or(self.r);
+                let a = self.alpha_pattern.get(key).copied().unwrap_or(self.lora_alpha);
+                alphas.insert(key.clone(), equivalent(a, r));
+            }
+            out.alpha_pattern = alphas;
+        }
+        out
+    }
+}
+
+/// One layer's LoRA: `y = base_out + s * (drop(x) A^T) B^T`.
+#[derive(Debug)]
+pub struct Lora {
+    lora_a: Var,
+    lora_b: Var,
+    scaling: f64,
+    dropout: f32,
+}
+
+impl Lora {
+    /// A LoRA of rank `r` for `base` with factor `strategy.scale(alpha, r)`.
+    ///
+    /// Returns the adapter and, for PiSSA, the residual base weight that must replace `W0`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        base: BaseLayer<'_>,
+        r: usize,
+        alpha: f64,
+        strategy: &dyn ScalingStrategy,
+        dropout: f64,
+        init: LoraInit,
+        dtype: DType,
+        rng: &mut impl Rng,
+    ) -> Result<(Self, Option<Tensor>)> {
+        check_rank(r)?;
+        let dropout = check_dropout(dropout)?;
+        let scaling = check_scaling(alpha, strategy.scale(alpha, r))?;
+        let (out_f, in_f) = base.weight.dims2()?;
+        let dev = base.weight.device();
+        let (a, b, residual) = match init {
+            LoraInit::Kaiming => (kaiming_uniform(rng, r, in_f, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None),
+            LoraInit::Gaussian => (normal(rng, (r, in_f), 1.0 / r as f64, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None),
+            LoraInit::Random => (kaiming_uniform(rng, r, in_f, dtype, dev)?, kaiming_uniform(rng, out_f, r, dtype, dev)?, None),
+            LoraInit::Pissa => {
+                if scaling <= 0.0 {
+                    return Err(Error::config("lora_alpha", "PiSSA needs a positive scaling factor"));
+                }
+                let svd = truncated_svd(base.weight, r)?;
+                let root = (svd.s / scaling)?.sqrt()?;
+                let a = svd.vt.broadcast_mul(&root.unsqueeze(1)?)?;
+                let b = svd.u.broadcast_mul(&root.unsqueeze(0)?)?;
+                let principal = (b.matmul(&a)? * scaling)?;
+                let residual = (base.weight.to_dtype(DType::F32)? - principal)?.to_dtype(base.weight.dtype())?;
+                (a.to_dtype(dtype)?, b.to_dtype(dtype)?, Some(residual))
+            }
+        };
+        Ok((Self { lora_a: var(a)?, lora_b: var(b)?, scaling, dropout }, residual))
+    }
+
+    /// A LoRA from given `A: (r, in)` and `B: (out, r)`.
+    pub fn from_weights(lora_a: Tensor, lora_b: Tensor, scaling: f64, dropout: f64) -> Result<Self> {
+        let (r, _) = lora_a.dims2()?;
+        let (_, r2) = lora_b.dims2()?;
+        check_rank(r)?;
+        if r != r2 {
+            return Err(Error::ShapeMismatch { what: "lora_B.weight".into(), expected: vec![lora_b.dim(0)?, r], actual: lora_b.dims().to_vec() });
+        }
+        Ok(Self { lora_a: var(lora_a)?, lora_b: var(lora_b)?, scaling: check_scaling(0.0, scaling)?, dropout: check_dropout(dropout)? })
+    }
+
+    /// `A: (r, in)`.
+    pub fn lora_a(&self) -> &Var {
+        &self.lora_a
+    }
+    /// `B: (out, r)`.
+    pub fn lora_b(&self) -> &Var {
+        &self.lora_b
+    }
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.lora_a.dim(0).unwrap_or(0)
+    }
+    /// The factor `s`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+}
+
+/// `x M^T` for `x: (..., k)` and `m: (n, k)`.
+pub(crate) fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.matmul(&m.t()?)?;
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = m.dim(0)?;
+    }
+    Ok(y.reshape(out)?)
+}
+
+impl Adapter for Lora {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn features(&self) -> (usize, usize) {
+        (self.lora_a.dim(1).unwrap_or(0), self.lora_b.dim(0).unwrap_or(0))
+    }
+
+    fn dtype(&self) -> DType {
+        self.lora_a.dtype()
+    }
+
+    fn forward(&self, x: &Tensor, base_out: &Tensor, _base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
+        let x = branch_dropout(&x.to_dtype(self.dtype())?, self.dropout, train)?;
+        let branch = matmul_t(&matmul_t(&x, &self.lora_a)?, &self.lora_b)?;
+        add_branch(base_out, &(branch * self.scaling)?)
+    }
+
+    fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
+        Ok((self.lora_b.matmul(&self.lora_a)? * self.scaling)?)
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![("lora_A.weight".into(), self.lora_a.clone()), ("lora_B.weight".into(), self.lora_b.clone())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scaling::RankStabilized;
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    fn base(out: usize, inp: usize) -> Tensor {
+        Tensor::randn(0f32, 1., (out, inp), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn default_init_is_a_zero_update_with_bounded_a() -> Result<()> {
+        let w = base(6, 16);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let (lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Kaiming, DType::F32, &mut rng)?;
+        assert!(res.is_none());
+        assert_eq!(lora.scaling(), 2.0);
+        let a_max = lora.lora_a().abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(a_max <= 0.25 && a_max > 0.1, "{a_max}");
+        assert_eq!(lora.lora_b().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn pissa_residual_plus_update_is_the_base() -> Result<()> {
+        let w = base(6, 5);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let (mut lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, 2, 4.0, &RankStabilized, 0.0, LoraInit::Pissa, DType::F32, &mut rng)?;
+        let res = res.expect("PiSSA rewrites the base");
+        let back = lora.merge(&res)?;
+        let err = (back - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn rank_zero_bad_dropout_and_nan_alpha_are_errors() {
+        let w = base(3, 3);
+        let b = BaseLayer { weight: &w, bias: None };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut new = |r, alpha, p| Lora::new(b, r, alpha, &Standard, p, LoraInit::Kaiming, DType::F32, &mut rng).map(|_| ());
+        assert!(matches!(new(0, 8.0, 0.0), Err(Error::InvalidConfig { name: "r", .. })));
+        assert!(matches!(new(2, f64::NAN, 0.0), Err(Error::InvalidConfig { name: "lora_alpha", .. })));
+        assert!(matches!(new(2, 8.0, 1.0), Err(Error::InvalidConfig { name: "dropout", .. })));
+        assert!(matches!(new(2, 8.0, -0.1), Err(Error::InvalidConfig { name: "dropout", .. })));
+    }
+}

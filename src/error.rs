@@ -1,0 +1,136 @@
+//! The crate's one error type.
+//!
+//! Every fallible public function returns [`Result`]. Messages say what was wrong and, where
+//! there is one, what to do next.
+
+use std::path::PathBuf;
+
+/// Errors raised by candle-peft.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error from candle itself (a shape mismatch inside an op, a device error, ...).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A hyper-parameter is outside its valid range.
+    #[error("invalid {name}: {reason}")]
+    InvalidConfig {
+        /// The parameter, e.g. `r` or `lora_dropout`.
+        name: &'static str,
+        /// Why the value was refused.
+        reason: String,
+    },
+
+    /// An input tensor does not have the shape the operation needs.
+    #[error("shape mismatch for {what}: expected {expected:?}, got {actual:?}")]
+    ShapeMismatch {
+        /// What was being checked (a key name, "input", ...).
+        what: String,
+        /// The shape that was expected.
+        expected: Vec<usize>,
+        /// The shape that was found.
+        actual: Vec<usize>,
+    },
+
+    /// The layer is in the wrong merge state for the requested operation.
+    #[error("{0}")]
+    MergeState(String),
+
+    /// `target_modules` matched no module of the model.
+    #[error(
+        "target_modules {pattern} matched no module of the model; available linear modules: {}",
+        available.join(", ")
+    )]
+    NoTargetModules {
+        /// The pattern as the user wrote it.
+        pattern: String,
+        /// The linear module paths the model has.
+        available: Vec<String>,
+    },
+
+    /// A file's tensors do not match the adapter that should hold them.
+    #[error("adapter weights in {path} do not match the model: {}", describe_key_mismatch(missing, unexpected))]
+    KeyMismatch {
+        /// The file that was read.
+        path: PathBuf,
+        /// Keys the model needs that the file lacks.
+        missing: Vec<String>,
+        /// Keys the file has that the model does not use.
+        unexpected: Vec<String>,
+    },
+
+    /// A safetensors file could not be parsed (truncated, corrupt, wrong header).
+    #[error("cannot read safetensors file {path}: {reason}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+
+    /// A JSON file could not be parsed or does not describe a supported adapter.
+    #[error("invalid adapter config {path}: {reason}")]
+    Config {
+        /// The file (or `<memory>` for a string).
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+
+    /// A feature of a config that candle-peft does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// A device was requested whose backend was not compiled in.
+    #[error("device `{device}` needs candle-peft built with the `{feature}` cargo feature (cargo build --features {feature})")]
+    BackendNotCompiled {
+        /// The device string the user gave.
+        device: String,
+        /// The cargo feature that enables it.
+        feature: &'static str,
+    },
+
+    /// A device string that is not `auto`, `cpu`, `cuda:N` or `metal`.
+    #[error("unknown device `{0}`: expected auto, cpu, cuda, cuda:N or metal")]
+    UnknownDevice(String),
+
+    /// A linear-algebra routine (SVD) failed.
+    #[error("linear algebra failed: {0}")]
+    LinAlg(String),
+
+    /// File-system error, with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path that was being read or written.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn describe_key_mismatch(missing: &[String], unexpected: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing keys [{}]", missing.join(", ")));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected keys [{}]", unexpected.join(", ")));
+    }
+    parts.join("; ")
+}
+
+impl Error {
+    /// Builds an [`Error::InvalidConfig`].
+    pub(crate) fn config(name: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig { name, reason: reason.into() }
+    }
+
+    /// Wraps an I/O error with the path it concerns.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,93 @@
+//! HF PEFT's on-disk format: a directory with `adapter_config.json` and
+//! `adapter_model.safetensors`, tensors keyed `base_model.model.<module path>.<suffix>`
+//! (e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+//!
+//! Files are written to a temporary name in the same directory and renamed into place, so an
+//! interrupted save never leaves a half-written file where a good one was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// The config file's name.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file's name.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The prefix PEFT puts before a module path.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The PEFT key of tensor `suffix` of the module at `path`.
+pub fn peft_key(path: &str, suffix: &str) -> String {
+    format!("{KEY_PREFIX}{path}.{suffix}")
+}
+
+/// Reads every tensor of a safetensors file onto `device`. A truncated or corrupt file is an
+/// [`Error::Safetensors`] naming the file.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st_err = |reason: String| Error::Safetensors { path: path.to_path_buf(), reason };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| st_err(e.to_string()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = view.load(device).map_err(|e| st_err(format!("tensor `{name}`: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes `tensors` as a safetensors file at `path`, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let map: HashMap<&str, Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t.contiguous())).map(|(k, t)| t.map(|t| (k, t))).collect::<candle_core::Result<_>>()?;
+    let bytes = safetensors::serialize(&map, None).map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corrupt_files() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("t.safetensors");
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)?.reshape((2, 3))?;
+        write_safetensors(&path, &[("a.weight".into(), t.clone())])?;
+        let back = read_safetensors(&path, &Device::Cpu)?;
+        assert_eq!(back["a.weight"].to_vec2::<f32>()?, t.to_vec2::<f32>()?);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        assert!(matches!(read_safetensors(&path, &Device::Cpu), Err(Error::Safetensors { .. })));
+        std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+        assert!(matches!(read_safetensors(&path, &Device::Cpu), Err(Error::Safetensors { .. })));
+        assert!(matches!(read_safetensors(&dir.path().join("missing"), &Device::Cpu), Err(Error::Io { .. })));
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! A linear layer whose weight is frozen: `y = x W^T + b`, differentiable in `x` only.
+//!
+//! candle's matmul backward always computes the gradient of both operands, so `x.matmul(W^T)`
+//! with a frozen `W` still builds a `W`-sized gradient in every backward pass: an extra
+//! `(out x in)` matmul and an `(out x in)` buffer per layer, roughly doubling a frozen layer's
+//! backward cost. [`frozen_linear`] runs the same forward matmul as a custom op whose backward
+//! returns only `dL/dx = dL/dy W`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor};
+
+use crate::Result;
+
+/// `x W^T` with `x: (n, in)` and `W: (out, in)`; the backward skips `W`.
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(
+        x: &S,
+        x_l: &Layout,
+        w: &S,
+        w_l: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (n, k) = x_l.shape().dims2()?;
+        let (out, k2) = w_l.shape().dims2()?;
+        if k != k2 || x.dtype() != w.dtype() {
+            candle_core::bail!(
+                "frozen linear: input {:?} {:?} does not fit weight {:?} {:?}",
+                x_l.shape(),
+                x.dtype(),
+                w_l.shape(),
+                w.dtype()
+            );
+        }
+        let wt_l = w_l.transpose(0, 1)?;
+        let y = x.matmul(w, (1, n, out, k), x_l, &wt_l)?;
+        Ok((y, Shape::from((n, out))))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::fwd(x, x_l, w, w_l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Self::fwd(x, x_l, w, w_l)
+    }
+
+    fn metal_fwd(
+        &self,
+        x: &MetalStorage,
+        x_l: &Layout,
+        w: &MetalStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        Self::fwd(x, x_l, w, w_l)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_y.matmul(w)?), None))
+    }
+}
+
+/// `x W^T + b` for `x: (..., in)`, `W: (out, in)`, `b: (out,)`, with no gradient for the frozen
+/// `W` and the usual gradient for `x`.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_features = *dims.last().unwrap_or(&0);
+    let n = x.elem_count() / in_features.max(1);
+    let x2 = x.reshape((n, in_features))?;
+    let y2 = if x.track_op() {
+        x2.apply_op2(weight, FrozenMatmul)?
+    } else {
+        // Nothing upstream needs a gradient: the plain matmul records no backward either.
+        x2.matmul(&weight.t()?)?
+    };
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    let y = y2.reshape(out_dims)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_matmul_and_skips_the_weight_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (5, 3), &dev)?;
+        let b = Tensor::randn(0f32, 1., 5, &dev)?;
+        let x = Var::randn(0f32, 1., (2, 4, 3), &dev)?;
+        let y = frozen_linear(x.as_tensor(), &w, Some(&b))?;
+        let reference = x.as_tensor().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+        let diff = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        let gx = grads.get(x.as_tensor()).expect("gradient of x");
+        let gx_ref = reference.sqr()?.sum_all()?.backward()?;
+        let gx_ref = gx_ref.get(x.as_tensor()).unwrap();
+        let diff = (gx - gx_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        assert!(grads.get(&w).is_none(), "a gradient of the frozen weight was computed");
+        Ok(())
+    }
+}

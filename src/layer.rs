@@ -1,0 +1,178 @@
+//! [`AdaptedLinear`]: a frozen linear layer and its adapter, usable as a candle [`Module`].
+
+use candle_core::{DType, Module, Tensor};
+
+use crate::adapter::{Adapter, BaseLayer};
+use crate::frozen::frozen_linear;
+use crate::{Error, Result};
+
+/// A frozen `y = x W0^T + b` with an optional adapter.
+///
+/// The base weight and bias are plain tensors, never trainable; the backward pass computes no
+/// gradient for them (see [`crate::frozen`]). The adapter can be switched off ([`Self::set_enabled`]),
+/// folded into the weight ([`Self::merge`]) and taken out again ([`Self::unmerge`]).
+#[derive(Debug)]
+pub struct AdaptedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapter: Option<Box<dyn Adapter>>,
+    merged: bool,
+    enabled: bool,
+    train: bool,
+}
+
+impl AdaptedLinear {
+    /// A frozen layer with weight `(out, in)` and optional bias `(out,)`, without an adapter.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out, _) = weight.dims2()?;
+        if let Some(b) = &bias {
+            if b.dims() != [out] {
+                return Err(Error::ShapeMismatch { what: "bias".into(), expected: vec![out], actual: b.dims().to_vec() });
+            }
+        }
+        Ok(Self { weight: weight.detach(), bias: bias.map(|b| b.detach()), adapter: None, merged: false, enabled: true, train: false })
+    }
+
+    /// Wraps a candle [`candle_nn::Linear`].
+    pub fn from_linear(linear: &candle_nn::Linear) -> Result<Self> {
+        Self::new(linear.weight().clone(), linear.bias().cloned())
+    }
+
+    /// The frozen layer as an adapter sees it.
+    pub fn base(&self) -> BaseLayer<'_> {
+        BaseLayer { weight: &self.weight, bias: self.bias.as_ref() }
+    }
+
+    /// The current weight: `W0`, or the merged weight after [`Self::merge`].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The frozen bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn features(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[1], d[0])
+    }
+
+    /// Attaches `adapter`, replacing any previous one; `base_weight` replaces `W0` when the
+    /// adapter's init rewrote it (PiSSA). Errors if the layer is merged or the shapes differ.
+    pub fn set_adapter(&mut self, adapter: Box<dyn Adapter>, base_weight: Option<Tensor>) -> Result<()> {
+        if self.merged {
+            return Err(Error::MergeState("cannot replace the adapter of a merged layer: unmerge it first".into()));
+        }
+        if adapter.features() != self.features() {
+            let (i, o) = adapter.features();
+            return Err(Error::ShapeMismatch { what: "adapter (out, in)".into(), expected: self.weight.dims().to_vec(), actual: vec![o, i] });
+        }
+        if let Some(w) = base_weight {
+            if w.dims() != self.weight.dims() {
+                return Err(Error::ShapeMismatch { what: "rewritten base weight".into(), expected: self.weight.dims().to_vec(), actual: w.dims().to_vec() });
+            }
+            self.weight = w.detach();
+        }
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// The adapter, if any.
+    pub fn adapter(&self) -> Option<&dyn Adapter> {
+        self.adapter.as_deref()
+    }
+
+    /// The adapter, mutably.
+    pub fn adapter_mut(&mut self) -> Option<&mut (dyn Adapter + 'static)> {
+        self.adapter.as_deref_mut()
+    }
+
+    /// Whether the adapter is folded into the weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Whether the adapter takes part in the forward pass.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Training mode (dropout on) or evaluation mode.
+    pub fn set_train(&mut self, train: bool) {
+        self.train = train;
+    }
+
+    /// Switches the adapter on or off. A merged adapter cannot be switched off: unmerge first.
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        if self.merged && !enabled {
+            return Err(Error::MergeState("the adapter is merged into the weight: unmerge before disabling it".into()));
+        }
+        self.enabled = enabled;
+        Ok(())
+    }
+
+    fn adapter_or_err(&mut self, what: &str) -> Result<&mut Box<dyn Adapter>> {
+        self.adapter.as_mut().ok_or_else(|| Error::MergeState(format!("cannot {what}: the layer has no adapter")))
+    }
+
+    /// Folds the adapter into the weight: afterwards the forward pass costs what the base layer
+    /// costs. Merging twice is an error.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged {
+            return Err(Error::MergeState("the adapter is already merged".into()));
+        }
+        let w0 = self.weight.clone();
+        self.weight = self.adapter_or_err("merge")?.merge(&w0)?.detach();
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Takes a merged adapter out of the weight again. Unmerging an unmerged layer is an error.
+    pub fn unmerge(&mut self) -> Result<()> {
+        if !self.merged {
+            return Err(Error::MergeState("the adapter is not merged".into()));
+        }
+        let w = self.weight.clone();
+        self.weight = self.adapter_or_err("unmerge")?.unmerge(&w)?.detach();
+        self.merged = false;
+        Ok(())
+    }
+
+    /// The merged weight, without changing the layer (for export). Errors if already merged.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match (&self.adapter, self.merged) {
+            (_, true) => Ok(self.weight.clone()),
+            (None, false) => Ok(self.weight.clone()),
+            (Some(a), false) => {
+                let delta = a.delta_weight(&self.weight)?;
+                Ok((self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(self.weight.dtype())?)
+            }
+        }
+    }
+
+    /// The forward pass with this crate's error type; checks the input's last dimension.
+    pub fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        let (in_f, _) = self.features();
+        if x.dims().last() != Some(&in_f) {
+            let mut expected = x.dims().to_vec();
+            if let Some(l) = expected.last_mut() {
+                *l = in_f;
+            }
+            return Err(Error::ShapeMismatch { what: "linear input".into(), expected, actual: x.dims().to_vec() });
+        }
+        let base_in = x.to_dtype(self.weight.dtype())?;
+        let base_out = frozen_linear(&base_in, &self.weight, self.bias.as_ref())?;
+        match &self.adapter {
+            Some(a) if self.enabled && !self.merged => a.forward(x, &base_out, self.base(), self.train),
+            _ => Ok(base_out),
+        }
+    }
+}
+
+impl Module for AdaptedLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(x).map_err(candle_core::Error::wrap)
+    }
+}

@@ -1,0 +1,49 @@
+//! # candle-peft
+//!
+//! Parameter-efficient fine-tuning of LLMs with the LoRA family of adapters, on
+//! [candle](https://github.com/huggingface/candle), with adapter files in HF PEFT's format.
+//!
+//! - [`Adapter`]: the trait every method implements; [`AdaptedLinear`] wraps a frozen linear
+//!   layer with an adapter and is a candle `Module`.
+//! - [`scaling`]: the rank-dependent factor (`alpha/r`, `alpha/sqrt(r)`, fixed, your own) as a
+//!   pluggable [`ScalingStrategy`].
+//! - [`PeftModel`]: injects adapters by module path (`target_modules`, `rank_pattern`, ...),
+//!   collects trainable variables, merges, saves and loads `adapter_config.json` +
+//!   `adapter_model.safetensors` as PEFT does.
+//! - [`device()`]: `auto | cpu | cuda:N | metal` at run time.
+//!
+//! ```no_run
+//! use candle_peft::{AdapterConfig, InitOptions, LoraConfig, NamedLinears, PeftModel};
+//! # fn main() -> candle_peft::Result<()> {
+//! let device = candle_peft::device("auto")?;
+//! let base = NamedLinears::from_safetensors("model.safetensors".as_ref(), &device, candle_core::DType::F32)?;
+//! let config = AdapterConfig::Lora(LoraConfig::rslora(16, 32.0, &["q_proj", "v_proj"]));
+//! let peft = PeftModel::new(base, config, InitOptions::default())?;
+//! println!("{}", peft.parameter_count());
+//! let vars = peft.trainable_vars(); // hand these to an optimizer
+//! # let _ = vars;
+//! peft.save_pretrained("my-adapter".as_ref())?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod adapters;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod frozen;
+pub mod layer;
+pub mod linalg;
+pub mod peft_model;
+pub mod scaling;
+
+pub use adapter::{Adapter, BaseLayer};
+pub use adapters::{Lora, LoraConfig, LoraInit};
+pub use config::{AdapterConfig, TargetConfig, TargetModules};
+pub use device::{device, DeviceSpec};
+pub use error::{Error, Result};
+pub use layer::AdaptedLinear;
+pub use peft_model::{InitOptions, LinearHost, NamedLinears, ParameterCount, PeftModel};
+pub use scaling::{Fixed, RankStabilized, ScalingStrategy, Standard};

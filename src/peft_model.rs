@@ -1,0 +1,307 @@
+//! Injecting adapters into a model by module path, and the model-level operations: trainable
+//! variables, merge / unmerge, enable / disable, save / load in HF PEFT's format.
+//!
+//! A model exposes its linear layers through [`LinearHost`]; [`PeftModel`] wraps it.
+//! [`NamedLinears`] is a ready-made host: a map from module path to layer, e.g. built from every
+//! 2-D `*.weight` of a safetensors file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+
+use crate::config::AdapterConfig;
+use crate::format::{self, peft_key, CONFIG_FILE, WEIGHTS_FILE};
+use crate::layer::AdaptedLinear;
+use crate::{Error, Result};
+
+/// A model whose linear layers can be adapted, each named by its module path
+/// (`model.layers.0.self_attn.q_proj`, as in the HF checkpoint).
+pub trait LinearHost {
+    /// Every linear layer with its path, in a fixed order.
+    fn linears(&self) -> Vec<(String, &AdaptedLinear)>;
+
+    /// Every linear layer with its path, mutably, in the same order.
+    fn linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)>;
+
+    /// The path of the output projection, which `target_modules: "all-linear"` leaves out.
+    fn output_layer(&self) -> Option<String> {
+        Some("lm_head".into())
+    }
+}
+
+/// A set of named frozen linear layers: the simplest [`LinearHost`].
+#[derive(Debug, Default)]
+pub struct NamedLinears {
+    layers: BTreeMap<String, AdaptedLinear>,
+}
+
+impl NamedLinears {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the layer at `path`.
+    pub fn insert(&mut self, path: impl Into<String>, layer: AdaptedLinear) {
+        self.layers.insert(path.into(), layer);
+    }
+
+    /// The layer at `path`.
+    pub fn get(&self, path: &str) -> Option<&AdaptedLinear> {
+        self.layers.get(path)
+    }
+
+    /// The layer at `path`, mutably.
+    pub fn get_mut(&mut self, path: &str) -> Option<&mut AdaptedLinear> {
+        self.layers.get_mut(path)
+    }
+
+    /// Every 2-D `<path>.weight` of `tensors` as a frozen layer at `<path>` (with `<path>.bias`
+    /// when present), cast to `dtype`. Embeddings (`embed_tokens`, `wte`, ...) are 2-D too; pass
+    /// only linear weights, or drop them with [`NamedLinears::retain`].
+    pub fn from_tensors(tensors: &BTreeMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        let mut layers = BTreeMap::new();
+        for (key, w) in tensors {
+            let Some(path) = key.strip_suffix(".weight") else { continue };
+            if w.rank() != 2 {
+                continue;
+            }
+            let bias = tensors.get(&format!("{path}.bias")).map(|b| b.to_dtype(dtype)).transpose()?;
+            layers.insert(path.to_string(), AdaptedLinear::new(w.to_dtype(dtype)?, bias)?);
+        }
+        Ok(Self { layers })
+    }
+
+    /// Reads a safetensors checkpoint (see [`NamedLinears::from_tensors`]).
+    pub fn from_safetensors(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_tensors(&format::read_safetensors(path, device)?, dtype)
+    }
+
+    /// Keeps only the layers whose path satisfies `keep`.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.layers.retain(|k, _| keep(k));
+    }
+}
+
+impl LinearHost for NamedLinears {
+    fn linears(&self) -> Vec<(String, &AdaptedLinear)> {
+        self.layers.iter().map(|(k, v)| (k.clone(), v)).collect()
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
+        self.layers.iter_mut().map(|(k, v)| (k.clone(), v)).collect()
+    }
+}
+
+/// How a new adapter is initialised.
+#[derive(Debug, Clone, Copy)]
+pub struct InitOptions {
+    /// Seed of the RNG the inits are drawn from.
+    pub seed: u64,
+    /// The adapters' dtype (PEFT keeps adapters in f32 by default).
+    pub dtype: DType,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self { seed: 0, dtype: DType::F32 }
+    }
+}
+
+/// Trainable and total parameter counts, like PEFT's `print_trainable_parameters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParameterCount {
+    /// Trainable adapter parameters.
+    pub trainable: usize,
+    /// All parameters: frozen linear weights and biases plus the trainable ones.
+    pub all: usize,
+}
+
+impl fmt::Display for ParameterCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = 100.0 * self.trainable as f64 / self.all.max(1) as f64;
+        write!(f, "trainable params: {} || all params: {} || trainable%: {pct:.4}", self.trainable, self.all)
+    }
+}
+
+/// A model with adapters injected into the linear layers that the config targets.
+#[derive(Debug)]
+pub struct PeftModel<M: LinearHost> {
+    model: M,
+    config: AdapterConfig,
+    adapted: Vec<String>,
+}
+
+impl<M: LinearHost> PeftModel<M> {
+    /// Injects fresh adapters (drawn from `opts.seed`) into every targeted linear of `model`.
+    ///
+    /// Errors when no module matches, listing the linear modules the model has.
+    pub fn new(mut model: M, config: AdapterConfig, opts: InitOptions) -> Result<Self> {
+        config.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+        let output = model.output_layer();
+        let mut adapted = Vec::new();
+        let mut available = Vec::new();
+        for (path, layer) in model.linears_mut() {
+            available.push(path.clone());
+            if !config.target().matches(&path, output.as_deref())? {
+                continue;
+            }
+            let built = config.build(&path, layer.base(), opts.dtype, &mut rng)?;
+            layer.set_adapter(built.adapter, built.base_weight)?;
+            adapted.push(path);
+        }
+        if adapted.is_empty() {
+            let pattern = serde_json::to_string(&config.target().target_modules).unwrap_or_default();
+            return Err(Error::NoTargetModules { pattern, available });
+        }
+        Ok(Self { model, config, adapted })
+    }
+
+    /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) onto
+    /// `model`: injects the configured adapters, then sets every tensor from the file. Missing or
+    /// unexpected keys and wrong shapes are errors that name them.
+    pub fn from_pretrained(model: M, dir: &Path, dtype: DType) -> Result<Self> {
+        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let mut peft = Self::new(model, config, InitOptions { seed: 0, dtype })?;
+        peft.load_weights(&dir.join(WEIGHTS_FILE))?;
+        Ok(peft)
+    }
+
+    /// Sets every adapter tensor from a PEFT safetensors file.
+    pub fn load_weights(&mut self, path: &Path) -> Result<()> {
+        let device = self.model.linears().first().map(|(_, l)| l.weight().device().clone()).unwrap_or(Device::Cpu);
+        let mut tensors = format::read_safetensors(path, &device)?;
+        let expected = self.saved_tensors();
+        let expected_keys: BTreeSet<&String> = expected.iter().map(|(k, _)| k).collect();
+        let missing: Vec<String> = expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
+        let unexpected: Vec<String> = tensors.keys().filter(|k| !expected_keys.contains(k)).cloned().collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(Error::KeyMismatch { path: path.to_path_buf(), missing, unexpected });
+        }
+        for (key, t) in &expected {
+            let got = &tensors[key];
+            if got.dims() != t.dims() {
+                return Err(Error::ShapeMismatch { what: format!("{key} in {}", path.display()), expected: t.dims().to_vec(), actual: got.dims().to_vec() });
+            }
+        }
+        let adapted: BTreeSet<&String> = self.adapted.iter().collect();
+        for (layer_path, layer) in self.model.linears_mut() {
+            if !adapted.contains(&layer_path) {
+                continue;
+            }
+            let adapter = layer.adapter_mut().expect("adapted layers hold an adapter");
+            for (suffix, _) in adapter.saved_tensors() {
+                let value = tensors.remove(&peft_key(&layer_path, &suffix)).expect("keys checked above");
+                adapter.load_tensor(&suffix, &value.to_dtype(adapter.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tensor that [`PeftModel::save_pretrained`] writes, keyed as PEFT keys it.
+    pub fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        self.adapted_layers()
+            .flat_map(|(path, l)| {
+                let a = l.adapter().expect("adapted layers hold an adapter");
+                a.saved_tensors().into_iter().map(move |(s, t)| (peft_key(&path, &s), t))
+            })
+            .collect()
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
+    /// needed), in HF PEFT's format, each file atomically.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        format::write_safetensors(&dir.join(WEIGHTS_FILE), &self.saved_tensors())?;
+        let json = serde_json::to_string_pretty(&self.config.to_peft_json()?).map_err(|e| Error::Unsupported(e.to_string()))?;
+        format::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    }
+
+    fn adapted_layers(&self) -> impl Iterator<Item = (String, &AdaptedLinear)> {
+        let adapted: BTreeSet<&String> = self.adapted.iter().collect();
+        self.model.linears().into_iter().filter(move |(p, _)| adapted.contains(p))
+    }
+
+    fn for_each_adapted(&mut self, mut f: impl FnMut(&mut AdaptedLinear) -> Result<()>) -> Result<()> {
+        let adapted: BTreeSet<String> = self.adapted.iter().cloned().collect();
+        for (path, layer) in self.model.linears_mut() {
+            if adapted.contains(&path) {
+                f(layer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainable variables with their PEFT keys, for an optimizer or a report.
+    pub fn named_trainable_vars(&self) -> Vec<(String, Var)> {
+        self.adapted_layers()
+            .flat_map(|(path, l)| {
+                let a = l.adapter().expect("adapted layers hold an adapter");
+                a.trainable_vars().into_iter().map(move |(s, v)| (peft_key(&path, &s), v))
+            })
+            .collect()
+    }
+
+    /// The trainable variables, for an optimizer.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.named_trainable_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Trainable and total parameter counts over the linear layers.
+    pub fn parameter_count(&self) -> ParameterCount {
+        let trainable: usize = self.adapted_layers().map(|(_, l)| l.adapter().map_or(0, |a| a.num_trainable())).sum();
+        let frozen: usize = self.model.linears().iter().map(|(_, l)| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count())).sum();
+        ParameterCount { trainable, all: frozen + trainable }
+    }
+
+    /// Folds every adapter into its layer's weight.
+    pub fn merge(&mut self) -> Result<()> {
+        self.for_each_adapted(|l| l.merge())
+    }
+
+    /// Takes every merged adapter out again.
+    pub fn unmerge(&mut self) -> Result<()> {
+        self.for_each_adapted(|l| l.unmerge())
+    }
+
+    /// Training mode (dropout on) or evaluation mode, for every adapted layer.
+    pub fn set_train(&mut self, train: bool) {
+        let _ = self.for_each_adapted(|l| {
+            l.set_train(train);
+            Ok(())
+        });
+    }
+
+    /// Switches every adapter on or off (see [`AdaptedLinear::set_enabled`]).
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        self.for_each_adapted(|l| l.set_enabled(enabled))
+    }
+
+    /// The module paths that received an adapter.
+    pub fn adapted_modules(&self) -> &[String] {
+        &self.adapted
+    }
+
+    /// The config.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.config
+    }
+
+    /// The wrapped model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The wrapped model, mutably.
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.model
+    }
+
+    /// Unwraps the model (its layers keep their adapters).
+    pub fn into_inner(self) -> M {
+        self.model
+    }
+}
