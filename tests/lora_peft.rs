@@ -1,0 +1,161 @@
+//! LoRA and rsLoRA against HF PEFT 0.21.2 (fixtures from tests/fixtures/generate.py).
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_peft::scaling::from_use_rslora;
+use candle_peft::{AdaptedLinear, Adapter, BaseLayer, Lora, LoraInit, Standard};
+use common::{assert_close, fixture, load};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    bias: bool,
+    r: usize,
+    alpha: f64,
+    use_rslora: bool,
+    scaling: f64,
+}
+
+fn cases() -> Vec<Case> {
+    serde_json::from_str(&std::fs::read_to_string(fixture("lora_cases.json")).unwrap()).unwrap()
+}
+
+/// The single-layer cases: shapes square / wide / tall, ranks 1 / 8 / 64, alpha/r and
+/// alpha/sqrt(r), with and without bias.
+#[test]
+fn single_layer_forward_merge_and_gradients_match_peft() -> candle_peft::Result<()> {
+    let t = load("lora_cases.safetensors");
+    let cases = cases();
+    assert_eq!(cases.len(), 18);
+    for c in cases {
+        let get = |k: &str| t[&format!("{}.{k}", c.name)].clone();
+        let scaling = from_use_rslora(c.use_rslora).scale(c.alpha, c.r);
+        assert!((scaling - c.scaling).abs() < 1e-12, "{}: scaling {scaling} vs PEFT {}", c.name, c.scaling);
+
+        let bias = c.bias.then(|| get("b"));
+        let mut layer = AdaptedLinear::new(get("w"), bias)?;
+        layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), scaling, 0.0)?), None)?;
+        layer.set_train(true);
+
+        // Forward and gradients of loss = sum(y * g) w.r.t. x, A and B.
+        let x = Var::from_tensor(&get("x"))?;
+        let y = layer.forward(x.as_tensor())?;
+        assert_close(&y, &get("y"), 1e-5, &format!("{} forward", c.name));
+        let grads = (&y * get("g"))?.sum_all()?.backward()?;
+        let vars = layer.adapter().unwrap().trainable_vars();
+        assert_close(grads.get(vars[0].1.as_tensor()).unwrap(), &get("grad_A"), 1e-4, &format!("{} grad A", c.name));
+        assert_close(grads.get(vars[1].1.as_tensor()).unwrap(), &get("grad_B"), 1e-4, &format!("{} grad B", c.name));
+        assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{} grad x", c.name));
+        assert!(grads.get(layer.weight()).is_none(), "{}: the frozen weight got a gradient", c.name);
+
+        // Merge: the weight PEFT merges, the same outputs, and back to W0 on unmerge.
+        layer.merge()?;
+        assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{} merged weight", c.name));
+        let y_merged = layer.forward(&get("x"))?;
+        assert_close(&y_merged, &get("y_merged"), 1e-5, &format!("{} merged forward", c.name));
+        assert_close(&y_merged, &y, 1e-5, &format!("{} merged vs unmerged", c.name));
+        layer.unmerge()?;
+        let restored = (layer.weight() - get("w"))?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(restored <= 1e-6, "{}: unmerge leaves {restored:e}", c.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn pissa_init_matches_peft() -> candle_peft::Result<()> {
+    let t = load("pissa.safetensors");
+    let w = &t["w"];
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let (lora, residual) = Lora::new(BaseLayer { weight: w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Pissa, DType::F32, &mut rng)?;
+    // Singular vectors are defined up to sign, so compare s * B A and the residual.
+    assert_close(&lora.delta_weight(w)?, &t["scaled_ba"], 1e-4, "PiSSA s B A");
+    assert_close(&residual.unwrap(), &t["residual"], 1e-4, "PiSSA residual base");
+    Ok(())
+}
+
+#[test]
+fn adapter_in_another_dtype_runs_in_its_own_dtype() -> candle_peft::Result<()> {
+    let t = load("lora_cases.safetensors");
+    let get = |k: &str| t[&format!("square_r8_lora.{k}")].clone();
+    let mut layer = AdaptedLinear::new(get("w"), Some(get("b")))?;
+    let (a, b) = (get("lora_A").to_dtype(DType::BF16)?, get("lora_B").to_dtype(DType::BF16)?);
+    layer.set_adapter(Box::new(Lora::from_weights(a, b, 2.0, 0.0)?), None)?;
+    assert_eq!(layer.adapter().unwrap().dtype(), DType::BF16);
+    let y = layer.forward(&get("x"))?;
+    assert_eq!(y.dtype(), DType::F32, "the output keeps the base dtype");
+    assert_close(&y, &get("y"), 2e-2, "bf16 adapter on an f32 base");
+
+    // A bf16 base with an f32 adapter.
+    let mut layer = AdaptedLinear::new(get("w").to_dtype(DType::BF16)?, Some(get("b").to_dtype(DType::BF16)?))?;
+    layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, 0.0)?), None)?;
+    let y = layer.forward(&get("x").to_dtype(DType::BF16)?)?;
+    assert_eq!(y.dtype(), DType::BF16);
+    assert_close(&y, &get("y"), 2e-2, "f32 adapter on a bf16 base");
+    Ok(())
+}
+
+#[test]
+fn dropout_acts_in_training_only_and_disable_gives_the_base() -> candle_peft::Result<()> {
+    let t = load("lora_cases.safetensors");
+    let get = |k: &str| t[&format!("tall_r8_lora.{k}")].clone();
+    let mut layer = AdaptedLinear::new(get("w"), Some(get("b")))?;
+    layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, 0.5)?), None)?;
+    let x = get("x");
+    let eval = layer.forward(&x)?;
+    assert_close(&eval, &get("y"), 1e-5, "eval mode has no dropout");
+    layer.set_train(true);
+    let train = layer.forward(&x)?;
+    assert!(common::rel_err(&train, &eval) > 1e-3, "dropout 0.5 changed nothing in training mode");
+    layer.set_enabled(false)?;
+    let base = x.broadcast_matmul(&get("w").t()?)?.broadcast_add(&get("b"))?;
+    assert_close(&layer.forward(&x)?, &base, 1e-6, "disabled adapter");
+    Ok(())
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
+    // Two adapted layers: the second sees an input that depends on the first adapter, the case
+    // in which candle's matmul would compute a gradient for the frozen weight.
+    let dev = Device::Cpu;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let mut layers = Vec::new();
+    for _ in 0..2 {
+        let w = Tensor::randn(0f32, 0.2, (16, 16), &dev)?;
+        let mut l = AdaptedLinear::new(w.clone(), None)?;
+        let (lora, _) = Lora::new(BaseLayer { weight: &w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        l.set_adapter(Box::new(lora), None)?;
+        layers.push(l);
+    }
+    let x = Tensor::randn(0f32, 1., (3, 16), &dev)?;
+    let y = layers[1].forward(&layers[0].forward(&x)?)?;
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    for l in &layers {
+        assert!(grads.get(l.weight()).is_none());
+        for (_, v) in l.adapter().unwrap().trainable_vars() {
+            assert!(grads.get(v.as_tensor()).is_some());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn merge_state_errors() -> candle_peft::Result<()> {
+    let w = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu)?;
+    let mut layer = AdaptedLinear::new(w.clone(), None)?;
+    assert!(layer.merge().is_err(), "merging without an adapter");
+    let lora = Lora::from_weights(Tensor::ones((2, 3), DType::F32, &Device::Cpu)?, Tensor::ones((4, 2), DType::F32, &Device::Cpu)?, 1.0, 0.0)?;
+    layer.set_adapter(Box::new(lora), None)?;
+    assert!(matches!(layer.unmerge(), Err(candle_peft::Error::MergeState(_))), "unmerging an unmerged layer");
+    layer.merge()?;
+    assert!(matches!(layer.merge(), Err(candle_peft::Error::MergeState(_))), "merging twice");
+    assert!(layer.set_enabled(false).is_err(), "disabling a merged adapter");
+    let bad = layer.forward_t(&Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?).unwrap_err();
+    assert!(matches!(bad, candle_peft::Error::ShapeMismatch { .. }), "{bad}");
+    // An adapter built for another shape is refused.
+    let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?, None)?;
+    let lora = Lora::from_weights(Tensor::ones((2, 3), DType::F32, &Device::Cpu)?, Tensor::ones((4, 2), DType::F32, &Device::Cpu)?, 1.0, 0.0)?;
+    assert!(matches!(other.set_adapter(Box::new(lora), None), Err(candle_peft::Error::ShapeMismatch { .. })));
+    Ok(())
+}
