@@ -89,14 +89,20 @@ pub const ALL_LINEAR: &str = "all-linear";
 impl TargetConfig {
     /// Targets the modules named in `names` (matched as path suffixes).
     pub fn list(names: &[&str]) -> Self {
-        Self { target_modules: Some(TargetModules::List(names.iter().map(|s| s.to_string()).collect())), ..Self::default() }
+        Self {
+            target_modules: Some(TargetModules::List(names.iter().map(|s| s.to_string()).collect())),
+            ..Self::default()
+        }
     }
 
     /// Checks that regexes compile and that `layers_to_transform` comes with a list of
     /// targets (PEFT refuses it with a regex).
     pub fn validate(&self) -> Result<()> {
         if matches!(self.target_modules, Some(TargetModules::Regex(_))) && self.layers_to_transform.is_some() {
-            return Err(Error::config("layers_to_transform", "cannot be used when target_modules is a string (regex or \"all-linear\")"));
+            return Err(Error::config(
+                "layers_to_transform",
+                "cannot be used when target_modules is a string (regex or \"all-linear\")",
+            ));
         }
         for m in [&self.target_modules, &self.exclude_modules].into_iter().flatten() {
             if let TargetModules::Regex(r) = m {
@@ -117,7 +123,10 @@ impl TargetConfig {
             }
         }
         let Some(target) = &self.target_modules else {
-            return Err(Error::config("target_modules", "no target_modules given (a list of module names, a regex, or \"all-linear\")"));
+            return Err(Error::config(
+                "target_modules",
+                "no target_modules given (a list of module names, a regex, or \"all-linear\")",
+            ));
         };
         match target {
             TargetModules::Regex(_) => names_match(target, path, output_layer),
@@ -168,7 +177,8 @@ fn capture_index(re: &str, path: &str) -> Result<Option<usize>> {
 }
 
 fn full_regex(pattern: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| Error::config("target_modules", format!("invalid regex `{pattern}`: {e}")))
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| Error::config("target_modules", format!("invalid regex `{pattern}`: {e}")))
 }
 
 fn names_match(m: &TargetModules, path: &str, output_layer: Option<&str>) -> Result<bool> {
@@ -183,7 +193,8 @@ fn names_match(m: &TargetModules, path: &str, output_layer: Option<&str>) -> Res
 /// (`(.*\.)?(key)$`), if any.
 pub fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<Option<T>> {
     for (key, value) in patterns {
-        let re = Regex::new(&format!(r"^(.*\.)?({key})$")).map_err(|e| Error::config("rank_pattern", format!("invalid pattern `{key}`: {e}")))?;
+        let re = Regex::new(&format!(r"^(.*\.)?({key})$"))
+            .map_err(|e| Error::config("rank_pattern", format!("invalid pattern `{key}`: {e}")))?;
         if re.is_match(path) {
             return Ok(Some(*value));
         }
@@ -293,7 +304,13 @@ impl AdapterConfig {
     }
 
     /// Builds the adapter of the module at `path` (see the method's `build`).
-    pub fn build(&self, path: &str, base: crate::adapter::BaseLayer<'_>, dtype: candle_core::DType, rng: &mut impl rand::Rng) -> Result<BuiltAdapter> {
+    pub fn build(
+        &self,
+        path: &str,
+        base: crate::adapter::BaseLayer<'_>,
+        dtype: candle_core::DType,
+        rng: &mut impl rand::Rng,
+    ) -> Result<BuiltAdapter> {
         match self {
             Self::Lora(c) => c.build(path, base, dtype, rng),
         }
@@ -303,7 +320,8 @@ impl AdapterConfig {
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
         let value: Value = serde_json::from_str(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
-        let peft_type = value.get("peft_type").and_then(Value::as_str).ok_or_else(|| err("no \"peft_type\" field".into()))?;
+        let peft_type =
+            value.get("peft_type").and_then(Value::as_str).ok_or_else(|| err("no \"peft_type\" field".into()))?;
         if !["LORA"].contains(&peft_type) {
             return Err(err(format!("peft_type \"{peft_type}\" is not supported (supported: LORA)")));
         }
@@ -355,7 +373,16 @@ pub(crate) mod serde_alpha {
         use serde::{Deserialize, Deserializer, Serializer};
 
         pub fn serialize<S: Serializer>(m: &BTreeMap<String, f64>, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_map(m.iter().map(|(k, v)| (k, serde_json::json!(if v.fract() == 0.0 { serde_json::json!(*v as i64) } else { serde_json::json!(v) }))))
+            s.collect_map(m.iter().map(|(k, v)| {
+                (
+                    k,
+                    serde_json::json!(if v.fract() == 0.0 {
+                        serde_json::json!(*v as i64)
+                    } else {
+                        serde_json::json!(v)
+                    }),
+                )
+            }))
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
@@ -430,9 +457,14 @@ mod tests {
         assert!(matches!(e, Error::InvalidConfig { name: "r", .. }), "{e}");
         let e = AdapterConfig::from_json(r#"{"peft_type": "LORA", "r": "four"}"#, p).unwrap_err();
         assert!(matches!(e, Error::Config { .. }), "{e}");
-        let e = AdapterConfig::from_json(r#"{"peft_type": "LORA", "target_modules": ["q"], "layer_replication": [[0, 2]]}"#, p).unwrap_err();
+        let e = AdapterConfig::from_json(
+            r#"{"peft_type": "LORA", "target_modules": ["q"], "layer_replication": [[0, 2]]}"#,
+            p,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("layer_replication"), "{e}");
-        let e = AdapterConfig::from_json(r#"{"peft_type": "LORA", "target_modules": ["q"], "lora_dropout": 1.5}"#, p).unwrap_err();
+        let e = AdapterConfig::from_json(r#"{"peft_type": "LORA", "target_modules": ["q"], "lora_dropout": 1.5}"#, p)
+            .unwrap_err();
         assert!(matches!(e, Error::InvalidConfig { name: "dropout", .. }), "{e}");
         // Unknown fields are ignored (with a warning), as PEFT does.
         AdapterConfig::from_json(r#"{"peft_type": "LORA", "target_modules": ["q"], "future_field": 1}"#, p).unwrap();

@@ -36,10 +36,7 @@ impl FromStr for DeviceSpec {
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
             "metal" | "mps" => Ok(Self::Metal),
             _ => match t.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map(Self::Cuda)
-                    .map_err(|_| Error::UnknownDevice(s.to_string())),
+                Some(n) => n.parse().map(Self::Cuda).map_err(|_| Error::UnknownDevice(s.to_string())),
                 None => Err(Error::UnknownDevice(s.to_string())),
             },
         }
@@ -79,10 +76,8 @@ impl DeviceSpec {
                 Ok(Device::new_metal(0)?)
             }
             Self::Auto => {
-                let device = [Self::Cuda(0), Self::Metal]
-                    .into_iter()
-                    .find_map(|spec| spec.open().ok())
-                    .unwrap_or(Device::Cpu);
+                let device =
+                    [Self::Cuda(0), Self::Metal].into_iter().find_map(|spec| spec.open().ok()).unwrap_or(Device::Cpu);
                 tracing::info!("device auto: using {device:?}");
                 Ok(device)
             }

@@ -63,8 +63,13 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `tensors` as a safetensors file at `path`, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let map: HashMap<&str, Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t.contiguous())).map(|(k, t)| t.map(|t| (k, t))).collect::<candle_core::Result<_>>()?;
-    let bytes = safetensors::serialize(&map, None).map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.contiguous()))
+        .map(|(k, t)| t.map(|t| (k, t)))
+        .collect::<candle_core::Result<_>>()?;
+    let bytes = safetensors::serialize(&map, None)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
     write_atomic(path, &bytes)
 }
 

@@ -15,12 +15,7 @@ use crate::Result;
 struct FrozenMatmul;
 
 impl FrozenMatmul {
-    fn fwd<S: BackendStorage>(
-        x: &S,
-        x_l: &Layout,
-        w: &S,
-        w_l: &Layout,
-    ) -> candle_core::Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(x: &S, x_l: &Layout, w: &S, w_l: &Layout) -> candle_core::Result<(S, Shape)> {
         let (n, k) = x_l.shape().dims2()?;
         let (out, k2) = w_l.shape().dims2()?;
         if k != k2 || x.dtype() != w.dtype() {

@@ -27,10 +27,21 @@ impl AdaptedLinear {
         let (out, _) = weight.dims2()?;
         if let Some(b) = &bias {
             if b.dims() != [out] {
-                return Err(Error::ShapeMismatch { what: "bias".into(), expected: vec![out], actual: b.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    what: "bias".into(),
+                    expected: vec![out],
+                    actual: b.dims().to_vec(),
+                });
             }
         }
-        Ok(Self { weight: weight.detach(), bias: bias.map(|b| b.detach()), adapter: None, merged: false, enabled: true, train: false })
+        Ok(Self {
+            weight: weight.detach(),
+            bias: bias.map(|b| b.detach()),
+            adapter: None,
+            merged: false,
+            enabled: true,
+            train: false,
+        })
     }
 
     /// Wraps a candle [`candle_nn::Linear`].
@@ -67,11 +78,19 @@ impl AdaptedLinear {
         }
         if adapter.features() != self.features() {
             let (i, o) = adapter.features();
-            return Err(Error::ShapeMismatch { what: "adapter (out, in)".into(), expected: self.weight.dims().to_vec(), actual: vec![o, i] });
+            return Err(Error::ShapeMismatch {
+                what: "adapter (out, in)".into(),
+                expected: self.weight.dims().to_vec(),
+                actual: vec![o, i],
+            });
         }
         if let Some(w) = base_weight {
             if w.dims() != self.weight.dims() {
-                return Err(Error::ShapeMismatch { what: "rewritten base weight".into(), expected: self.weight.dims().to_vec(), actual: w.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    what: "rewritten base weight".into(),
+                    expected: self.weight.dims().to_vec(),
+                    actual: w.dims().to_vec(),
+                });
             }
             self.weight = w.detach();
         }

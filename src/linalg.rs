@@ -24,19 +24,14 @@ pub struct TruncatedSvd {
 pub fn truncated_svd(w: &Tensor, rank: usize) -> Result<TruncatedSvd> {
     let (m, n) = w.dims2()?;
     if rank == 0 || rank > m.min(n) {
-        return Err(Error::config(
-            "r",
-            format!("an SVD of rank {rank} needs 1 <= r <= min({m}, {n}) = {}", m.min(n)),
-        ));
+        return Err(Error::config("r", format!("an SVD of rank {rank} needs 1 <= r <= min({m}, {n}) = {}", m.min(n))));
     }
     let host = w.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec2::<f32>()?;
     if host.iter().flatten().any(|v| !v.is_finite()) {
         return Err(Error::LinAlg("the matrix holds NaN or infinite values; no SVD exists".into()));
     }
     let mat = faer::Mat::<f32>::from_fn(m, n, |i, j| host[i][j]);
-    let svd = mat
-        .thin_svd()
-        .map_err(|e| Error::LinAlg(format!("SVD of a {m}x{n} matrix did not converge: {e:?}")))?;
+    let svd = mat.thin_svd().map_err(|e| Error::LinAlg(format!("SVD of a {m}x{n} matrix did not converge: {e:?}")))?;
     let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
     let u: Vec<f32> = (0..m).flat_map(|i| (0..rank).map(move |j| u[(i, j)])).collect();
     let s: Vec<f32> = (0..rank).map(|j| s[j]).collect();

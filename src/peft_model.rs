@@ -176,7 +176,8 @@ impl<M: LinearHost> PeftModel<M> {
         let mut tensors = format::read_safetensors(path, &device)?;
         let expected = self.saved_tensors();
         let expected_keys: BTreeSet<&String> = expected.iter().map(|(k, _)| k).collect();
-        let missing: Vec<String> = expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
+        let missing: Vec<String> =
+            expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
         let unexpected: Vec<String> = tensors.keys().filter(|k| !expected_keys.contains(k)).cloned().collect();
         if !missing.is_empty() || !unexpected.is_empty() {
             return Err(Error::KeyMismatch { path: path.to_path_buf(), missing, unexpected });
@@ -184,7 +185,11 @@ impl<M: LinearHost> PeftModel<M> {
         for (key, t) in &expected {
             let got = &tensors[key];
             if got.dims() != t.dims() {
-                return Err(Error::ShapeMismatch { what: format!("{key} in {}", path.display()), expected: t.dims().to_vec(), actual: got.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    what: format!("{key} in {}", path.display()),
+                    expected: t.dims().to_vec(),
+                    actual: got.dims().to_vec(),
+                });
             }
         }
         let adapted: BTreeSet<&String> = self.adapted.iter().collect();
@@ -216,7 +221,8 @@ impl<M: LinearHost> PeftModel<M> {
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         format::write_safetensors(&dir.join(WEIGHTS_FILE), &self.saved_tensors())?;
-        let json = serde_json::to_string_pretty(&self.config.to_peft_json()?).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&self.config.to_peft_json()?)
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
         format::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
     }
 
@@ -253,7 +259,12 @@ impl<M: LinearHost> PeftModel<M> {
     /// Trainable and total parameter counts over the linear layers.
     pub fn parameter_count(&self) -> ParameterCount {
         let trainable: usize = self.adapted_layers().map(|(_, l)| l.adapter().map_or(0, |a| a.num_trainable())).sum();
-        let frozen: usize = self.model.linears().iter().map(|(_, l)| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count())).sum();
+        let frozen: usize = self
+            .model
+            .linears()
+            .iter()
+            .map(|(_, l)| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count()))
+            .sum();
         ParameterCount { trainable, all: frozen + trainable }
     }
 

@@ -68,11 +68,24 @@ fn pissa_init_matches_peft() -> candle_peft::Result<()> {
     let t = load("pissa.safetensors");
     let w = &t["w"];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-    let (lora, residual) = Lora::new(BaseLayer { weight: w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Pissa, DType::F32, &mut rng)?;
+    let (lora, residual) =
+        Lora::new(BaseLayer { weight: w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Pissa, DType::F32, &mut rng)?;
     // Singular vectors are defined up to sign, so compare s * B A and the residual.
     assert_close(&lora.delta_weight(w)?, &t["scaled_ba"], 1e-4, "PiSSA s B A");
     assert_close(&residual.unwrap(), &t["residual"], 1e-4, "PiSSA residual base");
     Ok(())
+}
+
+/// A layer holding fixture case `name`'s base and LoRA, with branch dropout `p`.
+fn case_layer(
+    t: &std::collections::BTreeMap<String, Tensor>,
+    name: &str,
+    p: f64,
+) -> candle_peft::Result<AdaptedLinear> {
+    let get = |k: &str| t[&format!("{name}.{k}")].clone();
+    let mut layer = AdaptedLinear::new(get("w"), Some(get("b")))?;
+    layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, p)?), None)?;
+    Ok(layer)
 }
 
 #[test]
@@ -83,6 +96,7 @@ fn adapter_in_another_dtype_runs_in_its_own_dtype() -> candle_peft::Result<()> {
     let (a, b) = (get("lora_A").to_dtype(DType::BF16)?, get("lora_B").to_dtype(DType::BF16)?);
     layer.set_adapter(Box::new(Lora::from_weights(a, b, 2.0, 0.0)?), None)?;
     assert_eq!(layer.adapter().unwrap().dtype(), DType::BF16);
+    assert_close(&case_layer(&t, "square_r8_lora", 0.0)?.forward(&get("x"))?, &get("y"), 1e-5, "f32 reference");
     let y = layer.forward(&get("x"))?;
     assert_eq!(y.dtype(), DType::F32, "the output keeps the base dtype");
     assert_close(&y, &get("y"), 2e-2, "bf16 adapter on an f32 base");
@@ -100,8 +114,7 @@ fn adapter_in_another_dtype_runs_in_its_own_dtype() -> candle_peft::Result<()> {
 fn dropout_acts_in_training_only_and_disable_gives_the_base() -> candle_peft::Result<()> {
     let t = load("lora_cases.safetensors");
     let get = |k: &str| t[&format!("tall_r8_lora.{k}")].clone();
-    let mut layer = AdaptedLinear::new(get("w"), Some(get("b")))?;
-    layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, 0.5)?), None)?;
+    let mut layer = case_layer(&t, "tall_r8_lora", 0.5)?;
     let x = get("x");
     let eval = layer.forward(&x)?;
     assert_close(&eval, &get("y"), 1e-5, "eval mode has no dropout");
@@ -111,6 +124,8 @@ fn dropout_acts_in_training_only_and_disable_gives_the_base() -> candle_peft::Re
     layer.set_enabled(false)?;
     let base = x.broadcast_matmul(&get("w").t()?)?.broadcast_add(&get("b"))?;
     assert_close(&layer.forward(&x)?, &base, 1e-6, "disabled adapter");
+    let branch = common::rel_err(&base, &eval);
+    assert!(branch > 0.05, "the fixture's adapter branch is too small to test anything ({branch})");
     Ok(())
 }
 
@@ -124,7 +139,16 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
     for _ in 0..2 {
         let w = Tensor::randn(0f32, 0.2, (16, 16), &dev)?;
         let mut l = AdaptedLinear::new(w.clone(), None)?;
-        let (lora, _) = Lora::new(BaseLayer { weight: &w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        let (lora, _) = Lora::new(
+            BaseLayer { weight: &w, bias: None },
+            4,
+            8.0,
+            &Standard,
+            0.0,
+            LoraInit::Random,
+            DType::F32,
+            &mut rng,
+        )?;
         l.set_adapter(Box::new(lora), None)?;
         layers.push(l);
     }
@@ -145,7 +169,12 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     let w = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu)?;
     let mut layer = AdaptedLinear::new(w.clone(), None)?;
     assert!(layer.merge().is_err(), "merging without an adapter");
-    let lora = Lora::from_weights(Tensor::ones((2, 3), DType::F32, &Device::Cpu)?, Tensor::ones((4, 2), DType::F32, &Device::Cpu)?, 1.0, 0.0)?;
+    let lora = Lora::from_weights(
+        Tensor::ones((2, 3), DType::F32, &Device::Cpu)?,
+        Tensor::ones((4, 2), DType::F32, &Device::Cpu)?,
+        1.0,
+        0.0,
+    )?;
     layer.set_adapter(Box::new(lora), None)?;
     assert!(matches!(layer.unmerge(), Err(candle_peft::Error::MergeState(_))), "unmerging an unmerged layer");
     layer.merge()?;
@@ -155,7 +184,12 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     assert!(matches!(bad, candle_peft::Error::ShapeMismatch { .. }), "{bad}");
     // An adapter built for another shape is refused.
     let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?, None)?;
-    let lora = Lora::from_weights(Tensor::ones((2, 3), DType::F32, &Device::Cpu)?, Tensor::ones((4, 2), DType::F32, &Device::Cpu)?, 1.0, 0.0)?;
+    let lora = Lora::from_weights(
+        Tensor::ones((2, 3), DType::F32, &Device::Cpu)?,
+        Tensor::ones((4, 2), DType::F32, &Device::Cpu)?,
+        1.0,
+        0.0,
+    )?;
     assert!(matches!(other.set_adapter(Box::new(lora), None), Err(candle_peft::Error::ShapeMismatch { .. })));
     Ok(())
 }

@@ -24,7 +24,8 @@ fn peft_saved_adapters_reproduce_peft_outputs_and_merges() -> candle_peft::Resul
         let dir = fixture(&format!("tiny_llama/{name}"));
         let peft = PeftModel::from_pretrained(tiny_llama(), &dir, DType::F32)?;
         let reference = load(&format!("tiny_llama/{name}/reference.safetensors"));
-        let expected: BTreeSet<String> = reference.keys().filter_map(|k| k.strip_suffix(".x")).map(str::to_string).collect();
+        let expected: BTreeSet<String> =
+            reference.keys().filter_map(|k| k.strip_suffix(".x")).map(str::to_string).collect();
         let adapted: BTreeSet<String> = peft.adapted_modules().iter().cloned().collect();
         assert_eq!(adapted, expected, "{name}: adapted modules");
         for (path, layer) in peft.model().linears() {
@@ -33,7 +34,12 @@ fn peft_saved_adapters_reproduce_peft_outputs_and_merges() -> candle_peft::Resul
             }
             let y = layer.forward_t(&reference[&format!("{path}.x")])?;
             assert_close(&y, &reference[&format!("{path}.y")], 1e-5, &format!("{name} {path} forward"));
-            assert_close(&layer.merged_weight()?, &reference[&format!("{path}.merged")], 1e-5, &format!("{name} {path} merge"));
+            assert_close(
+                &layer.merged_weight()?,
+                &reference[&format!("{path}.merged")],
+                1e-5,
+                &format!("{name} {path} merge"),
+            );
         }
     }
     Ok(())
@@ -49,7 +55,9 @@ fn assert_same_config(ours: &Value, peft: &Value, what: &str) {
     for (k, pv) in p {
         let ov = &o[k];
         if k == "target_modules" && pv.is_array() {
-            let set = |v: &Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<BTreeSet<_>>();
+            let set = |v: &Value| {
+                v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<BTreeSet<_>>()
+            };
             assert_eq!(set(ov), set(pv), "{what}: {k}");
         } else {
             assert_eq!(ov, pv, "{what}: field {k}");
@@ -169,7 +177,10 @@ fn missing_and_unexpected_keys_are_listed() {
     let gone = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight";
     rewrite_weights(dir.path(), |t| {
         t.remove(gone);
-        t.insert("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight".into(), Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight".into(),
+            Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
     let msg = e.to_string();
@@ -215,5 +226,8 @@ fn unknown_target_modules_list_the_available_ones() {
     let e = PeftModel::new(tiny_llama(), config, InitOptions::default()).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::NoTargetModules { .. }), "{msg}");
-    assert!(msg.contains("qkv_proj") && msg.contains("model.layers.0.self_attn.q_proj") && msg.contains("lm_head"), "{msg}");
+    assert!(
+        msg.contains("qkv_proj") && msg.contains("model.layers.0.self_attn.q_proj") && msg.contains("lm_head"),
+        "{msg}"
+    );
 }

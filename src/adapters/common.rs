@@ -9,25 +9,51 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::{Error, Result};
 
-/// Samples `U(-bound, bound)` of `shape`.
-pub(crate) fn uniform(rng: &mut impl Rng, shape: impl Into<Shape>, bound: f64, dtype: DType, device: &Device) -> Result<Tensor> {
-    let shape = shape.into();
-    let dist = Uniform::new_inclusive(-bound as f32, bound as f32).map_err(|e| Error::config("init", e.to_string()))?;
+/// Draws a tensor of `shape` from `dist` on the host, then moves it to `device` as `dtype`.
+fn sample(
+    rng: &mut impl Rng,
+    shape: Shape,
+    dist: impl Distribution<f32>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let data: Vec<f32> = (0..shape.elem_count()).map(|_| dist.sample(rng)).collect();
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }
 
+/// Samples `U(-bound, bound)` of `shape`.
+pub(crate) fn uniform(
+    rng: &mut impl Rng,
+    shape: impl Into<Shape>,
+    bound: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let dist = Uniform::new_inclusive(-bound as f32, bound as f32).map_err(|e| Error::config("init", e.to_string()))?;
+    sample(rng, shape.into(), dist, dtype, device)
+}
+
 /// Samples `N(0, std^2)` of `shape`.
-pub(crate) fn normal(rng: &mut impl Rng, shape: impl Into<Shape>, std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
-    let shape = shape.into();
+pub(crate) fn normal(
+    rng: &mut impl Rng,
+    shape: impl Into<Shape>,
+    std: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let dist = Normal::new(0f32, std as f32).map_err(|e| Error::config("init", e.to_string()))?;
-    let data: Vec<f32> = (0..shape.elem_count()).map(|_| dist.sample(rng)).collect();
-    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+    sample(rng, shape.into(), dist, dtype, device)
 }
 
 /// torch's `kaiming_uniform_(w, a=sqrt(5))` for a `(rows, fan_in)` weight, the default init of
 /// `nn.Linear`: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
-pub(crate) fn kaiming_uniform(rng: &mut impl Rng, rows: usize, fan_in: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub(crate) fn kaiming_uniform(
+    rng: &mut impl Rng,
+    rows: usize,
+    fan_in: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     // gain = sqrt(2 / (1 + a^2)) = sqrt(1/3); bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
     uniform(rng, (rows, fan_in), 1.0 / (fan_in as f64).sqrt(), dtype, device)
 }

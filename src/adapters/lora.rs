@@ -182,7 +182,8 @@ impl LoraConfig {
     /// Builds the adapter of the module at `path` wrapping `base`, drawing its init from `rng`.
     pub fn build(&self, path: &str, base: BaseLayer<'_>, dtype: DType, rng: &mut impl Rng) -> Result<BuiltAdapter> {
         let (r, alpha) = self.rank_and_alpha(path)?;
-        let (lora, residual) = Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)?;
+        let (lora, residual) =
+            Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)?;
         Ok(BuiltAdapter { adapter: Box::new(lora), base_weight: residual })
     }
 
@@ -240,9 +241,15 @@ impl Lora {
         let (out_f, in_f) = base.weight.dims2()?;
         let dev = base.weight.device();
         let (a, b, residual) = match init {
-            LoraInit::Kaiming => (kaiming_uniform(rng, r, in_f, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None),
-            LoraInit::Gaussian => (normal(rng, (r, in_f), 1.0 / r as f64, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None),
-            LoraInit::Random => (kaiming_uniform(rng, r, in_f, dtype, dev)?, kaiming_uniform(rng, out_f, r, dtype, dev)?, None),
+            LoraInit::Kaiming => {
+                (kaiming_uniform(rng, r, in_f, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None)
+            }
+            LoraInit::Gaussian => {
+                (normal(rng, (r, in_f), 1.0 / r as f64, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None)
+            }
+            LoraInit::Random => {
+                (kaiming_uniform(rng, r, in_f, dtype, dev)?, kaiming_uniform(rng, out_f, r, dtype, dev)?, None)
+            }
             LoraInit::Pissa => {
                 if scaling <= 0.0 {
                     return Err(Error::config("lora_alpha", "PiSSA needs a positive scaling factor"));
@@ -265,9 +272,18 @@ impl Lora {
         let (_, r2) = lora_b.dims2()?;
         check_rank(r)?;
         if r != r2 {
-            return Err(Error::ShapeMismatch { what: "lora_B.weight".into(), expected: vec![lora_b.dim(0)?, r], actual: lora_b.dims().to_vec() });
+            return Err(Error::ShapeMismatch {
+                what: "lora_B.weight".into(),
+                expected: vec![lora_b.dim(0)?, r],
+                actual: lora_b.dims().to_vec(),
+            });
         }
-        Ok(Self { lora_a: var(lora_a)?, lora_b: var(lora_b)?, scaling: check_scaling(0.0, scaling)?, dropout: check_dropout(dropout)? })
+        Ok(Self {
+            lora_a: var(lora_a)?,
+            lora_b: var(lora_b)?,
+            scaling: check_scaling(0.0, scaling)?,
+            dropout: check_dropout(dropout)?,
+        })
     }
 
     /// `A: (r, in)`.
@@ -316,8 +332,10 @@ impl Adapter for Lora {
 
     fn forward(&self, x: &Tensor, base_out: &Tensor, _base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let x = branch_dropout(&x.to_dtype(self.dtype())?, self.dropout, train)?;
-        let branch = matmul_t(&matmul_t(&x, &self.lora_a)?, &self.lora_b)?;
-        add_branch(base_out, &(branch * self.scaling)?)
+        // s is applied to the (.., r) activation rather than the (.., out) output: one pass
+        // over a tensor r/out the size, forward and backward.
+        let h = (matmul_t(&x, &self.lora_a)? * self.scaling)?;
+        add_branch(base_out, &matmul_t(&h, &self.lora_b)?)
     }
 
     fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
@@ -344,7 +362,16 @@ mod tests {
     fn default_init_is_a_zero_update_with_bounded_a() -> Result<()> {
         let w = base(6, 16);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Kaiming, DType::F32, &mut rng)?;
+        let (lora, res) = Lora::new(
+            BaseLayer { weight: &w, bias: None },
+            4,
+            8.0,
+            &Standard,
+            0.0,
+            LoraInit::Kaiming,
+            DType::F32,
+            &mut rng,
+        )?;
         assert!(res.is_none());
         assert_eq!(lora.scaling(), 2.0);
         let a_max = lora.lora_a().abs()?.max_all()?.to_scalar::<f32>()?;
@@ -357,7 +384,16 @@ mod tests {
     fn pissa_residual_plus_update_is_the_base() -> Result<()> {
         let w = base(6, 5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (mut lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, 2, 4.0, &RankStabilized, 0.0, LoraInit::Pissa, DType::F32, &mut rng)?;
+        let (mut lora, res) = Lora::new(
+            BaseLayer { weight: &w, bias: None },
+            2,
+            4.0,
+            &RankStabilized,
+            0.0,
+            LoraInit::Pissa,
+            DType::F32,
+            &mut rng,
+        )?;
         let res = res.expect("PiSSA rewrites the base");
         let back = lora.merge(&res)?;
         let err = (back - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -370,7 +406,8 @@ mod tests {
         let w = base(3, 3);
         let b = BaseLayer { weight: &w, bias: None };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let mut new = |r, alpha, p| Lora::new(b, r, alpha, &Standard, p, LoraInit::Kaiming, DType::F32, &mut rng).map(|_| ());
+        let mut new =
+            |r, alpha, p| Lora::new(b, r, alpha, &Standard, p, LoraInit::Kaiming, DType::F32, &mut rng).map(|_| ());
         assert!(matches!(new(0, 8.0, 0.0), Err(Error::InvalidConfig { name: "r", .. })));
         assert!(matches!(new(2, f64::NAN, 0.0), Err(Error::InvalidConfig { name: "lora_alpha", .. })));
         assert!(matches!(new(2, 8.0, 1.0), Err(Error::InvalidConfig { name: "dropout", .. })));

@@ -37,7 +37,8 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
 
 /// The linear layers of the tiny LLaMA fixture (every 2-D weight but the embedding).
 pub fn tiny_llama() -> NamedLinears {
-    let mut layers = NamedLinears::from_safetensors(&fixture("tiny_llama/model.safetensors"), &Device::Cpu, DType::F32).unwrap();
+    let mut layers =
+        NamedLinears::from_safetensors(&fixture("tiny_llama/model.safetensors"), &Device::Cpu, DType::F32).unwrap();
     layers.retain(|p| !p.ends_with("embed_tokens"));
     layers
 }
