@@ -37,7 +37,9 @@ fn bench(c: &mut Criterion) {
             ("merged LoRA r=8", Box::new(lora_layer(&w, 8, true))),
         ];
         let mut group = c.benchmark_group(format!("linear {inp}x{out}, {TOKENS} tokens"));
-        group.sample_size(10);
+        // Each 4096 forward is ~0.1 s: 20 samples over 20 s per variant keep the noise of a
+        // shared 2-core machine down.
+        group.sample_size(20).measurement_time(std::time::Duration::from_secs(20));
         for (name, layer) in &variants {
             group.bench_with_input(BenchmarkId::new("forward", name), layer, |b, l| {
                 b.iter(|| l.forward(x.as_tensor()).unwrap())
