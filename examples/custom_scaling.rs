@@ -6,7 +6,7 @@
 //! adapters of that scaling to a low-rank change of two random layers with AdamW, and saves the
 //! adapter in HF PEFT's format, where the factor becomes the equivalent `lora_alpha`.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use candle_peft::{
     AdaptedLinear, AdapterConfig, InitOptions, LinearHost, LoraConfig, NamedLinears, PeftModel, RankStabilized,
