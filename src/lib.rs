@@ -47,3 +47,8 @@ pub use error::{Error, Result};
 pub use layer::AdaptedLinear;
 pub use peft_model::{InitOptions, LinearHost, NamedLinears, ParameterCount, PeftModel};
 pub use scaling::{Fixed, RankStabilized, ScalingStrategy, Standard};
+
+/// The README's code blocks, compiled (and run where not `no_run`) by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

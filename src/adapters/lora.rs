@@ -381,6 +381,20 @@ mod tests {
     }
 
     #[test]
+    fn gaussian_init_has_std_one_over_r() -> Result<()> {
+        let w = base(8, 4096);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let base = BaseLayer { weight: &w, bias: None };
+        let (lora, _) = Lora::new(base, 4, 8.0, &Standard, 0.0, LoraInit::Gaussian, DType::F32, &mut rng)?;
+        let a = lora.lora_a().flatten_all()?.to_vec1::<f32>()?;
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let std = (a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
+        assert!(mean.abs() < 0.01 && (std - 0.25).abs() < 0.01, "mean {mean} std {std}");
+        assert_eq!(lora.lora_b().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
     fn pissa_residual_plus_update_is_the_base() -> Result<()> {
         let w = base(6, 5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
