@@ -259,7 +259,6 @@ const LORA_PEFT_FIELDS: &[PeftField] = peft_fields! {
     "target_parameters" => null, false;
     "trainable_token_indices" => null, false;
     "use_bdlora" => null, false;
-    "use_dora" => false, false;
     "use_qalora" => false, false;
     "velora_config" => null, false;
 };

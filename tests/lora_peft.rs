@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_peft::scaling::from_use_rslora;
-use candle_peft::{AdaptedLinear, Adapter, BaseLayer, Lora, LoraInit, Standard};
+use candle_peft::{AdaptedLinear, Adapter, BaseLayer, Dora, Lora, LoraInit, Standard};
 use common::{assert_close, fixture, load};
 use serde::Deserialize;
 
@@ -18,49 +18,79 @@ struct Case {
     scaling: f64,
 }
 
-fn cases() -> Vec<Case> {
-    serde_json::from_str(&std::fs::read_to_string(fixture("lora_cases.json")).unwrap()).unwrap()
+fn cases(prefix: &str) -> Vec<Case> {
+    serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{prefix}_cases.json"))).unwrap()).unwrap()
 }
 
-/// The single-layer cases: shapes square / wide / tall, ranks 1 / 8 / 64, alpha/r and
-/// alpha/sqrt(r), with and without bias.
-#[test]
-fn single_layer_forward_merge_and_gradients_match_peft() -> candle_peft::Result<()> {
-    let t = load("lora_cases.safetensors");
-    let cases = cases();
+/// Runs the single-layer cases of `{prefix}_cases.safetensors`: shapes square / wide / tall,
+/// ranks 1 / 8 / 64, alpha/r and alpha/sqrt(r), with and without bias. `dora` wraps the LoRA in
+/// PEFT's DoRA and checks the magnitude's gradient too.
+fn check_single_layer_cases(prefix: &str, dora: bool) -> candle_peft::Result<()> {
+    let t = load(&format!("{prefix}_cases.safetensors"));
+    let cases = cases(prefix);
     assert_eq!(cases.len(), 18);
     for c in cases {
+        let name = format!("{prefix} {}", c.name);
         let get = |k: &str| t[&format!("{}.{k}", c.name)].clone();
         let scaling = from_use_rslora(c.use_rslora).scale(c.alpha, c.r);
-        assert!((scaling - c.scaling).abs() < 1e-12, "{}: scaling {scaling} vs PEFT {}", c.name, c.scaling);
+        assert!((scaling - c.scaling).abs() < 1e-12, "{name}: scaling {scaling} vs PEFT {}", c.scaling);
 
         let bias = c.bias.then(|| get("b"));
         let mut layer = AdaptedLinear::new(get("w"), bias)?;
-        layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), scaling, 0.0)?), None)?;
+        let lora = Lora::from_weights(get("lora_A"), get("lora_B"), scaling, 0.0)?;
+        let adapter: Box<dyn Adapter> = if dora {
+            let mut d = Dora::new(lora, &get("w"), "LORA")?;
+            d.load_tensor("lora_magnitude_vector", &get("magnitude"))?;
+            Box::new(d)
+        } else {
+            Box::new(lora)
+        };
+        layer.set_adapter(adapter, None)?;
         layer.set_train(true);
 
-        // Forward and gradients of loss = sum(y * g) w.r.t. x, A and B.
+        // Forward and gradients of loss = sum(y * g) w.r.t. x and every trainable tensor.
         let x = Var::from_tensor(&get("x"))?;
         let y = layer.forward(x.as_tensor())?;
-        assert_close(&y, &get("y"), 1e-5, &format!("{} forward", c.name));
+        assert_close(&y, &get("y"), 1e-5, &format!("{name} forward"));
         let grads = (&y * get("g"))?.sum_all()?.backward()?;
-        let vars = layer.adapter().unwrap().trainable_vars();
-        assert_close(grads.get(vars[0].1.as_tensor()).unwrap(), &get("grad_A"), 1e-4, &format!("{} grad A", c.name));
-        assert_close(grads.get(vars[1].1.as_tensor()).unwrap(), &get("grad_B"), 1e-4, &format!("{} grad B", c.name));
-        assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{} grad x", c.name));
-        assert!(grads.get(layer.weight()).is_none(), "{}: the frozen weight got a gradient", c.name);
+        for (key, var) in layer.adapter().unwrap().trainable_vars() {
+            let fixture_key = match key.as_str() {
+                "lora_A.weight" => "grad_A",
+                "lora_B.weight" => "grad_B",
+                "lora_magnitude_vector" => "grad_magnitude",
+                other => panic!("unexpected trainable tensor {other}"),
+            };
+            assert_close(
+                grads.get(var.as_tensor()).unwrap(),
+                &get(fixture_key),
+                1e-4,
+                &format!("{name} {fixture_key}"),
+            );
+        }
+        assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{name} grad x"));
+        assert!(grads.get(layer.weight()).is_none(), "{name}: the frozen weight got a gradient");
 
         // Merge: the weight PEFT merges, the same outputs, and back to W0 on unmerge.
         layer.merge()?;
-        assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{} merged weight", c.name));
+        assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{name} merged weight"));
         let y_merged = layer.forward(&get("x"))?;
-        assert_close(&y_merged, &get("y_merged"), 1e-5, &format!("{} merged forward", c.name));
-        assert_close(&y_merged, &y, 1e-5, &format!("{} merged vs unmerged", c.name));
+        assert_close(&y_merged, &get("y_merged"), 1e-5, &format!("{name} merged forward"));
+        assert_close(&y_merged, &y, 1e-5, &format!("{name} merged vs unmerged"));
         layer.unmerge()?;
         let restored = (layer.weight() - get("w"))?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(restored <= 1e-6, "{}: unmerge leaves {restored:e}", c.name);
+        assert!(restored <= 1e-6, "{name}: unmerge leaves {restored:e}");
     }
     Ok(())
+}
+
+#[test]
+fn lora_single_layers_match_peft() -> candle_peft::Result<()> {
+    check_single_layer_cases("lora", false)
+}
+
+#[test]
+fn dora_single_layers_match_peft() -> candle_peft::Result<()> {
+    check_single_layer_cases("dora", true)
 }
 
 #[test]

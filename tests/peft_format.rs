@@ -12,7 +12,7 @@ use candle_peft::{AdapterConfig, Error, Fixed, InitOptions, LinearHost, LoraConf
 use common::{assert_close, fixture, load, tiny_llama};
 use serde_json::Value;
 
-const ADAPTERS: [&str; 3] = ["lora", "rslora_all_linear", "lora_layers"];
+const ADAPTERS: [&str; 4] = ["lora", "rslora_all_linear", "lora_layers", "dora"];
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()

@@ -21,8 +21,10 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::common::{branch_dropout, check_dropout, check_rank, check_scaling, kaiming_uniform, normal, var};
-use crate::adapter::{add_branch, Adapter, BaseLayer};
+use super::common::{check_dropout, check_rank, check_scaling, kaiming_uniform, normal, var};
+use super::dora::Dora;
+use super::update::{matmul_t, LowRankUpdate};
+use crate::adapter::{Adapter, BaseLayer};
 use crate::config::{pattern_value, serde_alpha, BuiltAdapter, TargetConfig};
 use crate::linalg::truncated_svd;
 use crate::scaling::{self, Scaling, ScalingStrategy, Standard};
@@ -83,6 +85,9 @@ pub struct LoraConfig {
     /// `alpha / sqrt(r)` instead of `alpha / r` (rsLoRA, RoRA).
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (Liu et al. 2024): decompose the adapted weight into magnitude and direction.
+    #[serde(default)]
+    pub use_dora: bool,
     /// The init of `A` and `B`.
     #[serde(default)]
     pub init_lora_weights: LoraInit,
@@ -116,6 +121,7 @@ impl LoraConfig {
             lora_alpha: alpha,
             lora_dropout: 0.0,
             use_rslora: false,
+            use_dora: false,
             init_lora_weights: LoraInit::Kaiming,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
@@ -133,6 +139,11 @@ impl LoraConfig {
     /// motivated by keeping accuracy rising with rank (notably when recovering pruned models).
     pub fn rora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
         Self::rslora(r, alpha, target_modules)
+    }
+
+    /// DoRA with `s = alpha / r` (Liu et al. 2024; PEFT's `use_dora: true`).
+    pub fn dora(r: usize, alpha: f64, target_modules: &[&str]) -> Self {
+        Self { use_dora: true, ..Self::lora(r, alpha, target_modules) }
     }
 
     /// Uses `strategy` for the scaling factor instead of `use_rslora`.
@@ -184,7 +195,12 @@ impl LoraConfig {
         let (r, alpha) = self.rank_and_alpha(path)?;
         let (lora, residual) =
             Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)?;
-        Ok(BuiltAdapter { adapter: Box::new(lora), base_weight: residual })
+        let adapter: Box<dyn Adapter> = if self.use_dora {
+            Box::new(Dora::new(lora, residual.as_ref().unwrap_or(base.weight), "LORA")?)
+        } else {
+            Box::new(lora)
+        };
+        Ok(BuiltAdapter { adapter, base_weight: residual })
     }
 
     /// This config as PEFT must read it: a strategy PEFT does not know is written as the
@@ -304,20 +320,7 @@ impl Lora {
     }
 }
 
-/// `x M^T` for `x: (..., k)` and `m: (n, k)`.
-pub(crate) fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = *dims.last().unwrap_or(&0);
-    let rows = x.elem_count() / k.max(1);
-    let y = x.reshape((rows, k))?.matmul(&m.t()?)?;
-    let mut out = dims.to_vec();
-    if let Some(last) = out.last_mut() {
-        *last = m.dim(0)?;
-    }
-    Ok(y.reshape(out)?)
-}
-
-impl Adapter for Lora {
+impl LowRankUpdate for Lora {
     fn peft_type(&self) -> &'static str {
         "LORA"
     }
@@ -330,16 +333,19 @@ impl Adapter for Lora {
         self.lora_a.dtype()
     }
 
-    fn forward(&self, x: &Tensor, base_out: &Tensor, _base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
-        let x = branch_dropout(&x.to_dtype(self.dtype())?, self.dropout, train)?;
-        // s is applied to the (.., r) activation rather than the (.., out) output: one pass
-        // over a tensor r/out the size, forward and backward.
-        let h = (matmul_t(&x, &self.lora_a)? * self.scaling)?;
-        add_branch(base_out, &matmul_t(&h, &self.lora_b)?)
+    fn dropout(&self) -> f32 {
+        self.dropout
     }
 
-    fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
-        Ok((self.lora_b.matmul(&self.lora_a)? * self.scaling)?)
+    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        // s is applied to the (.., r) activation rather than the (.., out) output: one pass
+        // over a tensor r/out the size, forward and backward.
+        let h = (matmul_t(x, &self.lora_a)? * self.scaling)?;
+        matmul_t(&h, &self.lora_b)
+    }
+
+    fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
+        Ok((self.lora_b.as_tensor().clone(), self.lora_a.as_tensor().clone(), self.scaling))
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {

@@ -1,0 +1,115 @@
+//! The additive low-rank update `dW = s * B A` that the LoRA family shares.
+//!
+//! A method that is "an update added to the base output" implements [`LowRankUpdate`] and gets
+//! its [`Adapter`] for free:
+//!
+//! ```text
+//! y = x W0^T + b + branch(drop(x)),   branch(x) = s * (x A^T) B^T
+//! merge: W = W0 + s B A
+//! ```
+//! Weight-decomposed methods (DoRA, EDoRA) wrap an update instead of copying it
+//! (see [`super::dora`]).
+
+use std::fmt::Debug;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::common::branch_dropout;
+use crate::adapter::{add_branch, Adapter, BaseLayer};
+use crate::{Error, Result};
+
+/// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
+/// LoRA-XS's `B R`).
+pub trait LowRankUpdate: Debug + Send + Sync {
+    /// PEFT's `peft_type` for the plain method.
+    fn peft_type(&self) -> &'static str;
+
+    /// `(in_features, out_features)`.
+    fn features(&self) -> (usize, usize);
+
+    /// The dtype the update computes in.
+    fn dtype(&self) -> DType;
+
+    /// The dropout probability on the branch input.
+    fn dropout(&self) -> f32;
+
+    /// `s * (x A^T) B^T` for an input that is already in [`LowRankUpdate::dtype`] and dropped out.
+    fn branch(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `(B, A, s)` with `dW = s * B A`, `B: (out, k)`, `A: (k, in)`.
+    fn factors(&self) -> Result<(Tensor, Tensor, f64)>;
+
+    /// The trainable parameters with their PEFT key suffixes.
+    fn trainable_vars(&self) -> Vec<(String, Var)>;
+
+    /// Every tensor the update saves, with its key suffix. By default the trainable parameters.
+    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        self.trainable_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+    }
+
+    /// Replaces saved tensor `suffix` (shape already checked). By default sets the trainable
+    /// parameter of that name.
+    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
+        let var = self
+            .trainable_vars()
+            .into_iter()
+            .find_map(|(k, v)| (k == suffix).then_some(v))
+            .ok_or_else(|| Error::Unsupported(format!("{} has no tensor `{suffix}`", self.peft_type())))?;
+        var.set(value)?;
+        Ok(())
+    }
+
+    /// `dW = s * B A`, `(out, in)`, in the update's dtype.
+    fn delta(&self) -> Result<Tensor> {
+        let (b, a, s) = self.factors()?;
+        Ok((b.matmul(&a)? * s)?)
+    }
+}
+
+impl<U: LowRankUpdate> Adapter for U {
+    fn peft_type(&self) -> &'static str {
+        LowRankUpdate::peft_type(self)
+    }
+
+    fn features(&self) -> (usize, usize) {
+        LowRankUpdate::features(self)
+    }
+
+    fn dtype(&self) -> DType {
+        LowRankUpdate::dtype(self)
+    }
+
+    fn forward(&self, x: &Tensor, base_out: &Tensor, _base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
+        let x = branch_dropout(&x.to_dtype(LowRankUpdate::dtype(self))?, self.dropout(), train)?;
+        add_branch(base_out, &self.branch(&x)?)
+    }
+
+    fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
+        self.delta()
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        LowRankUpdate::trainable_vars(self)
+    }
+
+    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        LowRankUpdate::saved_tensors(self)
+    }
+
+    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
+        LowRankUpdate::load_tensor(self, suffix, value)
+    }
+}
+
+/// `x M^T` for `x: (..., k)` and `m: (n, k)`.
+pub(crate) fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.matmul(&m.t()?)?;
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = m.dim(0)?;
+    }
+    Ok(y.reshape(out)?)
+}
