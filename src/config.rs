@@ -216,10 +216,22 @@ pub struct BuiltAdapter {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "peft_type")]
 pub enum AdapterConfig {
-    /// LoRA, rsLoRA, RoRA (`"LORA"`).
+    /// LoRA, rsLoRA, RoRA, and DoRA with `use_dora` (`"LORA"`).
     #[serde(rename = "LORA")]
     Lora(LoraConfig),
+    /// BoRA (`"BORA"`, LoRA's fields).
+    #[serde(rename = "BORA")]
+    Bora(LoraConfig),
+    /// LoRA-XS (`"LORA_XS"`, LoRA's fields; `init_lora_weights` is unused: the init is an SVD).
+    #[serde(rename = "LORA_XS")]
+    LoraXs(LoraConfig),
+    /// EDoRA (`"EDORA"`, LoRA's fields; init as LoRA-XS).
+    #[serde(rename = "EDORA")]
+    Edora(LoraConfig),
 }
+
+/// The `peft_type` values candle-peft reads.
+pub const SUPPORTED_PEFT_TYPES: [&str; 4] = ["LORA", "BORA", "LORA_XS", "EDORA"];
 
 /// One field PEFT writes that candle-peft does not interpret, with PEFT 0.21.2's default.
 /// `inert` fields are kept whatever their value; the others must hold the default.
@@ -268,24 +280,35 @@ impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             Self::Lora(_) => "LORA",
+            Self::Bora(_) => "BORA",
+            Self::LoraXs(_) => "LORA_XS",
+            Self::Edora(_) => "EDORA",
+        }
+    }
+
+    /// The LoRA-style fields every supported method shares.
+    pub fn lora(&self) -> &LoraConfig {
+        match self {
+            Self::Lora(c) | Self::Bora(c) | Self::LoraXs(c) | Self::Edora(c) => c,
         }
     }
 
     /// The module selection.
     pub fn target(&self) -> &TargetConfig {
-        match self {
-            Self::Lora(c) => &c.target,
-        }
+        &self.lora().target
     }
 
     /// Checks every hyper-parameter and every uninterpreted PEFT field.
     pub fn validate(&self) -> Result<()> {
-        let (fields, other) = match self {
-            Self::Lora(c) => {
-                c.validate()?;
-                (LORA_PEFT_FIELDS, &c.target.other)
-            }
-        };
+        let c = self.lora();
+        c.validate()?;
+        if c.use_dora && !matches!(self, Self::Lora(_)) {
+            return Err(Error::Unsupported(format!(
+                "use_dora with peft_type {} (DoRA is LORA + use_dora)",
+                self.peft_type()
+            )));
+        }
+        let (fields, other) = (LORA_PEFT_FIELDS, &c.target.other);
         for (name, value) in other {
             match fields.iter().find(|f| f.name == name) {
                 Some(f) if !f.inert && *value != (f.default)() && !(value.is_null() && (f.default)().is_null()) => {
@@ -312,6 +335,9 @@ impl AdapterConfig {
     ) -> Result<BuiltAdapter> {
         match self {
             Self::Lora(c) => c.build(path, base, dtype, rng),
+            Self::Bora(c) => crate::adapters::bora::build(c, path, base, dtype, rng),
+            Self::LoraXs(c) => crate::adapters::lora_xs::build(c, path, base, dtype, rng),
+            Self::Edora(c) => crate::adapters::edora::build(c, path, base, dtype, rng),
         }
     }
 
@@ -321,8 +347,11 @@ impl AdapterConfig {
         let value: Value = serde_json::from_str(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
         let peft_type =
             value.get("peft_type").and_then(Value::as_str).ok_or_else(|| err("no \"peft_type\" field".into()))?;
-        if !["LORA"].contains(&peft_type) {
-            return Err(err(format!("peft_type \"{peft_type}\" is not supported (supported: LORA)")));
+        if !SUPPORTED_PEFT_TYPES.contains(&peft_type) {
+            return Err(err(format!(
+                "peft_type \"{peft_type}\" is not supported (supported: {})",
+                SUPPORTED_PEFT_TYPES.join(", ")
+            )));
         }
         let config: Self = serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
         config.validate()?;
@@ -337,8 +366,12 @@ impl AdapterConfig {
 
     /// The JSON PEFT writes for this config: every field PEFT writes, in its format.
     pub fn to_peft_json(&self) -> Result<Value> {
+        let peft = self.lora().to_peft();
         let (config, fields) = match self {
-            Self::Lora(c) => (Self::Lora(c.to_peft()), LORA_PEFT_FIELDS),
+            Self::Lora(_) => (Self::Lora(peft), LORA_PEFT_FIELDS),
+            Self::Bora(_) => (Self::Bora(peft), LORA_PEFT_FIELDS),
+            Self::LoraXs(_) => (Self::LoraXs(peft), LORA_PEFT_FIELDS),
+            Self::Edora(_) => (Self::Edora(peft), LORA_PEFT_FIELDS),
         };
         let mut value = serde_json::to_value(&config).map_err(|e| Error::Unsupported(e.to_string()))?;
         let map = value.as_object_mut().expect("a config serializes to an object");
