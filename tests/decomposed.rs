@@ -100,7 +100,8 @@ fn lora_xs_svd_init_is_the_rank_r_truncation() -> candle_peft::Result<()> {
 
 #[test]
 fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Result<()> {
-    let methods: [(&str, fn(LoraConfig) -> AdapterConfig); 4] = [
+    type MakeConfig = fn(LoraConfig) -> AdapterConfig;
+    let methods: [(&str, MakeConfig); 4] = [
         ("dora", |c| AdapterConfig::Lora(LoraConfig { use_dora: true, ..c })),
         ("bora", AdapterConfig::Bora),
         ("lora_xs", AdapterConfig::LoraXs),
