@@ -19,7 +19,9 @@
 //! `<W0_i, (BA)_i> = sum_k B_ik (W0 A^T)_ik` and `||(BA)_i||^2 = B_i (A A^T) B_i^T`; `||W0_i||^2`
 //! is computed once. Cost `O(out * in * r)` flops, `O(out * r)` memory, in f32.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Mul};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Tensor, Var};
 
 use super::common::{branch_dropout, var};
 use super::update::{matmul_t, LowRankUpdate};
@@ -46,6 +48,100 @@ pub fn low_rank_row_norms(w0: &Tensor, w0_sq: &Tensor, b: &Tensor, a: &Tensor, s
     let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?;
     let n2 = ((w0_sq + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
     Ok(n2.relu()?.sqrt()?)
+}
+
+/// `y = g * (base + branch) + c` for `base, branch: (n, out)` and `gc = [g; c]: (2, out)`, as one
+/// op: autograd keeps only `y` (not `base + branch` or `g * (base + branch)`), so a DoRA layer
+/// holds no more activations than a LoRA layer.
+struct DoraCombine;
+
+impl DoraCombine {
+    fn fwd<S: BackendStorage>(
+        base: &S,
+        base_l: &Layout,
+        branch: &S,
+        branch_l: &Layout,
+        gc: &S,
+        gc_l: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (n, out) = base_l.shape().dims2()?;
+        let sum = base.binary_impl::<Add>(branch, base_l, branch_l)?;
+        let sum_l = Layout::contiguous((n, out));
+        let g_l = gc_l.narrow(0, 0, 1)?.broadcast_as((n, out))?;
+        let c_l = gc_l.narrow(0, 1, 1)?.broadcast_as((n, out))?;
+        let scaled = sum.binary_impl::<Mul>(gc, &sum_l, &g_l)?;
+        drop(sum);
+        Ok((scaled.binary_impl::<Add>(gc, &sum_l, &c_l)?, Shape::from((n, out))))
+    }
+}
+
+impl CustomOp3 for DoraCombine {
+    fn name(&self) -> &'static str {
+        "dora-combine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        c: &CpuStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::fwd(a, al, b, bl, c, cl)
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        c: &CudaStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Self::fwd(a, al, b, bl, c, cl)
+    }
+
+    fn metal_fwd(
+        &self,
+        a: &MetalStorage,
+        al: &Layout,
+        b: &MetalStorage,
+        bl: &Layout,
+        c: &MetalStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        Self::fwd(a, al, b, bl, c, cl)
+    }
+
+    fn bwd(
+        &self,
+        base: &Tensor,
+        branch: &Tensor,
+        gc: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One (n, out) temporary at a time: each product is reduced before the next is made.
+        let grad_g_base = (grad * base)?.sum(0)?;
+        let grad_g = (grad_g_base + (grad * branch)?.sum(0)?)?;
+        let grad_c = grad.sum(0)?;
+        let grad_in = grad.broadcast_mul(&gc.get(0)?)?;
+        Ok((Some(grad_in.clone()), Some(grad_in), Some(Tensor::stack(&[grad_g, grad_c], 0)?)))
+    }
+}
+
+/// `g * (base + branch) + c` over the last dimension (see [`DoraCombine`]), for any leading
+/// dimensions; `base` and `branch` must share a dtype.
+fn dora_combine(base: &Tensor, branch: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let dims = base.dims().to_vec();
+    let out = *dims.last().unwrap_or(&0);
+    let rows = base.elem_count() / out.max(1);
+    let gc = Tensor::stack(&[g, c], 0)?;
+    let y = base.reshape((rows, out))?.apply_op3(&branch.reshape((rows, out))?, &gc, DoraCombine)?;
+    Ok(y.reshape(dims)?)
 }
 
 /// A weight-decomposed adapter over the low-rank update `U`: DoRA is `Dora<Lora>`, EDoRA is
@@ -128,16 +224,13 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
             let extra = (base_d.broadcast_mul(&(&g - 1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
             return crate::adapter::add_branch(base_out, &extra);
         }
-        // y = g * (x W0^T + branch) + b.
-        let unbiased = match base.bias {
-            Some(b) => base_out.broadcast_sub(b)?,
-            None => base_out.clone(),
+        // y = g * (x W0^T + b + branch) + (1 - g) * b = g * (x W0^T + branch) + b.
+        let c = match base.bias {
+            Some(b) => (g.affine(-1.0, 1.0)? * b.to_dtype(dtype)?)?,
+            None => g.zeros_like()?,
         };
-        let y = (unbiased.to_dtype(dtype)? + self.update.branch(&x)?)?.broadcast_mul(&g)?.to_dtype(base_out.dtype())?;
-        Ok(match base.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        let y = dora_combine(&base_out.to_dtype(dtype)?, &self.update.branch(&x)?, &g, &c)?;
+        Ok(y.to_dtype(base_out.dtype())?)
     }
 
     fn delta_weight(&self, w0: &Tensor) -> Result<Tensor> {

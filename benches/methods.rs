@@ -1,0 +1,103 @@
+//! One training step (forward + backward) of each adapter method on a (4096, 4096) layer with
+//! 512 tokens, r = 16, f32, CPU: step time (criterion) and peak heap memory of a step (a counting
+//! allocator), printed as a table before criterion runs.
+//!
+//! `cargo bench --bench methods`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_peft::{AdaptedLinear, AdapterConfig, BaseLayer, LoraConfig, LoraInit};
+use criterion::{BenchmarkId, Criterion};
+use rand::SeedableRng;
+
+/// Counts live heap bytes and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            let live = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const TOKENS: usize = 512;
+const DIM: usize = 4096;
+const RANK: usize = 16;
+
+fn methods() -> Vec<(&'static str, AdapterConfig)> {
+    let lora = || LoraConfig::lora(RANK, 2.0 * RANK as f64, &["proj"]).with_init(LoraInit::Random);
+    vec![
+        ("LoRA", AdapterConfig::Lora(lora())),
+        ("DoRA", AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora() })),
+        ("BoRA", AdapterConfig::Bora(lora())),
+        ("LoRA-XS", AdapterConfig::LoraXs(lora())),
+        ("EDoRA", AdapterConfig::Edora(lora())),
+    ]
+}
+
+fn layer(w: &Tensor, config: &AdapterConfig) -> AdaptedLinear {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let built = config.build("proj", BaseLayer { weight: w, bias: None }, DType::F32, &mut rng).unwrap();
+    let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();
+    layer.set_adapter(built.adapter, built.base_weight).unwrap();
+    layer.set_train(true);
+    layer
+}
+
+fn step(layer: &AdaptedLinear, x: &Var) {
+    let grads = layer.forward_t(x.as_tensor()).unwrap().backward().unwrap();
+    drop(grads);
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.02, (DIM, DIM), &dev).unwrap();
+    let x = Var::randn(0f32, 1., (TOKENS, DIM), &dev).unwrap();
+    let layers: Vec<(&str, AdaptedLinear)> = methods().into_iter().map(|(n, c)| (n, layer(&w, &c))).collect();
+
+    println!("peak heap above the resting state during one step ({DIM}x{DIM}, {TOKENS} tokens, r={RANK}):");
+    println!("| method | trainable params | peak step memory (MiB) |");
+    println!("|---|---:|---:|");
+    for (name, l) in &layers {
+        step(l, &x); // warm up
+        let rest = LIVE.load(Ordering::Relaxed);
+        PEAK.store(rest, Ordering::Relaxed);
+        step(l, &x);
+        let peak = PEAK.load(Ordering::Relaxed) - rest;
+        let params = l.adapter().unwrap().num_trainable();
+        println!("| {name} | {params} | {:.1} |", peak as f64 / (1 << 20) as f64);
+    }
+
+    let mut c = Criterion::default().configure_from_args().sample_size(10);
+    let mut group = c.benchmark_group(format!("step {DIM}x{DIM}, {TOKENS} tokens, r={RANK}"));
+    for (name, l) in &layers {
+        group.bench_with_input(BenchmarkId::new("forward+backward", name), l, |b, l| b.iter(|| step(l, &x)));
+    }
+    group.finish();
+    c.final_summary();
+}
