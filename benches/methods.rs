@@ -62,7 +62,8 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
 
 fn layer(w: &Tensor, config: &AdapterConfig) -> AdaptedLinear {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let built = config.build("proj", BaseLayer { weight: w, bias: None }, DType::F32, &mut rng).unwrap();
+    let shared = config.shared_tensors(&[(DIM, DIM)], DType::F32, w.device()).unwrap();
+    let built = config.build("proj", BaseLayer { weight: w, bias: None }, DType::F32, &mut rng, &shared).unwrap();
     let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();
     layer.set_adapter(built.adapter, built.base_weight).unwrap();
     layer.set_train(true);

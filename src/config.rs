@@ -10,13 +10,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::adapter::Adapter;
 use crate::adapters::lora::LoraConfig;
+use crate::adapters::melora::MeloraConfig;
+use crate::adapters::vera::VeraConfig;
 use crate::{Error, Result};
 
 /// `target_modules` / `exclude_modules`: a list of names or a regex.
@@ -228,10 +230,20 @@ pub enum AdapterConfig {
     /// EDoRA (`"EDORA"`, LoRA's fields; init as LoRA-XS).
     #[serde(rename = "EDORA")]
     Edora(LoraConfig),
+    /// MELoRA (`"MELORA"`, LoRA's fields plus `n`).
+    #[serde(rename = "MELORA")]
+    Melora(MeloraConfig),
+    /// VeRA (`"VERA"`).
+    #[serde(rename = "VERA")]
+    Vera(VeraConfig),
 }
 
 /// The `peft_type` values candle-peft reads.
-pub const SUPPORTED_PEFT_TYPES: [&str; 4] = ["LORA", "BORA", "LORA_XS", "EDORA"];
+pub const SUPPORTED_PEFT_TYPES: [&str; 6] = ["LORA", "BORA", "LORA_XS", "EDORA", "MELORA", "VERA"];
+
+/// Tensors shared by every adapted layer (VeRA's projections), keyed without the
+/// `base_model.` prefix they carry in a file.
+pub type SharedTensors = BTreeMap<String, Tensor>;
 
 /// One field PEFT writes that candle-peft does not interpret, with PEFT 0.21.2's default.
 /// `inert` fields are kept whatever their value; the others must hold the default.
@@ -275,6 +287,15 @@ const LORA_PEFT_FIELDS: &[PeftField] = peft_fields! {
     "velora_config" => null, false;
 };
 
+/// The fields of peft 0.21.2's VeRA `adapter_config.json` in [`TargetConfig::other`].
+const VERA_PEFT_FIELDS: &[PeftField] = peft_fields! {
+    "auto_mapping" => null, true;
+    "bias" => "none", false;
+    "fan_in_fan_out" => false, false;
+    "modules_to_save" => null, false;
+    "peft_version" => "0.21.2", true;
+};
+
 impl AdapterConfig {
     /// The method's `peft_type`.
     pub fn peft_type(&self) -> &'static str {
@@ -283,33 +304,45 @@ impl AdapterConfig {
             Self::Bora(_) => "BORA",
             Self::LoraXs(_) => "LORA_XS",
             Self::Edora(_) => "EDORA",
-        }
-    }
-
-    /// The LoRA-style fields every supported method shares.
-    pub fn lora(&self) -> &LoraConfig {
-        match self {
-            Self::Lora(c) | Self::Bora(c) | Self::LoraXs(c) | Self::Edora(c) => c,
+            Self::Melora(_) => "MELORA",
+            Self::Vera(_) => "VERA",
         }
     }
 
     /// The module selection.
     pub fn target(&self) -> &TargetConfig {
-        &self.lora().target
+        match self {
+            Self::Lora(c) | Self::Bora(c) | Self::LoraXs(c) | Self::Edora(c) => &c.target,
+            Self::Melora(c) => &c.lora.target,
+            Self::Vera(c) => &c.target,
+        }
+    }
+
+    fn peft_fields(&self) -> &'static [PeftField] {
+        match self {
+            Self::Vera(_) => VERA_PEFT_FIELDS,
+            _ => LORA_PEFT_FIELDS,
+        }
     }
 
     /// Checks every hyper-parameter and every uninterpreted PEFT field.
     pub fn validate(&self) -> Result<()> {
-        let c = self.lora();
-        c.validate()?;
-        if c.use_dora && !matches!(self, Self::Lora(_)) {
-            return Err(Error::Unsupported(format!(
-                "use_dora with peft_type {} (DoRA is LORA + use_dora)",
-                self.peft_type()
-            )));
+        match self {
+            Self::Lora(c) => c.validate()?,
+            Self::Bora(c) | Self::LoraXs(c) | Self::Edora(c) => {
+                c.validate()?;
+                if c.use_dora {
+                    return Err(Error::Unsupported(format!(
+                        "use_dora with peft_type {} (DoRA is LORA + use_dora)",
+                        self.peft_type()
+                    )));
+                }
+            }
+            Self::Melora(c) => c.validate()?,
+            Self::Vera(c) => c.validate()?,
         }
-        let (fields, other) = (LORA_PEFT_FIELDS, &c.target.other);
-        for (name, value) in other {
+        let fields = self.peft_fields();
+        for (name, value) in &self.target().other {
             match fields.iter().find(|f| f.name == name) {
                 Some(f) if !f.inert && *value != (f.default)() && !(value.is_null() && (f.default)().is_null()) => {
                     return Err(Error::Unsupported(format!(
@@ -325,19 +358,51 @@ impl AdapterConfig {
         Ok(())
     }
 
+    /// The tensors every layer shares, drawn for layers of the given `(in, out)` shapes (none for
+    /// most methods).
+    pub fn shared_tensors(&self, shapes: &[(usize, usize)], dtype: DType, device: &Device) -> Result<SharedTensors> {
+        match self {
+            Self::Vera(c) => c.shared_tensors(shapes, dtype, device),
+            _ => Ok(SharedTensors::new()),
+        }
+    }
+
+    /// Checks shared tensors read from a file before they are used.
+    pub fn check_shared(&self, shared: &SharedTensors) -> Result<()> {
+        if let Self::Vera(c) = self {
+            if !c.save_projection {
+                return Err(Error::Unsupported(
+                    "this VeRA adapter was saved with save_projection: false; its projections come from torch's random \
+                     stream (projection_prng_key) and cannot be reproduced here. Re-save it in PEFT with \
+                     save_projection=True"
+                        .into(),
+                ));
+            }
+            for key in crate::adapters::vera::SHARED_KEYS {
+                if !shared.contains_key(key) {
+                    return Err(Error::Unsupported(format!("the VeRA file lacks the shared projection base_model.{key}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Builds the adapter of the module at `path` (see the method's `build`).
     pub fn build(
         &self,
         path: &str,
         base: crate::adapter::BaseLayer<'_>,
-        dtype: candle_core::DType,
+        dtype: DType,
         rng: &mut impl rand::Rng,
+        shared: &SharedTensors,
     ) -> Result<BuiltAdapter> {
         match self {
             Self::Lora(c) => c.build(path, base, dtype, rng),
             Self::Bora(c) => crate::adapters::bora::build(c, path, base, dtype, rng),
             Self::LoraXs(c) => crate::adapters::lora_xs::build(c, path, base, dtype, rng),
             Self::Edora(c) => crate::adapters::edora::build(c, path, base, dtype, rng),
+            Self::Melora(c) => c.build(path, base, dtype, rng),
+            Self::Vera(c) => c.build(base, dtype, shared),
         }
     }
 
@@ -366,16 +431,17 @@ impl AdapterConfig {
 
     /// The JSON PEFT writes for this config: every field PEFT writes, in its format.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let peft = self.lora().to_peft();
-        let (config, fields) = match self {
-            Self::Lora(_) => (Self::Lora(peft), LORA_PEFT_FIELDS),
-            Self::Bora(_) => (Self::Bora(peft), LORA_PEFT_FIELDS),
-            Self::LoraXs(_) => (Self::LoraXs(peft), LORA_PEFT_FIELDS),
-            Self::Edora(_) => (Self::Edora(peft), LORA_PEFT_FIELDS),
+        let config = match self {
+            Self::Lora(c) => Self::Lora(c.to_peft()),
+            Self::Bora(c) => Self::Bora(c.to_peft()),
+            Self::LoraXs(c) => Self::LoraXs(c.to_peft()),
+            Self::Edora(c) => Self::Edora(c.to_peft()),
+            Self::Melora(c) => Self::Melora(MeloraConfig { n: c.n, lora: c.lora.to_peft() }),
+            Self::Vera(c) => Self::Vera(VeraConfig { save_projection: true, ..c.clone() }),
         };
         let mut value = serde_json::to_value(&config).map_err(|e| Error::Unsupported(e.to_string()))?;
         let map = value.as_object_mut().expect("a config serializes to an object");
-        for f in fields {
+        for f in self.peft_fields() {
             map.entry(f.name).or_insert_with(f.default);
         }
         map.insert("inference_mode".into(), Value::Bool(true));

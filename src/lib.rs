@@ -40,7 +40,9 @@ pub mod peft_model;
 pub mod scaling;
 
 pub use adapter::{Adapter, BaseLayer};
-pub use adapters::{Bora, Dora, EDora, Lora, LoraConfig, LoraInit, LoraXs, LowRankUpdate};
+pub use adapters::{
+    Bora, Dora, EDora, Lora, LoraConfig, LoraInit, LoraXs, LowRankUpdate, Melora, MeloraConfig, Vera, VeraConfig,
+};
 pub use config::{AdapterConfig, TargetConfig, TargetModules};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 
-use crate::config::AdapterConfig;
+use crate::config::{AdapterConfig, SharedTensors};
 use crate::format::{self, peft_key, CONFIG_FILE, WEIGHTS_FILE};
 use crate::layer::AdaptedLinear;
 use crate::{Error, Result};
@@ -132,52 +132,97 @@ pub struct PeftModel<M: LinearHost> {
     model: M,
     config: AdapterConfig,
     adapted: Vec<String>,
+    shared: SharedTensors,
+}
+
+/// The prefix of a shared tensor's key in a PEFT file (`base_model.vera_A`).
+const SHARED_PREFIX: &str = "base_model.";
+
+/// The name of a shared tensor, if `key` is one (`base_model.vera_A` but not
+/// `base_model.model.<path>...`).
+fn shared_key(key: &str) -> Option<&str> {
+    key.strip_prefix(SHARED_PREFIX).filter(|rest| !rest.contains('.'))
 }
 
 impl<M: LinearHost> PeftModel<M> {
     /// Injects fresh adapters (drawn from `opts.seed`) into every targeted linear of `model`.
     ///
     /// Errors when no module matches, listing the linear modules the model has.
-    pub fn new(mut model: M, config: AdapterConfig, opts: InitOptions) -> Result<Self> {
+    pub fn new(model: M, config: AdapterConfig, opts: InitOptions) -> Result<Self> {
+        Self::inject(model, config, opts, None)
+    }
+
+    /// Injects adapters; `shared` holds the shared tensors read from a file, if any (otherwise
+    /// they are drawn for the targeted layers' shapes).
+    fn inject(mut model: M, config: AdapterConfig, opts: InitOptions, shared: Option<SharedTensors>) -> Result<Self> {
         config.validate()?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
         let output = model.output_layer();
-        let mut adapted = Vec::new();
+        let mut targets = Vec::new();
         let mut available = Vec::new();
-        for (path, layer) in model.linears_mut() {
+        let mut device = Device::Cpu;
+        for (path, layer) in model.linears() {
             available.push(path.clone());
-            if !config.target().matches(&path, output.as_deref())? {
-                continue;
+            if config.target().matches(&path, output.as_deref())? {
+                device = layer.weight().device().clone();
+                targets.push((path, layer.features()));
             }
-            let built = config.build(&path, layer.base(), opts.dtype, &mut rng)?;
-            layer.set_adapter(built.adapter, built.base_weight)?;
-            adapted.push(path);
         }
-        if adapted.is_empty() {
+        if targets.is_empty() {
             let pattern = serde_json::to_string(&config.target().target_modules).unwrap_or_default();
             return Err(Error::NoTargetModules { pattern, available });
         }
-        Ok(Self { model, config, adapted })
+        let shared = match shared {
+            Some(shared) => {
+                config.check_shared(&shared)?;
+                shared
+            }
+            None => {
+                let shapes: Vec<(usize, usize)> = targets.iter().map(|(_, s)| *s).collect();
+                config.shared_tensors(&shapes, opts.dtype, &device)?
+            }
+        };
+        let adapted: Vec<String> = targets.into_iter().map(|(p, _)| p).collect();
+        let wanted: BTreeSet<&String> = adapted.iter().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+        for (path, layer) in model.linears_mut() {
+            if wanted.contains(&path) {
+                let built = config.build(&path, layer.base(), opts.dtype, &mut rng, &shared)?;
+                layer.set_adapter(built.adapter, built.base_weight)?;
+            }
+        }
+        Ok(Self { model, config, adapted, shared })
     }
 
     /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) onto
-    /// `model`: injects the configured adapters, then sets every tensor from the file. Missing or
-    /// unexpected keys and wrong shapes are errors that name them.
+    /// `model`: injects the configured adapters (over the file's shared projections, for VeRA),
+    /// then sets every tensor from the file. Missing or unexpected keys and wrong shapes are
+    /// errors that name them.
     pub fn from_pretrained(model: M, dir: &Path, dtype: DType) -> Result<Self> {
         let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
-        let mut peft = Self::new(model, config, InitOptions { seed: 0, dtype })?;
-        peft.load_weights(&dir.join(WEIGHTS_FILE))?;
+        let path = dir.join(WEIGHTS_FILE);
+        let device = model.linears().first().map(|(_, l)| l.weight().device().clone()).unwrap_or(Device::Cpu);
+        let tensors = format::read_safetensors(&path, &device)?;
+        let shared: SharedTensors = tensors
+            .iter()
+            .filter_map(|(k, t)| shared_key(k).map(|name| (name.to_string(), t)))
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        let mut peft = Self::inject(model, config, InitOptions { seed: 0, dtype }, Some(shared))?;
+        peft.set_tensors(tensors, &path)?;
         Ok(peft)
     }
 
-    /// Sets every adapter tensor from a PEFT safetensors file.
+    /// Sets every adapter tensor from a PEFT safetensors file written for this model and config.
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
         let device = self.model.linears().first().map(|(_, l)| l.weight().device().clone()).unwrap_or(Device::Cpu);
-        let mut tensors = format::read_safetensors(path, &device)?;
+        let tensors = format::read_safetensors(path, &device)?;
+        self.set_tensors(tensors, path)
+    }
+
+    fn set_tensors(&mut self, mut tensors: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
         let expected = self.saved_tensors();
         let expected_keys: BTreeSet<&String> = expected.iter().map(|(k, _)| k).collect();
-        let missing: Vec<String> =
-            expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
+        let missing: Vec<String> = expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
         let unexpected: Vec<String> = tensors.keys().filter(|k| !expected_keys.contains(k)).cloned().collect();
         if !missing.is_empty() || !unexpected.is_empty() {
             return Err(Error::KeyMismatch { path: path.to_path_buf(), missing, unexpected });
@@ -185,11 +230,17 @@ impl<M: LinearHost> PeftModel<M> {
         for (key, t) in &expected {
             let got = &tensors[key];
             if got.dims() != t.dims() {
-                return Err(Error::ShapeMismatch {
-                    what: format!("{key} in {}", path.display()),
-                    expected: t.dims().to_vec(),
-                    actual: got.dims().to_vec(),
-                });
+                return Err(Error::ShapeMismatch { what: format!("{key} in {}", path.display()), expected: t.dims().to_vec(), actual: got.dims().to_vec() });
+            }
+        }
+        for (name, ours) in &self.shared {
+            let theirs = tensors.remove(&format!("{SHARED_PREFIX}{name}")).expect("keys checked above");
+            let diff = (theirs.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            if diff != 0.0 {
+                return Err(Error::Unsupported(format!(
+                    "{} holds other shared projections than this model ({name}); load it with PeftModel::from_pretrained",
+                    path.display()
+                )));
             }
         }
         let adapted: BTreeSet<&String> = self.adapted.iter().collect();
@@ -208,12 +259,19 @@ impl<M: LinearHost> PeftModel<M> {
 
     /// Every tensor that [`PeftModel::save_pretrained`] writes, keyed as PEFT keys it.
     pub fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        let shared = self.shared.iter().map(|(k, t)| (format!("{SHARED_PREFIX}{k}"), t.clone()));
         self.adapted_layers()
             .flat_map(|(path, l)| {
                 let a = l.adapter().expect("adapted layers hold an adapter");
                 a.saved_tensors().into_iter().map(move |(s, t)| (peft_key(&path, &s), t))
             })
+            .chain(shared)
             .collect()
+    }
+
+    /// The tensors all adapted layers share (VeRA's projections), without key prefix.
+    pub fn shared_tensors(&self) -> &SharedTensors {
+        &self.shared
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
@@ -256,7 +314,8 @@ impl<M: LinearHost> PeftModel<M> {
         self.named_trainable_vars().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// Trainable and total parameter counts over the linear layers.
+    /// Trainable and total parameter counts over the linear layers (shared frozen projections
+    /// counted once).
     pub fn parameter_count(&self) -> ParameterCount {
         let trainable: usize = self.adapted_layers().map(|(_, l)| l.adapter().map_or(0, |a| a.num_trainable())).sum();
         let frozen: usize = self
@@ -265,7 +324,8 @@ impl<M: LinearHost> PeftModel<M> {
             .iter()
             .map(|(_, l)| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count()))
             .sum();
-        ParameterCount { trainable, all: frozen + trainable }
+        let shared: usize = self.shared.values().map(|t| t.elem_count()).sum();
+        ParameterCount { trainable, all: frozen + shared + trainable }
     }
 
     /// Folds every adapter into its layer's weight.

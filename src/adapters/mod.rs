@@ -6,11 +6,15 @@ pub mod dora;
 pub mod edora;
 pub mod lora;
 pub mod lora_xs;
+pub mod melora;
 pub mod update;
+pub mod vera;
 
 pub use bora::Bora;
 pub use dora::Dora;
 pub use edora::EDora;
 pub use lora::{Lora, LoraConfig, LoraInit};
 pub use lora_xs::LoraXs;
+pub use melora::{Melora, MeloraConfig};
+pub use vera::{Vera, VeraConfig};
 pub use update::LowRankUpdate;
