@@ -82,6 +82,12 @@ pub trait Adapter: Debug + Send + Sync {
         Ok(())
     }
 
+    /// Frozen tensors the adapter holds besides the base layer (LoRA-XS's SVD factors, VeRA's
+    /// views of the shared projections), for memory accounting. Empty by default.
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
     /// The number of trainable scalars.
     fn num_trainable(&self) -> usize {
         self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()

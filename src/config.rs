@@ -380,7 +380,9 @@ impl AdapterConfig {
             }
             for key in crate::adapters::vera::SHARED_KEYS {
                 if !shared.contains_key(key) {
-                    return Err(Error::Unsupported(format!("the VeRA file lacks the shared projection base_model.{key}")));
+                    return Err(Error::Unsupported(format!(
+                        "the VeRA file lacks the shared projection base_model.{key}"
+                    )));
                 }
             }
         }
@@ -445,6 +447,9 @@ impl AdapterConfig {
             map.entry(f.name).or_insert_with(f.default);
         }
         map.insert("inference_mode".into(), Value::Bool(true));
+        if matches!(self, Self::Vera(_)) && map.get("exclude_modules").is_some_and(Value::is_null) {
+            map.remove("exclude_modules"); // PEFT's VeraConfig has no such field
+        }
         Ok(value)
     }
 }

@@ -222,7 +222,8 @@ impl<M: LinearHost> PeftModel<M> {
     fn set_tensors(&mut self, mut tensors: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
         let expected = self.saved_tensors();
         let expected_keys: BTreeSet<&String> = expected.iter().map(|(k, _)| k).collect();
-        let missing: Vec<String> = expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
+        let missing: Vec<String> =
+            expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
         let unexpected: Vec<String> = tensors.keys().filter(|k| !expected_keys.contains(k)).cloned().collect();
         if !missing.is_empty() || !unexpected.is_empty() {
             return Err(Error::KeyMismatch { path: path.to_path_buf(), missing, unexpected });
@@ -230,12 +231,17 @@ impl<M: LinearHost> PeftModel<M> {
         for (key, t) in &expected {
             let got = &tensors[key];
             if got.dims() != t.dims() {
-                return Err(Error::ShapeMismatch { what: format!("{key} in {}", path.display()), expected: t.dims().to_vec(), actual: got.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    what: format!("{key} in {}", path.display()),
+                    expected: t.dims().to_vec(),
+                    actual: got.dims().to_vec(),
+                });
             }
         }
         for (name, ours) in &self.shared {
             let theirs = tensors.remove(&format!("{SHARED_PREFIX}{name}")).expect("keys checked above");
-            let diff = (theirs.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff =
+                (theirs.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
             if diff != 0.0 {
                 return Err(Error::Unsupported(format!(
                     "{} holds other shared projections than this model ({name}); load it with PeftModel::from_pretrained",

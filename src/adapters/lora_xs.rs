@@ -140,6 +140,10 @@ impl LowRankUpdate for LoraXs {
         vec![("lora_R.weight".into(), self.lora_r.clone())]
     }
 
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        vec![self.lora_a.clone(), self.lora_b.clone()]
+    }
+
     fn saved_tensors(&self) -> Vec<(String, Tensor)> {
         vec![
             ("lora_A.weight".into(), self.lora_a.clone()),

@@ -64,7 +64,10 @@ impl MeloraConfig {
         check_rank(r)?;
         for (what, d) in [("in_features", inp), ("out_features", out), ("r", r)] {
             if d % n != 0 {
-                return Err(Error::config("n", format!("MELoRA with n = {n} minis needs {what} divisible by n, got {d} at {path}")));
+                return Err(Error::config(
+                    "n",
+                    format!("MELoRA with n = {n} minis needs {what} divisible by n, got {d} at {path}"),
+                ));
             }
         }
         let ri = r / n;
@@ -100,7 +103,8 @@ impl Melora {
 
     /// `blockdiag(M_1, ..., M_n)` of the minis' `A` (`pick = 0`) or `B` (`pick = 1`).
     fn block_diag(&self, pick: usize) -> Result<Tensor> {
-        let blocks: Vec<&Tensor> = self.minis.iter().map(|m| if pick == 0 { m.0.as_tensor() } else { m.1.as_tensor() }).collect();
+        let blocks: Vec<&Tensor> =
+            self.minis.iter().map(|m| if pick == 0 { m.0.as_tensor() } else { m.1.as_tensor() }).collect();
         let cols: usize = blocks.iter().map(|b| b.dim(1)).sum::<candle_core::Result<usize>>()?;
         let mut rows = Vec::with_capacity(blocks.len());
         let mut offset = 0;

@@ -16,5 +16,5 @@ pub use edora::EDora;
 pub use lora::{Lora, LoraConfig, LoraInit};
 pub use lora_xs::LoraXs;
 pub use melora::{Melora, MeloraConfig};
-pub use vera::{Vera, VeraConfig};
 pub use update::LowRankUpdate;
+pub use vera::{Vera, VeraConfig};

@@ -59,6 +59,11 @@ pub trait LowRankUpdate: Debug + Send + Sync {
         Ok(())
     }
 
+    /// Frozen tensors the update holds (see [`Adapter::frozen_tensors`]).
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
     /// `dW = s * B A`, `(out, in)`, in the update's dtype.
     fn delta(&self) -> Result<Tensor> {
         let (b, a, s) = self.factors()?;
@@ -98,6 +103,10 @@ impl<U: LowRankUpdate> Adapter for U {
 
     fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
         LowRankUpdate::load_tensor(self, suffix, value)
+    }
+
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        LowRankUpdate::frozen_tensors(self)
     }
 }
 

@@ -90,7 +90,12 @@ impl VeraConfig {
     }
 
     /// Draws the shared pair for layers of the given `(in, out)` shapes.
-    pub fn shared_tensors(&self, shapes: &[(usize, usize)], dtype: DType, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    pub fn shared_tensors(
+        &self,
+        shapes: &[(usize, usize)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let max_in = shapes.iter().map(|s| s.0).max().unwrap_or(0);
         let max_out = shapes.iter().map(|s| s.1).max().unwrap_or(0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.projection_prng_key);
@@ -107,10 +112,17 @@ impl VeraConfig {
         let (ra, max_in) = a.dims2()?;
         let (max_out, rb) = b.dims2()?;
         if self.r > ra || self.r > rb {
-            return Err(Error::config("r", format!("VeRA rank {} exceeds the shared projections' rank {}", self.r, ra.min(rb))));
+            return Err(Error::config(
+                "r",
+                format!("VeRA rank {} exceeds the shared projections' rank {}", self.r, ra.min(rb)),
+            ));
         }
         if inp > max_in || out > max_out {
-            return Err(Error::ShapeMismatch { what: "shared vera_A / vera_B (max_in, max_out)".into(), expected: vec![inp, out], actual: vec![max_in, max_out] });
+            return Err(Error::ShapeMismatch {
+                what: "shared vera_A / vera_B (max_in, max_out)".into(),
+                expected: vec![inp, out],
+                actual: vec![max_in, max_out],
+            });
         }
         let dev = base.weight.device();
         let (lambda_b, lambda_d) = if self.init_weights {
@@ -185,6 +197,10 @@ impl LowRankUpdate for Vera {
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
         let b = self.scaled_b()?.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(0)?)?;
         Ok((b, self.vera_a.to_dtype(self.dtype())?, 1.0))
+    }
+
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        vec![self.vera_a.clone(), self.vera_b.clone()]
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {

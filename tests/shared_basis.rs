@@ -1,0 +1,202 @@
+//! VeRA (and MELoRA) against peft 0.21.2 / PyTorch: PEFT-saved adapters of the tiny LLaMA with
+//! mixed layer shapes, gradients, shared projections held once, parameter counts.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
+use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, MeloraConfig, PeftModel, VeraConfig};
+use common::{assert_close, fixture, load, tiny_llama};
+
+/// Checks a PEFT-saved adapter directory: adapted modules, per-module forward, merged weight and
+/// the gradients of loss = sum(y * g) w.r.t. x and every trainable tensor.
+fn check_against_peft(name: &str) -> candle_peft::Result<PeftModel<candle_peft::NamedLinears>> {
+    let dir = fixture(&format!("tiny_llama/{name}"));
+    let peft = PeftModel::from_pretrained(tiny_llama(), &dir, DType::F32)?;
+    let reference = load(&format!("tiny_llama/{name}/reference.safetensors"));
+    let expected: BTreeSet<String> =
+        reference.keys().filter_map(|k| k.strip_suffix(".x")).map(str::to_string).collect();
+    let adapted: BTreeSet<String> = peft.adapted_modules().iter().cloned().collect();
+    assert_eq!(adapted, expected, "{name}: adapted modules");
+    for (path, layer) in peft.model().linears() {
+        if !adapted.contains(&path) {
+            continue;
+        }
+        let get = |k: &str| reference[&format!("{path}.{k}")].clone();
+        let x = Var::from_tensor(&get("x"))?;
+        let y = layer.forward_t(x.as_tensor())?;
+        assert_close(&y, &get("y"), 1e-5, &format!("{name} {path} forward"));
+        let grads = (&y * get("g"))?.sum_all()?.backward()?;
+        for (suffix, var) in layer.adapter().unwrap().trainable_vars() {
+            let want = get(&format!("grad.{suffix}"));
+            assert_close(grads.get(var.as_tensor()).unwrap(), &want, 1e-4, &format!("{name} {path} grad {suffix}"));
+        }
+        assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{name} {path} grad x"));
+        assert_close(&layer.merged_weight()?, &get("merged"), 1e-5, &format!("{name} {path} merge"));
+    }
+    Ok(peft)
+}
+
+#[test]
+fn vera_matches_peft_on_mixed_layer_shapes() -> candle_peft::Result<()> {
+    let peft = check_against_peft("vera")?;
+    // PEFT's print_trainable_parameters said 184 for this model and config.
+    assert_eq!(peft.parameter_count().trainable, 184);
+    Ok(())
+}
+
+#[test]
+fn vera_projections_are_stored_once() -> candle_peft::Result<()> {
+    let peft = check_against_peft("vera")?;
+    let storage = |t: &Tensor| {
+        let (s, _) = t.storage_and_layout();
+        &*s as *const _ as usize
+    };
+    let shared = peft.shared_tensors();
+    let shared_ids: BTreeSet<usize> = shared.values().map(storage).collect();
+    assert_eq!(shared_ids.len(), 2);
+    let mut frozen_ids = BTreeSet::new();
+    let mut layers = 0;
+    for (_, layer) in peft.model().linears() {
+        if let Some(a) = layer.adapter() {
+            layers += 1;
+            for t in a.frozen_tensors() {
+                frozen_ids.insert(storage(&t));
+            }
+        }
+    }
+    assert_eq!(layers, 6);
+    assert_eq!(frozen_ids, shared_ids, "every layer's projections are views of the two shared tensors");
+    // Adapter memory = the shared pair once + the trainable vectors, as the counts predict.
+    let shared_elems: usize = shared.values().map(|t| t.elem_count()).sum();
+    assert_eq!(shared_elems, 4 * 48 + 32 * 4);
+    let count = peft.parameter_count();
+    let linear: usize = peft.model().linears().iter().map(|(_, l)| l.weight().elem_count()).sum();
+    assert_eq!(count.all, linear + shared_elems + count.trainable);
+    Ok(())
+}
+
+#[test]
+fn vera_saves_peft_keys_shapes_and_config() -> candle_peft::Result<()> {
+    let dir = fixture("tiny_llama/vera");
+    let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let peft = PeftModel::new(tiny_llama(), config, InitOptions::default())?;
+    let out = tempfile::tempdir().unwrap();
+    peft.save_pretrained(out.path())?;
+    let shapes = |p: &std::path::Path| -> BTreeMap<String, Vec<usize>> {
+        read_safetensors(p, &Device::Cpu).unwrap().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
+    };
+    assert_eq!(shapes(&out.path().join(WEIGHTS_FILE)), shapes(&dir.join(WEIGHTS_FILE)));
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (ours, theirs) = (read(&out.path().join(CONFIG_FILE)), read(&dir.join(CONFIG_FILE)));
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(keys(&ours), keys(&theirs));
+    for k in ["r", "d_initial", "projection_prng_key", "save_projection", "vera_dropout", "peft_type", "task_type"] {
+        assert_eq!(ours[k], theirs[k], "{k}");
+    }
+    // Our own file loads back bit-exact, projections included.
+    let back = PeftModel::from_pretrained(tiny_llama(), out.path(), DType::F32)?;
+    let theirs: BTreeMap<String, Tensor> = back.saved_tensors().into_iter().collect();
+    for (k, t) in peft.saved_tensors() {
+        assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, theirs[&k].flatten_all()?.to_vec1::<f32>()?, "{k}");
+    }
+    Ok(())
+}
+
+#[test]
+fn vera_bad_input() -> candle_peft::Result<()> {
+    // save_projection: false cannot be reproduced.
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny_llama/vera");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join(CONFIG_FILE)).unwrap()).unwrap();
+    json["save_projection"] = false.into();
+    std::fs::write(dir.path().join(CONFIG_FILE), json.to_string()).unwrap();
+    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &Device::Cpu)?;
+    t.remove("base_model.vera_A");
+    t.remove("base_model.vera_B");
+    candle_peft::format::write_safetensors(&dir.path().join(WEIGHTS_FILE), &t.into_iter().collect::<Vec<_>>())?;
+    let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
+    assert!(e.to_string().contains("save_projection"), "{e}");
+
+    // A rank above the shared projections' rank.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join(CONFIG_FILE)).unwrap()).unwrap();
+    json["r"] = 8.into();
+    std::fs::write(dir.path().join(CONFIG_FILE), json.to_string()).unwrap();
+    std::fs::copy(src.join(WEIGHTS_FILE), dir.path().join(WEIGHTS_FILE)).unwrap();
+    let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { name: "r", .. }), "{e}");
+
+    // Shared projections too small for the layers.
+    std::fs::copy(src.join(CONFIG_FILE), dir.path().join(CONFIG_FILE)).unwrap();
+    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &Device::Cpu)?;
+    let a = t["base_model.vera_A"].narrow(1, 0, 40)?;
+    t.insert("base_model.vera_A".into(), a);
+    candle_peft::format::write_safetensors(&dir.path().join(WEIGHTS_FILE), &t.into_iter().collect::<Vec<_>>())?;
+    let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    Ok(())
+}
+
+#[test]
+fn fresh_vera_starts_as_the_base_and_trains_only_vectors() -> candle_peft::Result<()> {
+    let peft = PeftModel::new(
+        tiny_llama(),
+        AdapterConfig::Vera(VeraConfig::new(16, &["q_proj", "down_proj"])),
+        InitOptions::default(),
+    )?;
+    for (path, layer) in peft.model().linears() {
+        if layer.adapter().is_some() {
+            let x = Tensor::randn(0f32, 1., (2, layer.features().0), &Device::Cpu)?;
+            let base = x.matmul(&layer.weight().t()?)?;
+            assert_close(&layer.forward_t(&x)?, &base, 1e-6, &path);
+        }
+    }
+    assert_eq!(peft.shared_tensors()["vera_A"].dims(), [16, 48]);
+    assert_eq!(peft.shared_tensors()["vera_B"].dims(), [32, 16]);
+    Ok(())
+}
+
+#[test]
+fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
+    let config = MeloraConfig {
+        lora: candle_peft::LoraConfig::lora(8, 16.0, &["q_proj"]).with_init(candle_peft::LoraInit::Random),
+        n: 4,
+    };
+    let peft = PeftModel::new(tiny_llama(), AdapterConfig::Melora(config), InitOptions::default())?;
+    let layer = peft.model().get("model.layers.0.self_attn.q_proj").unwrap();
+    let vars: BTreeMap<String, Var> = layer.adapter().unwrap().trainable_vars().into_iter().collect();
+    assert_eq!(vars.len(), 8);
+    // Independent reference: mini i maps input chunk i to output chunk i with s = alpha / r_i.
+    let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
+    let s = 16.0 / 2.0;
+    let mut chunks = Vec::new();
+    for i in 0..4 {
+        let (a, b) =
+            (vars[&format!("melora_A.{i}.weight")].as_tensor(), vars[&format!("melora_B.{i}.weight")].as_tensor());
+        assert_eq!((a.dims(), b.dims()), ([2, 8].as_slice(), [8, 2].as_slice()));
+        let xi = x.narrow(1, 8 * i, 8)?;
+        chunks.push((xi.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?);
+    }
+    let want = (x.matmul(&layer.weight().t()?)? + Tensor::cat(&chunks, 1)?)?;
+    assert_close(&layer.forward_t(&x)?, &want, 1e-5, "MELoRA forward");
+    // n times fewer parameters than a LoRA of the equivalent rank: 8 * (32 + 32) / 4 per layer.
+    assert_eq!(peft.parameter_count().trainable, 2 * 8 * 64 / 4);
+
+    // Dimensions not divisible by n are refused, naming the module.
+    let config = MeloraConfig { lora: candle_peft::LoraConfig::lora(9, 16.0, &["q_proj"]), n: 3 };
+    let e = PeftModel::new(tiny_llama(), AdapterConfig::Melora(config), InitOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("divisible") && e.to_string().contains("q_proj"), "{e}");
+    // Round trip through the file format.
+    let dir = tempfile::tempdir().unwrap();
+    peft.save_pretrained(dir.path())?;
+    let back = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32)?;
+    let l2 = back.model().get("model.layers.0.self_attn.q_proj").unwrap();
+    assert_close(&l2.forward_t(&x)?, &want, 1e-6, "MELoRA reloaded");
+    Ok(())
+}
