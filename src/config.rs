@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::adapter::Adapter;
 use crate::adapters::lora::LoraConfig;
 use crate::adapters::melora::MeloraConfig;
+use crate::adapters::randlora::RandLoraConfig;
 use crate::adapters::vera::VeraConfig;
 use crate::{Error, Result};
 
@@ -236,10 +237,13 @@ pub enum AdapterConfig {
     /// VeRA (`"VERA"`).
     #[serde(rename = "VERA")]
     Vera(VeraConfig),
+    /// RandLoRA (`"RANDLORA"`).
+    #[serde(rename = "RANDLORA")]
+    RandLora(RandLoraConfig),
 }
 
 /// The `peft_type` values candle-peft reads.
-pub const SUPPORTED_PEFT_TYPES: [&str; 6] = ["LORA", "BORA", "LORA_XS", "EDORA", "MELORA", "VERA"];
+pub const SUPPORTED_PEFT_TYPES: [&str; 7] = ["LORA", "BORA", "LORA_XS", "EDORA", "MELORA", "VERA", "RANDLORA"];
 
 /// Tensors shared by every adapted layer (VeRA's projections), keyed without the
 /// `base_model.` prefix they carry in a file.
@@ -287,7 +291,8 @@ const LORA_PEFT_FIELDS: &[PeftField] = peft_fields! {
     "velora_config" => null, false;
 };
 
-/// The fields of peft 0.21.2's VeRA `adapter_config.json` in [`TargetConfig::other`].
+/// The fields of peft 0.21.2's VeRA and RandLoRA `adapter_config.json` in
+/// [`TargetConfig::other`].
 const VERA_PEFT_FIELDS: &[PeftField] = peft_fields! {
     "auto_mapping" => null, true;
     "bias" => "none", false;
@@ -306,6 +311,7 @@ impl AdapterConfig {
             Self::Edora(_) => "EDORA",
             Self::Melora(_) => "MELORA",
             Self::Vera(_) => "VERA",
+            Self::RandLora(_) => "RANDLORA",
         }
     }
 
@@ -315,12 +321,13 @@ impl AdapterConfig {
             Self::Lora(c) | Self::Bora(c) | Self::LoraXs(c) | Self::Edora(c) => &c.target,
             Self::Melora(c) => &c.lora.target,
             Self::Vera(c) => &c.target,
+            Self::RandLora(c) => &c.target,
         }
     }
 
     fn peft_fields(&self) -> &'static [PeftField] {
         match self {
-            Self::Vera(_) => VERA_PEFT_FIELDS,
+            Self::Vera(_) | Self::RandLora(_) => VERA_PEFT_FIELDS,
             _ => LORA_PEFT_FIELDS,
         }
     }
@@ -340,6 +347,7 @@ impl AdapterConfig {
             }
             Self::Melora(c) => c.validate()?,
             Self::Vera(c) => c.validate()?,
+            Self::RandLora(c) => c.validate()?,
         }
         let fields = self.peft_fields();
         for (name, value) in &self.target().other {
@@ -363,27 +371,29 @@ impl AdapterConfig {
     pub fn shared_tensors(&self, shapes: &[(usize, usize)], dtype: DType, device: &Device) -> Result<SharedTensors> {
         match self {
             Self::Vera(c) => c.shared_tensors(shapes, dtype, device),
+            Self::RandLora(c) => c.shared_tensors(shapes, dtype, device),
             _ => Ok(SharedTensors::new()),
         }
     }
 
     /// Checks shared tensors read from a file before they are used.
     pub fn check_shared(&self, shared: &SharedTensors) -> Result<()> {
-        if let Self::Vera(c) = self {
-            if !c.save_projection {
-                return Err(Error::Unsupported(
-                    "this VeRA adapter was saved with save_projection: false; its projections come from torch's random \
-                     stream (projection_prng_key) and cannot be reproduced here. Re-save it in PEFT with \
-                     save_projection=True"
-                        .into(),
-                ));
-            }
-            for key in crate::adapters::vera::SHARED_KEYS {
-                if !shared.contains_key(key) {
-                    return Err(Error::Unsupported(format!(
-                        "the VeRA file lacks the shared projection base_model.{key}"
-                    )));
-                }
+        let (save_projection, keys) = match self {
+            Self::Vera(c) => (c.save_projection, crate::adapters::vera::SHARED_KEYS),
+            Self::RandLora(c) => (c.save_projection, crate::adapters::randlora::SHARED_KEYS),
+            _ => return Ok(()),
+        };
+        if !save_projection {
+            return Err(Error::Unsupported(format!(
+                "this {} adapter was saved with save_projection: false; its projections come from torch's random \
+                 stream (projection_prng_key) and cannot be reproduced here. Re-save it in PEFT with \
+                 save_projection=True",
+                self.peft_type()
+            )));
+        }
+        for key in keys {
+            if !shared.contains_key(key) {
+                return Err(Error::Unsupported(format!("the {} file lacks base_model.{key}", self.peft_type())));
             }
         }
         Ok(())
@@ -404,7 +414,8 @@ impl AdapterConfig {
             Self::LoraXs(c) => crate::adapters::lora_xs::build(c, path, base, dtype, rng),
             Self::Edora(c) => crate::adapters::edora::build(c, path, base, dtype, rng),
             Self::Melora(c) => c.build(path, base, dtype, rng),
-            Self::Vera(c) => c.build(base, dtype, shared),
+            Self::Vera(c) => c.build(base, dtype, rng, shared),
+            Self::RandLora(c) => c.build(base, dtype, rng, shared),
         }
     }
 
@@ -440,6 +451,14 @@ impl AdapterConfig {
             Self::Edora(c) => Self::Edora(c.to_peft()),
             Self::Melora(c) => Self::Melora(MeloraConfig { n: c.n, lora: c.lora.to_peft() }),
             Self::Vera(c) => Self::Vera(VeraConfig { save_projection: true, ..c.clone() }),
+            Self::RandLora(c) => {
+                if c.scaling.is_some() {
+                    return Err(Error::Unsupported(
+                        "saving RandLoRA with a custom scaling strategy: PEFT's format has only alpha / r".into(),
+                    ));
+                }
+                Self::RandLora(RandLoraConfig { save_projection: true, ..c.clone() })
+            }
         };
         let mut value = serde_json::to_value(&config).map_err(|e| Error::Unsupported(e.to_string()))?;
         let map = value.as_object_mut().expect("a config serializes to an object");
@@ -447,8 +466,8 @@ impl AdapterConfig {
             map.entry(f.name).or_insert_with(f.default);
         }
         map.insert("inference_mode".into(), Value::Bool(true));
-        if matches!(self, Self::Vera(_)) && map.get("exclude_modules").is_some_and(Value::is_null) {
-            map.remove("exclude_modules"); // PEFT's VeraConfig has no such field
+        if matches!(self, Self::Vera(_) | Self::RandLora(_)) && map.get("exclude_modules").is_some_and(Value::is_null) {
+            map.remove("exclude_modules"); // PEFT's VeRA and RandLoRA configs have no such field
         }
         Ok(value)
     }

@@ -41,14 +41,15 @@ pub mod scaling;
 
 pub use adapter::{Adapter, BaseLayer};
 pub use adapters::{
-    Bora, Dora, EDora, Lora, LoraConfig, LoraInit, LoraXs, LowRankUpdate, Melora, MeloraConfig, Vera, VeraConfig,
+    Bora, Dora, EDora, Lora, LoraConfig, LoraInit, LoraXs, LowRankUpdate, Melora, MeloraConfig, RandLora,
+    RandLoraConfig, Vera, VeraConfig,
 };
 pub use config::{AdapterConfig, TargetConfig, TargetModules};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use layer::AdaptedLinear;
 pub use peft_model::{InitOptions, LinearHost, NamedLinears, ParameterCount, PeftModel};
-pub use scaling::{Fixed, RankStabilized, ScalingStrategy, Standard};
+pub use scaling::{Fixed, RandLoraPaper, RankStabilized, ScalingStrategy, Standard};
 
 /// The README's code blocks, compiled (and run where not `no_run`) by `cargo test`.
 #[cfg(doctest)]

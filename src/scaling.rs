@@ -25,6 +25,13 @@ pub trait ScalingStrategy: Debug + Send + Sync {
     /// The factor `s` for an adapter of rank `rank` (always at least 1) with `alpha`.
     fn scale(&self, alpha: f64, rank: usize) -> f64;
 
+    /// The factor for a RandLoRA layer made of `num_bases` random bases of rank `rank`. By
+    /// default [`ScalingStrategy::scale`]`(alpha, rank)`; [`RandLoraPaper`] uses `num_bases`.
+    fn scale_bases(&self, alpha: f64, rank: usize, num_bases: usize) -> f64 {
+        let _ = num_bases;
+        self.scale(alpha, rank)
+    }
+
     /// Whether this is rsLoRA's `alpha / sqrt(r)`, which PEFT stores as `use_rslora: true`.
     ///
     /// Any other strategy is written to PEFT's format as an equivalent `lora_alpha`
@@ -73,6 +80,23 @@ impl ScalingStrategy for Fixed {
     }
     fn scale(&self, _alpha: f64, _rank: usize) -> f64 {
         self.0
+    }
+}
+
+/// The RandLoRA paper's factor `2 / sqrt(nb)` for `nb` random bases (Albert et al. 2025), where
+/// PEFT uses `alpha / r`. Outside RandLoRA it reads `rank` as the number of bases.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RandLoraPaper;
+
+impl ScalingStrategy for RandLoraPaper {
+    fn name(&self) -> String {
+        "2/sqrt(num_bases)".into()
+    }
+    fn scale(&self, _alpha: f64, rank: usize) -> f64 {
+        2.0 / (rank as f64).sqrt()
+    }
+    fn scale_bases(&self, _alpha: f64, _rank: usize, num_bases: usize) -> f64 {
+        2.0 / (num_bases as f64).sqrt()
     }
 }
 

@@ -39,11 +39,21 @@ fn check_against_peft(name: &str) -> candle_peft::Result<PeftModel<candle_peft::
     Ok(peft)
 }
 
+/// PEFT's trainable parameter count for a fixture adapter.
+fn peft_trainable(name: &str) -> usize {
+    let path = fixture(&format!("tiny_llama/{name}/peft_trainable.json"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["trainable"].as_u64().unwrap() as usize
+}
+
 #[test]
-fn vera_matches_peft_on_mixed_layer_shapes() -> candle_peft::Result<()> {
-    let peft = check_against_peft("vera")?;
-    // PEFT's print_trainable_parameters said 184 for this model and config.
-    assert_eq!(peft.parameter_count().trainable, 184);
+fn vera_and_randlora_match_peft_on_mixed_layer_shapes() -> candle_peft::Result<()> {
+    // randlora: q 32->32 (in == out), v 32->16 and down 48->32 (in > out);
+    // randlora_wide: up 32->48 (in < out), o 32->32.
+    for name in ["vera", "randlora", "randlora_wide"] {
+        let peft = check_against_peft(name)?;
+        assert_eq!(peft.parameter_count().trainable, peft_trainable(name), "{name}: trainable parameters");
+    }
     Ok(())
 }
 
@@ -79,8 +89,15 @@ fn vera_projections_are_stored_once() -> candle_peft::Result<()> {
 }
 
 #[test]
-fn vera_saves_peft_keys_shapes_and_config() -> candle_peft::Result<()> {
-    let dir = fixture("tiny_llama/vera");
+fn vera_and_randlora_save_peft_keys_shapes_and_config() -> candle_peft::Result<()> {
+    for name in ["vera", "randlora", "randlora_wide"] {
+        check_saved_files(name)?;
+    }
+    Ok(())
+}
+
+fn check_saved_files(name: &str) -> candle_peft::Result<()> {
+    let dir = fixture(&format!("tiny_llama/{name}"));
     let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
     let peft = PeftModel::new(tiny_llama(), config, InitOptions::default())?;
     let out = tempfile::tempdir().unwrap();
@@ -95,8 +112,10 @@ fn vera_saves_peft_keys_shapes_and_config() -> candle_peft::Result<()> {
     let (ours, theirs) = (read(&out.path().join(CONFIG_FILE)), read(&dir.join(CONFIG_FILE)));
     let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<BTreeSet<_>>();
     assert_eq!(keys(&ours), keys(&theirs));
-    for k in ["r", "d_initial", "projection_prng_key", "save_projection", "vera_dropout", "peft_type", "task_type"] {
-        assert_eq!(ours[k], theirs[k], "{k}");
+    for (k, v) in theirs.as_object().unwrap() {
+        if k != "target_modules" {
+            assert_eq!(&ours[k], v, "{name}: {k}");
+        }
     }
     // Our own file loads back bit-exact, projections included.
     let back = PeftModel::from_pretrained(tiny_llama(), out.path(), DType::F32)?;
@@ -198,5 +217,62 @@ fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
     let back = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32)?;
     let l2 = back.model().get("model.layers.0.self_attn.q_proj").unwrap();
     assert_close(&l2.forward_t(&x)?, &want, 1e-6, "MELoRA reloaded");
+    Ok(())
+}
+
+#[test]
+fn randlora_bases_are_stored_once_and_bad_input_is_refused() -> candle_peft::Result<()> {
+    let peft = check_against_peft("randlora")?;
+    let storage = |t: &Tensor| {
+        let (s, _) = t.storage_and_layout();
+        &*s as *const _ as usize
+    };
+    let shared: BTreeSet<usize> = peft.shared_tensors().values().map(storage).collect();
+    let held: BTreeSet<usize> = peft
+        .model()
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| l.adapter())
+        .flat_map(|a| a.frozen_tensors())
+        .map(|t| storage(&t))
+        .collect();
+    assert_eq!(held, shared, "every layer holds the two shared bases, no copies");
+
+    // A rank above min(in, out) of a targeted layer (v_proj: 32 -> 16).
+    let config = candle_peft::RandLoraConfig::new(17, &["v_proj"]);
+    let e = PeftModel::new(tiny_llama(), AdapterConfig::RandLora(config), InitOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { name: "r", .. }), "{e}");
+
+    // Shared bases in a file too small for the layers.
+    let src = fixture("tiny_llama/randlora");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join(CONFIG_FILE), dir.path().join(CONFIG_FILE)).unwrap();
+    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &Device::Cpu)?;
+    let b = t["base_model.randlora_B"].narrow(1, 0, 2)?;
+    t.insert("base_model.randlora_B".into(), b);
+    candle_peft::format::write_safetensors(&dir.path().join(WEIGHTS_FILE), &t.into_iter().collect::<Vec<_>>())?;
+    let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("randlora"), "{e}");
+
+    // The paper's 2 / sqrt(nb) is a strategy: nb = 4 for q_proj (32 / r=8).
+    let config = candle_peft::RandLoraConfig {
+        scaling: Some(std::sync::Arc::new(candle_peft::RandLoraPaper)),
+        init_weights: false,
+        ..candle_peft::RandLoraConfig::new(8, &["q_proj"])
+    };
+    let paper = PeftModel::new(tiny_llama(), AdapterConfig::RandLora(config.clone()), InitOptions::default())?;
+    let peft_scale = PeftModel::new(
+        tiny_llama(),
+        AdapterConfig::RandLora(candle_peft::RandLoraConfig { scaling: None, ..config }),
+        InitOptions::default(),
+    )?;
+    let path = "model.layers.0.self_attn.q_proj";
+    let d_paper = paper.model().get(path).unwrap().merged_weight()?;
+    let d_peft = peft_scale.model().get(path).unwrap().merged_weight()?;
+    let w0 = paper.model().get(path).unwrap().weight().clone();
+    let ratio = ((d_paper - &w0)?.abs()?.sum_all()?.to_scalar::<f32>()?
+        / (d_peft - &w0)?.abs()?.sum_all()?.to_scalar::<f32>()?) as f64;
+    let want = (2.0 / 2.0) / (640.0 / 8.0); // (2 / sqrt(4)) / (alpha / r)
+    assert!((ratio - want).abs() < 1e-4 * want, "{ratio} vs {want}");
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod edora;
 pub mod lora;
 pub mod lora_xs;
 pub mod melora;
+pub mod randlora;
 pub mod update;
 pub mod vera;
 
@@ -16,5 +17,6 @@ pub use edora::EDora;
 pub use lora::{Lora, LoraConfig, LoraInit};
 pub use lora_xs::LoraXs;
 pub use melora::{Melora, MeloraConfig};
+pub use randlora::{RandLora, RandLoraConfig};
 pub use update::LowRankUpdate;
 pub use vera::{Vera, VeraConfig};

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::common::{check_dropout, check_rank, uniform, var};
+use super::common::{check_dropout, check_rank, normal, uniform, var};
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::BaseLayer;
 use crate::config::{BuiltAdapter, TargetConfig};
@@ -105,7 +105,13 @@ impl VeraConfig {
     }
 
     /// Builds the VeRA of a layer over views of the shared pair.
-    pub fn build(&self, base: BaseLayer<'_>, dtype: DType, shared: &BTreeMap<String, Tensor>) -> Result<BuiltAdapter> {
+    pub fn build(
+        &self,
+        base: BaseLayer<'_>,
+        dtype: DType,
+        rng: &mut impl rand::Rng,
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<BuiltAdapter> {
         let (out, inp) = base.weight.dims2()?;
         let get = |k: &str| shared.get(k).ok_or_else(|| Error::Unsupported(format!("VeRA needs the shared `{k}`")));
         let (a, b) = (get(SHARED_KEYS[0])?, get(SHARED_KEYS[1])?);
@@ -128,7 +134,7 @@ impl VeraConfig {
         let (lambda_b, lambda_d) = if self.init_weights {
             (Tensor::zeros(out, dtype, dev)?, Tensor::full(self.d_initial as f32, self.r, dev)?.to_dtype(dtype)?)
         } else {
-            (Tensor::ones(out, dtype, dev)?, Tensor::randn(0f32, 1., self.r, dev)?.to_dtype(dtype)?)
+            (Tensor::ones(out, dtype, dev)?, normal(rng, self.r, 1.0, dtype, dev)?)
         };
         let vera = Vera {
             vera_a: a.narrow(0, 0, self.r)?.narrow(1, 0, inp)?,

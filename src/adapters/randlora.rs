@@ -1,0 +1,299 @@
+//! RandLoRA (Albert et al. 2025, "RandLoRA: Full-rank parameter-efficient fine-tuning of large
+//! models"), identical to HF PEFT's `peft_type: "RANDLORA"`.
+//!
+//! ```text
+//! nb = ceil(min(in, out) / r) random bases, shared by every layer (views, no copies):
+//! randlora_A: (r, 1, min_dim), randlora_B: (max_dim, num_bases, r)   frozen
+//! lambda: (r, nb) init 0, gamma: (nb, min(in, out)) init 1 / max(nb, min(in, out))   trainable
+//! A_s = (lambda[:, :, None] * A[:, :nb, :min] * gamma[None]).flatten(0, 1)   (r*nb, min), rows (r, nb)
+//! B_f = B[:max, :nb, :].flatten(1)                                           (max, nb*r), cols (nb, r)
+//! in <= out: dW = s * B_f A_s;  in > out: dW = s * A_s^T B_f^T
+//! y = x W0^T + b + drop(x) dW^T
+//! ```
+//! The row order of `A_s` and the column order of `B_f` differ; both are PEFT's. The shared
+//! bases are kaiming-uniform (gain sqrt(2)) divided by their standard deviation, drawn from a
+//! `StdRng` seeded with `projection_prng_key` (PEFT's come from torch's generator: adapters are
+//! exchanged with the bases saved in the file). PEFT also writes each layer's copy of the two
+//! bases (`<layer>.randlora_A`, `<layer>.randlora_B`); they are written and checked here too.
+//!
+//! Scaling: `strategy.scale_bases(randlora_alpha, r, nb)`; PEFT's `alpha / r` by default
+//! (`randlora_alpha = 640`), the paper's `2 / sqrt(nb)` with [`crate::scaling::RandLoraPaper`].
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::common::{check_dropout, check_rank, check_scaling, normal, uniform, var};
+use super::update::{matmul_t, LowRankUpdate};
+use crate::adapter::BaseLayer;
+use crate::config::{serde_alpha, BuiltAdapter, TargetConfig};
+use crate::scaling::{Scaling, Standard};
+use crate::{Error, Result};
+
+/// The shared basis keys (saved as `base_model.<key>` and under every layer).
+pub const SHARED_KEYS: [&str; 2] = ["randlora_A", "randlora_B"];
+
+/// PEFT's `RandLoraConfig` (`peft_type: "RANDLORA"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RandLoraConfig {
+    /// The rank of each random basis (PEFT default 32).
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// `alpha` of the scaling factor (PEFT default 640, with `s = alpha / r`).
+    #[serde(default = "default_alpha", with = "serde_alpha")]
+    pub randlora_alpha: f64,
+    /// Dropout on the adapter branch input.
+    #[serde(default)]
+    pub randlora_dropout: f64,
+    /// Seed of the shared bases.
+    #[serde(default)]
+    pub projection_prng_key: u64,
+    /// Whether the bases are in the file (always true for files written here).
+    #[serde(default = "yes")]
+    pub save_projection: bool,
+    /// PEFT's ternary sparse bases (only for bases read from a file).
+    #[serde(default)]
+    pub sparse: bool,
+    /// PEFT's very sparse bases (only for bases read from a file).
+    #[serde(default)]
+    pub very_sparse: bool,
+    /// `true`: `lambda = 0`; `false`: PEFT's test init `lambda ~ N(0, 1)`.
+    #[serde(default = "yes")]
+    pub init_weights: bool,
+    /// Which modules get an adapter.
+    #[serde(flatten)]
+    pub target: TargetConfig,
+    /// The scaling strategy (not part of PEFT's format: PEFT always uses `alpha / r`).
+    #[serde(skip)]
+    pub scaling: Option<Scaling>,
+}
+
+fn default_r() -> usize {
+    32
+}
+fn default_alpha() -> f64 {
+    640.0
+}
+fn yes() -> bool {
+    true
+}
+
+/// `ceil(min_dim / r)`: the number of bases that makes the update full rank.
+pub fn num_bases(min_dim: usize, r: usize) -> usize {
+    min_dim.div_ceil(r)
+}
+
+impl RandLoraConfig {
+    /// RandLoRA with bases of rank `r` on `target_modules`, PEFT's defaults otherwise.
+    pub fn new(r: usize, target_modules: &[&str]) -> Self {
+        Self {
+            r,
+            randlora_alpha: default_alpha(),
+            randlora_dropout: 0.0,
+            projection_prng_key: 0,
+            save_projection: true,
+            sparse: false,
+            very_sparse: false,
+            init_weights: true,
+            target: TargetConfig::list(target_modules),
+            scaling: None,
+        }
+    }
+
+    /// Checks the hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        check_rank(self.r)?;
+        check_dropout(self.randlora_dropout)?;
+        check_scaling(self.randlora_alpha, 0.0)?;
+        self.target.validate()
+    }
+
+    /// Draws the shared bases for layers of the given `(in, out)` shapes.
+    pub fn shared_tensors(
+        &self,
+        shapes: &[(usize, usize)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        if self.sparse || self.very_sparse {
+            return Err(Error::Unsupported(
+                "new RandLoRA adapters with sparse bases; sparse bases are read from files only".into(),
+            ));
+        }
+        let max_in = shapes.iter().map(|s| s.0).max().unwrap_or(0);
+        let max_out = shapes.iter().map(|s| s.1).max().unwrap_or(0);
+        let (min_dim, max_dim) = (max_in.min(max_out), max_in.max(max_out));
+        let nb = num_bases(min_dim, self.r);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.projection_prng_key);
+        let normalized = |t: Tensor| -> Result<Tensor> {
+            let n = t.elem_count() as f64;
+            let mean = t.mean_all()?.to_scalar::<f32>()? as f64;
+            let var = (t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 - n * mean * mean) / (n - 1.0).max(1.0);
+            Ok((t / var.sqrt())?.to_dtype(dtype)?)
+        };
+        let a =
+            normalized(uniform(&mut rng, (self.r, 1, min_dim), (6.0 / min_dim as f64).sqrt(), DType::F32, device)?)?;
+        let b =
+            normalized(uniform(&mut rng, (max_dim, nb, self.r), (6.0 / self.r as f64).sqrt(), DType::F32, device)?)?;
+        Ok(BTreeMap::from([(SHARED_KEYS[0].to_string(), a), (SHARED_KEYS[1].to_string(), b)]))
+    }
+
+    /// Builds the RandLoRA of a layer over views of the shared bases.
+    pub fn build(
+        &self,
+        base: BaseLayer<'_>,
+        dtype: DType,
+        rng: &mut impl rand::Rng,
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<BuiltAdapter> {
+        let (out, inp) = base.weight.dims2()?;
+        let (min_l, max_l) = (inp.min(out), inp.max(out));
+        let get = |k: &str| shared.get(k).ok_or_else(|| Error::Unsupported(format!("RandLoRA needs the shared `{k}`")));
+        let (a, b) = (get(SHARED_KEYS[0])?, get(SHARED_KEYS[1])?);
+        let (ra, _, min_dim) = a.dims3()?;
+        let (max_dim, nb_shared, rb) = b.dims3()?;
+        let r = self.r;
+        if r > min_l {
+            return Err(Error::config("r", format!("RandLoRA rank {r} exceeds min(in, out) = min({inp}, {out})")));
+        }
+        if ra != r || rb != r {
+            return Err(Error::ShapeMismatch {
+                what: "shared randlora_A / randlora_B rank".into(),
+                expected: vec![r, r],
+                actual: vec![ra, rb],
+            });
+        }
+        let nb = num_bases(min_l, r);
+        if min_l > min_dim || max_l > max_dim || nb > nb_shared {
+            return Err(Error::ShapeMismatch {
+                what: "shared randlora bases (min_dim, max_dim, num_bases)".into(),
+                expected: vec![min_l, max_l, nb],
+                actual: vec![min_dim, max_dim, nb_shared],
+            });
+        }
+        let dev = base.weight.device();
+        let lambda = if self.init_weights {
+            Tensor::zeros((r, nb), dtype, dev)?
+        } else {
+            normal(rng, (r, nb), 1.0, dtype, dev)?
+        };
+        let gamma = Tensor::full(1.0 / nb.max(min_l) as f32, (nb, min_l), dev)?.to_dtype(dtype)?;
+        let strategy = self.scaling.clone().unwrap_or_else(|| std::sync::Arc::new(Standard));
+        let scaling = check_scaling(self.randlora_alpha, strategy.scale_bases(self.randlora_alpha, r, nb))?;
+        let layer = RandLora {
+            basis_a: a.narrow(2, 0, min_l)?,
+            basis_b: b.narrow(0, 0, max_l)?.narrow(1, 0, nb)?,
+            shared: (a.clone(), b.clone()),
+            lambda: var(lambda)?,
+            gamma: var(gamma)?,
+            scaling,
+            dropout: check_dropout(self.randlora_dropout)?,
+            in_is_min: inp <= out,
+        };
+        Ok(BuiltAdapter { adapter: Box::new(layer), base_weight: None })
+    }
+}
+
+/// One layer's RandLoRA: `lambda` and `gamma` over views of the shared random bases.
+#[derive(Debug)]
+pub struct RandLora {
+    basis_a: Tensor,
+    basis_b: Tensor,
+    shared: (Tensor, Tensor),
+    lambda: Var,
+    gamma: Var,
+    scaling: f64,
+    dropout: f32,
+    in_is_min: bool,
+}
+
+impl RandLora {
+    /// `(A_s: (r*nb, min), B_f: (max, nb*r))`, PEFT's `get_scaled_bases` before orientation.
+    fn scaled_bases(&self) -> Result<(Tensor, Tensor)> {
+        let dtype = self.lambda.dtype();
+        let (r, nb) = self.lambda.dims2()?;
+        let min_l = self.gamma.dim(1)?;
+        let a = self.basis_a.to_dtype(dtype)?; // (r, 1, min)
+        let a_s = self
+            .lambda
+            .as_tensor()
+            .unsqueeze(2)?
+            .broadcast_mul(&a)?
+            .broadcast_mul(&self.gamma.as_tensor().unsqueeze(0)?)?;
+        let a_s = a_s.reshape((r * nb, min_l))?;
+        let max_l = self.basis_b.dim(0)?;
+        let b_f = self.basis_b.to_dtype(dtype)?.contiguous()?.reshape((max_l, nb * r))?;
+        Ok((a_s, b_f))
+    }
+}
+
+impl LowRankUpdate for RandLora {
+    fn peft_type(&self) -> &'static str {
+        "RANDLORA"
+    }
+
+    fn features(&self) -> (usize, usize) {
+        let (min_l, max_l) = (self.gamma.dim(1).unwrap_or(0), self.basis_b.dim(0).unwrap_or(0));
+        if self.in_is_min {
+            (min_l, max_l)
+        } else {
+            (max_l, min_l)
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        self.lambda.dtype()
+    }
+
+    fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, a, s) = self.factors()?;
+        let h = (matmul_t(x, &a)? * s)?;
+        matmul_t(&h, &b)
+    }
+
+    fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
+        let (a_s, b_f) = self.scaled_bases()?;
+        Ok(if self.in_is_min { (b_f, a_s, self.scaling) } else { (a_s.t()?, b_f.t()?, self.scaling) })
+    }
+
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        vec![self.shared.0.clone(), self.shared.1.clone()]
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![("randlora_lambda".into(), self.lambda.clone()), ("randlora_gamma".into(), self.gamma.clone())]
+    }
+
+    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("randlora_lambda".into(), self.lambda.as_tensor().clone()),
+            ("randlora_gamma".into(), self.gamma.as_tensor().clone()),
+            (SHARED_KEYS[0].into(), self.shared.0.clone()),
+            (SHARED_KEYS[1].into(), self.shared.1.clone()),
+        ]
+    }
+
+    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
+        match suffix {
+            "randlora_lambda" => Ok(self.lambda.set(value)?),
+            "randlora_gamma" => Ok(self.gamma.set(value)?),
+            key if SHARED_KEYS.contains(&key) => {
+                // PEFT's per-layer copy of a shared basis: it must equal the shared one.
+                let ours = if key == SHARED_KEYS[0] { &self.shared.0 } else { &self.shared.1 };
+                let diff =
+                    (value.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                if diff != 0.0 {
+                    return Err(Error::Unsupported(format!("a layer's copy of {key} differs from base_model.{key}")));
+                }
+                Ok(())
+            }
+            other => Err(Error::Unsupported(format!("RANDLORA has no tensor `{other}`"))),
+        }
+    }
+}
