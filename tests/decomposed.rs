@@ -100,17 +100,35 @@ fn lora_xs_svd_init_is_the_rank_r_truncation() -> candle_peft::Result<()> {
 
 #[test]
 fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Result<()> {
-    type MakeConfig = fn(LoraConfig) -> AdapterConfig;
-    let methods: [(&str, MakeConfig); 4] = [
-        ("dora", |c| AdapterConfig::Lora(LoraConfig { use_dora: true, ..c })),
-        ("bora", AdapterConfig::Bora),
-        ("lora_xs", AdapterConfig::LoraXs),
-        ("edora", AdapterConfig::Edora),
+    let lora =
+        || LoraConfig::lora(4, 8.0, &["q_proj", "up_proj", "down_proj"]).with_init(candle_peft::LoraInit::Random);
+    let targets = ["q_proj", "up_proj", "down_proj"];
+    let methods = [
+        ("lora", AdapterConfig::Lora(lora())),
+        ("dora", AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora() })),
+        ("bora", AdapterConfig::Bora(lora())),
+        ("lora_xs", AdapterConfig::LoraXs(lora())),
+        ("edora", AdapterConfig::Edora(lora())),
+        ("melora", AdapterConfig::Melora(candle_peft::MeloraConfig { n: 2, lora: lora() })),
+        (
+            "vera",
+            AdapterConfig::Vera(candle_peft::VeraConfig {
+                init_weights: false,
+                ..candle_peft::VeraConfig::new(8, &targets)
+            }),
+        ),
+        (
+            "randlora",
+            // alpha 16 rather than PEFT's 640 keeps dW near W0's scale, so float32 can restore W0
+            // to 1e-6 after merge + unmerge.
+            AdapterConfig::RandLora(candle_peft::RandLoraConfig {
+                init_weights: false,
+                randlora_alpha: 16.0,
+                ..candle_peft::RandLoraConfig::new(8, &targets)
+            }),
+        ),
     ];
-    for (name, make) in methods {
-        let config = make(
-            LoraConfig::lora(4, 8.0, &["q_proj", "up_proj", "down_proj"]).with_init(candle_peft::LoraInit::Random),
-        );
+    for (name, config) in methods {
         let mut peft = PeftModel::new(tiny_llama(), config, InitOptions { seed: 3, ..Default::default() })?;
         let dir = tempfile::tempdir().unwrap();
         peft.save_pretrained(dir.path())?;
@@ -122,10 +140,17 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         for (k, t) in peft.saved_tensors() {
             assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, theirs[&k].flatten_all()?.to_vec1::<f32>()?, "{name} {k}");
         }
-        // Merge then unmerge restores every base weight; merged outputs equal unmerged ones.
+        // The adapter changes the output, merged outputs equal unmerged ones, and merge then
+        // unmerge restores every base weight.
         let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
         let path = "model.layers.1.self_attn.q_proj";
-        let before = peft.model().get(path).unwrap().forward_t(&x)?;
+        let layer = peft.model().get(path).unwrap();
+        let before = layer.forward_t(&x)?;
+        let base = x.matmul(&layer.weight().t()?)?;
+        // (LoRA-XS and EDoRA start with R ~ N(0, 1e-5^2): a near-zero update by design.)
+        if !matches!(name, "lora_xs" | "edora") {
+            assert!(common::rel_err(&before, &base) > 1e-3, "{name}: the adapter changes nothing");
+        }
         let w0: Vec<Tensor> = peft.model().linears().iter().map(|(_, l)| l.weight().clone()).collect();
         peft.merge()?;
         assert_close(&peft.model().get(path).unwrap().forward_t(&x)?, &before, 1e-5, &format!("{name} merged forward"));
