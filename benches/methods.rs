@@ -1,5 +1,5 @@
 //! One training step (forward + backward) of each adapter method on a (4096, 4096) layer with
-//! 512 tokens, r = 16, f32, CPU: step time (criterion) and heap memory (a counting allocator),
+//! 512 tokens, r = 16 (VeRA and RandLoRA at PEFT's default ranks), f32, CPU: step time (criterion) and heap memory (a counting allocator),
 //! printed as a table before criterion runs.
 //!
 //! `cargo bench --bench methods`
@@ -8,7 +8,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::{AdaptedLinear, AdapterConfig, BaseLayer, LoraConfig, LoraInit};
+use candle_peft::{
+    AdaptedLinear, AdapterConfig, BaseLayer, LoraConfig, LoraInit, MeloraConfig, RandLoraConfig, VeraConfig,
+};
 use criterion::{BenchmarkId, Criterion};
 use rand::SeedableRng;
 
@@ -57,6 +59,13 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
         ("BoRA", AdapterConfig::Bora(lora())),
         ("LoRA-XS", AdapterConfig::LoraXs(lora())),
         ("EDoRA", AdapterConfig::Edora(lora())),
+        ("MELoRA n=4", AdapterConfig::Melora(MeloraConfig { n: 4, lora: lora() })),
+        // VeRA and RandLoRA at their PEFT default ranks (VeRA needs a large shared rank).
+        ("VeRA r=256", AdapterConfig::Vera(VeraConfig { init_weights: false, ..VeraConfig::new(256, &["proj"]) })),
+        (
+            "RandLoRA r=32",
+            AdapterConfig::RandLora(RandLoraConfig { init_weights: false, ..RandLoraConfig::new(32, &["proj"]) }),
+        ),
     ]
 }
 

@@ -11,6 +11,7 @@ use std::fmt::Debug;
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::frozen::frozen_linear;
 use crate::{Error, Result};
 
 /// What an adapter sees of the frozen layer it wraps.
@@ -20,6 +21,14 @@ pub struct BaseLayer<'a> {
     pub weight: &'a Tensor,
     /// The frozen bias `b: (out,)`, if the layer has one.
     pub bias: Option<&'a Tensor>,
+}
+
+impl BaseLayer<'_> {
+    /// The frozen layer's output `x W0^T + b`, in the base dtype, with no gradient for `W0`
+    /// (see [`crate::frozen`]).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        frozen_linear(&x.to_dtype(self.weight.dtype())?, self.weight, self.bias)
+    }
 }
 
 /// An adapter method's per-layer state and math. Object safe: layers hold `Box<dyn Adapter>`.
@@ -33,11 +42,13 @@ pub trait Adapter: Debug + Send + Sync {
     /// The dtype the adapter computes in (its parameters' dtype).
     fn dtype(&self) -> DType;
 
-    /// The adapted output of the layer, given its input `x: (..., in)` and the frozen layer's
-    /// output `base_out: (..., out)` (in the base dtype). `train` switches dropout on.
+    /// The adapted output of the layer for its input `x: (..., in)`, in the base dtype. `train`
+    /// switches dropout on.
     ///
-    /// The adapter branch runs in [`Adapter::dtype`] and is cast back to `base_out`'s dtype.
-    fn forward(&self, x: &Tensor, base_out: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor>;
+    /// The adapter computes the frozen part itself ([`BaseLayer::forward`], or fused with its own
+    /// math, as DoRA does), so no method pays for a base output it does not use. The adapter
+    /// branch runs in [`Adapter::dtype`] and is cast back to the base dtype.
+    fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor>;
 
     /// The additive update `dW` such that the merged weight is `w0 + dW`, in the adapter's
     /// dtype. Methods whose merge is not additive (DoRA) return `W' - w0`.

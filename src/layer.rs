@@ -3,7 +3,6 @@
 use candle_core::{DType, Module, Tensor};
 
 use crate::adapter::{Adapter, BaseLayer};
-use crate::frozen::frozen_linear;
 use crate::{Error, Result};
 
 /// A frozen `y = x W0^T + b` with an optional adapter.
@@ -181,11 +180,9 @@ impl AdaptedLinear {
             }
             return Err(Error::ShapeMismatch { what: "linear input".into(), expected, actual: x.dims().to_vec() });
         }
-        let base_in = x.to_dtype(self.weight.dtype())?;
-        let base_out = frozen_linear(&base_in, &self.weight, self.bias.as_ref())?;
         match &self.adapter {
-            Some(a) if self.enabled && !self.merged => a.forward(x, &base_out, self.base(), self.train),
-            _ => Ok(base_out),
+            Some(a) if self.enabled && !self.merged => a.forward(x, self.base(), self.train),
+            _ => self.base().forward(x),
         }
     }
 }

@@ -17,11 +17,13 @@
 //! row norms. The norm is detached, so it is computed here without that matrix:
 //! `||W0_i + s (BA)_i||^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2` with
 //! `<W0_i, (BA)_i> = sum_k B_ik (W0 A^T)_ik` and `||(BA)_i||^2 = B_i (A A^T) B_i^T`; `||W0_i||^2`
-//! is computed once. Cost `O(out * in * r)` flops, `O(out * r)` memory, in f32.
+//! is computed once. Cost `O(out * in * r)` flops, `O(out * r)` memory, in f32. The frozen
+//! matmul and the rescaling run as one op (`DoraLinear`) that keeps no intermediate for the
+//! backward pass.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, Tensor, Var};
 
 use super::common::{branch_dropout, var};
 use super::update::{matmul_t, LowRankUpdate};
@@ -50,97 +52,128 @@ pub fn low_rank_row_norms(w0: &Tensor, w0_sq: &Tensor, b: &Tensor, a: &Tensor, s
     Ok(n2.relu()?.sqrt()?)
 }
 
-/// `y = g * (base + branch) + c` for `base, branch: (n, out)` and `gc = [g; c]: (2, out)`, as one
-/// op: autograd keeps only `y` (not `base + branch` or `g * (base + branch)`), so a DoRA layer
-/// holds no more activations than a LoRA layer.
-struct DoraCombine;
+/// `y = g * (x W0^T + branch) + c` for `x: (n, in)`, `branch: (n, out)`, `gc = [g; c]: (2, out)`
+/// and the frozen `W0: (out, in)`, as one op. Autograd keeps only its inputs and `y`: neither
+/// `x W0^T` nor `g * (...)` is stored, so a DoRA layer keeps less for the backward pass than a
+/// LoRA layer (which keeps `x W0^T`). The backward needs no weight gradient, and recovers
+/// `x W0^T + branch = (y - c) / g` for `dL/dg` instead of storing it.
+struct DoraLinear {
+    w0: Tensor,
+}
 
-impl DoraCombine {
+impl DoraLinear {
+    #[allow(clippy::too_many_arguments)]
     fn fwd<S: BackendStorage>(
-        base: &S,
-        base_l: &Layout,
+        x: &S,
+        x_l: &Layout,
         branch: &S,
         branch_l: &Layout,
         gc: &S,
         gc_l: &Layout,
+        w: &S,
+        w_l: &Layout,
     ) -> candle_core::Result<(S, Shape)> {
-        let (n, out) = base_l.shape().dims2()?;
-        let sum = base.binary_impl::<Add>(branch, base_l, branch_l)?;
-        let sum_l = Layout::contiguous((n, out));
-        let g_l = gc_l.narrow(0, 0, 1)?.broadcast_as((n, out))?;
-        let c_l = gc_l.narrow(0, 1, 1)?.broadcast_as((n, out))?;
-        let scaled = sum.binary_impl::<Mul>(gc, &sum_l, &g_l)?;
+        let (n, k) = x_l.shape().dims2()?;
+        let (out, _) = w_l.shape().dims2()?;
+        let base = x.matmul(w, (1, n, out, k), x_l, &w_l.transpose(0, 1)?)?;
+        let l = Layout::contiguous((n, out));
+        let sum = base.binary_impl::<Add>(branch, &l, branch_l)?;
+        drop(base);
+        let scaled = sum.binary_impl::<Mul>(gc, &l, &gc_l.narrow(0, 0, 1)?.broadcast_as((n, out))?)?;
         drop(sum);
-        Ok((scaled.binary_impl::<Add>(gc, &sum_l, &c_l)?, Shape::from((n, out))))
+        Ok((scaled.binary_impl::<Add>(gc, &l, &gc_l.narrow(0, 1, 1)?.broadcast_as((n, out))?)?, Shape::from((n, out))))
     }
 }
 
-impl CustomOp3 for DoraCombine {
+impl CustomOp3 for DoraLinear {
     fn name(&self) -> &'static str {
-        "dora-combine"
+        "dora-linear"
     }
 
     fn cpu_fwd(
         &self,
-        a: &CpuStorage,
-        al: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
         b: &CpuStorage,
         bl: &Layout,
-        c: &CpuStorage,
-        cl: &Layout,
+        gc: &CpuStorage,
+        gcl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::fwd(a, al, b, bl, c, cl)
+        let (w, wl) = self.w0.storage_and_layout();
+        match &*w {
+            Storage::Cpu(w) => Self::fwd(x, xl, b, bl, gc, gcl, w, wl),
+            _ => candle_core::bail!("dora-linear: the base weight is not on the CPU"),
+        }
     }
 
     fn cuda_fwd(
         &self,
-        a: &CudaStorage,
-        al: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
         b: &CudaStorage,
         bl: &Layout,
-        c: &CudaStorage,
-        cl: &Layout,
+        gc: &CudaStorage,
+        gcl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Self::fwd(a, al, b, bl, c, cl)
+        let (w, wl) = self.w0.storage_and_layout();
+        match &*w {
+            Storage::Cuda(w) => Self::fwd(x, xl, b, bl, gc, gcl, w, wl),
+            _ => candle_core::bail!("dora-linear: the base weight is not on the CUDA device"),
+        }
     }
 
     fn metal_fwd(
         &self,
-        a: &MetalStorage,
-        al: &Layout,
+        x: &MetalStorage,
+        xl: &Layout,
         b: &MetalStorage,
         bl: &Layout,
-        c: &MetalStorage,
-        cl: &Layout,
+        gc: &MetalStorage,
+        gcl: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        Self::fwd(a, al, b, bl, c, cl)
+        let (w, wl) = self.w0.storage_and_layout();
+        match &*w {
+            Storage::Metal(w) => Self::fwd(x, xl, b, bl, gc, gcl, w, wl),
+            _ => candle_core::bail!("dora-linear: the base weight is not on the Metal device"),
+        }
     }
 
     fn bwd(
         &self,
-        base: &Tensor,
+        x: &Tensor,
         branch: &Tensor,
         gc: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // One (n, out) temporary at a time: each product is reduced before the next is made.
-        let grad_g_base = (grad * base)?.sum(0)?;
-        let grad_g = (grad_g_base + (grad * branch)?.sum(0)?)?;
+        let (g, c) = (gc.get(0)?, gc.get(1)?);
+        // dL/dg = sum_n grad * (x W0^T + branch); that sum is (y - c) / g where g != 0.
+        let has_zero = g.abs()?.min_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0;
+        let grad_g = if has_zero {
+            let pre = (x.matmul(&self.w0.t()?)? + branch)?;
+            (grad * pre)?.sum(0)?
+        } else {
+            (grad * y.broadcast_sub(&c)?)?.sum(0)?.div(&g)?
+        };
         let grad_c = grad.sum(0)?;
-        let grad_in = grad.broadcast_mul(&gc.get(0)?)?;
-        Ok((Some(grad_in.clone()), Some(grad_in), Some(Tensor::stack(&[grad_g, grad_c], 0)?)))
+        let grad_in = grad.broadcast_mul(&g)?;
+        let grad_x = if x.track_op() { Some(grad_in.matmul(&self.w0)?) } else { None };
+        Ok((grad_x, Some(grad_in), Some(Tensor::stack(&[grad_g, grad_c], 0)?)))
     }
 }
 
-/// `g * (base + branch) + c` over the last dimension (see [`DoraCombine`]), for any leading
-/// dimensions; `base` and `branch` must share a dtype.
-fn dora_combine(base: &Tensor, branch: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
-    let dims = base.dims().to_vec();
-    let out = *dims.last().unwrap_or(&0);
-    let rows = base.elem_count() / out.max(1);
+/// `g * (x W0^T + branch) + c` over the last dimension (see [`DoraLinear`]); `x`, `branch`, `g`,
+/// `c` and `w0` share a dtype.
+fn dora_linear(x: &Tensor, w0: &Tensor, branch: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let (inp, out) = (w0.dim(1)?, w0.dim(0)?);
+    let rows = x.elem_count() / inp.max(1);
     let gc = Tensor::stack(&[g, c], 0)?;
-    let y = base.reshape((rows, out))?.apply_op3(&branch.reshape((rows, out))?, &gc, DoraCombine)?;
+    let x2 = x.reshape((rows, inp))?;
+    let y = x2.apply_op3(&branch.reshape((rows, out))?, &gc, DoraLinear { w0: w0.clone() })?;
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
     Ok(y.reshape(dims)?)
 }
 
@@ -213,24 +246,35 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
         self.update.dtype()
     }
 
-    fn forward(&self, x: &Tensor, base_out: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let dtype = self.update.dtype();
         let g = self.column_scale(base.weight)?;
-        let x = x.to_dtype(dtype)?;
+        let xa = x.to_dtype(dtype)?;
         let p = self.update.dropout();
         if train && p > 0.0 {
-            let xd = branch_dropout(&x, p, true)?;
+            // PEFT's form with dropout: base(x) + (g - 1) * drop(x) W0^T + g * branch(drop(x)).
+            let xd = branch_dropout(&xa, p, true)?;
             let base_d = frozen_linear(&xd.to_dtype(base.weight.dtype())?, base.weight, None)?.to_dtype(dtype)?;
-            let extra = (base_d.broadcast_mul(&(&g - 1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
-            return crate::adapter::add_branch(base_out, &extra);
+            let extra = (base_d.broadcast_mul(&g.affine(1.0, -1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
+            return crate::adapter::add_branch(&base.forward(x)?, &extra);
         }
-        // y = g * (x W0^T + b + branch) + (1 - g) * b = g * (x W0^T + branch) + b.
+        // y = g * (x W0^T + branch) + b.
+        let branch = self.update.branch(&xa)?;
+        if base.weight.dtype() == dtype {
+            let c = match base.bias {
+                Some(b) => b.clone(),
+                None => g.zeros_like()?,
+            };
+            return dora_linear(&xa, base.weight, &branch, &g, &c);
+        }
+        // A base in another dtype: y = g * (x W0^T + b + branch) + (1 - g) * b.
+        let base_out = base.forward(x)?;
         let c = match base.bias {
             Some(b) => (g.affine(-1.0, 1.0)? * b.to_dtype(dtype)?)?,
             None => g.zeros_like()?,
         };
-        let y = dora_combine(&base_out.to_dtype(dtype)?, &self.update.branch(&x)?, &g, &c)?;
-        Ok(y.to_dtype(base_out.dtype())?)
+        let y = ((base_out.to_dtype(dtype)? + branch)?.broadcast_mul(&g)?.broadcast_add(&c))?;
+        Ok(y.to_dtype(base.weight.dtype())?)
     }
 
     fn delta_weight(&self, w0: &Tensor) -> Result<Tensor> {
@@ -288,7 +332,7 @@ mod tests {
     use super::*;
     use crate::adapters::{Lora, LoraInit};
     use crate::scaling::Standard;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
     use rand::SeedableRng;
 
     #[test]
@@ -303,6 +347,73 @@ mod tests {
             let err = ((fast - &direct)?.abs()? / direct)?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "{err}");
         }
+        Ok(())
+    }
+
+    /// The fused op against plain candle autograd on the same formula, including a zero
+    /// magnitude entry (the backward's fallback path), a bias, and an input without gradient.
+    #[test]
+    fn fused_op_matches_plain_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let (out, inp) = (6, 5);
+        let w0 = Tensor::randn(0f32, 1., (out, inp), &dev)?;
+        let bias = Tensor::randn(0f32, 1., out, &dev)?;
+        let base = BaseLayer { weight: &w0, bias: Some(&bias) };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let (lora, _) = Lora::new(base, 2, 4.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        let dora = Dora::new(lora, &w0, "LORA")?;
+        for zero_entry in [false, true] {
+            if zero_entry {
+                let m = dora.magnitude().as_tensor().to_vec1::<f32>()?;
+                let m: Vec<f32> = m.iter().enumerate().map(|(i, v)| if i == 2 { 0.0 } else { *v }).collect();
+                dora.magnitude().set(&Tensor::new(m, &dev)?)?;
+            }
+            for x_tracked in [true, false] {
+                let xv = Var::randn(0f32, 1., (2, 3, inp), &dev)?;
+                let x = if x_tracked { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+                let gy = Tensor::randn(0f32, 1., (2, 3, out), &dev)?;
+                let fused = dora.forward(&x, base, false)?;
+                let grads = (&fused * &gy)?.sum_all()?.backward()?;
+
+                let g = dora.column_scale(&w0)?;
+                let plain = (x.broadcast_matmul(&w0.t()?)? + dora.update().branch(&x)?)?
+                    .broadcast_mul(&g)?
+                    .broadcast_add(&bias)?;
+                let plain_grads = (&plain * &gy)?.sum_all()?.backward()?;
+                let close =
+                    |a: &Tensor, b: &Tensor| -> Result<f32> { Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?) };
+                assert!(close(&fused, &plain)? < 1e-5);
+                for (k, v) in dora.trainable_vars() {
+                    let d = close(grads.get(v.as_tensor()).unwrap(), plain_grads.get(v.as_tensor()).unwrap())?;
+                    assert!(d < 1e-4, "{k} (zero entry {zero_entry}): {d}");
+                }
+                match (grads.get(xv.as_tensor()), plain_grads.get(xv.as_tensor())) {
+                    (Some(a), Some(b)) => assert!(close(a, b)? < 1e-4),
+                    (None, None) => assert!(!x_tracked),
+                    _ => panic!("x gradient present in one computation only"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_base_in_another_dtype_uses_the_unfused_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(0f32, 1., (8, 6), &dev)?;
+        let bias = Tensor::randn(0f32, 1., 8, &dev)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let base = BaseLayer { weight: &w0, bias: Some(&bias) };
+        let (lora, _) = Lora::new(base, 2, 4.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        let dora = Dora::new(lora, &w0, "LORA")?;
+        let x = Tensor::randn(0f32, 1., (3, 6), &dev)?;
+        let want = dora.forward(&x, base, false)?;
+        let (w16, b16) = (w0.to_dtype(DType::BF16)?, bias.to_dtype(DType::BF16)?);
+        let got = dora.forward(&x.to_dtype(DType::BF16)?, BaseLayer { weight: &w16, bias: Some(&b16) }, false)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let err =
+            ((got.to_dtype(DType::F32)? - &want)?.abs()?.max_all()? / want.abs()?.max_all()?)?.to_scalar::<f32>()?;
+        assert!(err < 2e-2, "{err}");
         Ok(())
     }
 

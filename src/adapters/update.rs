@@ -84,9 +84,10 @@ impl<U: LowRankUpdate> Adapter for U {
         LowRankUpdate::dtype(self)
     }
 
-    fn forward(&self, x: &Tensor, base_out: &Tensor, _base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
+        let base_out = base.forward(x)?;
         let x = branch_dropout(&x.to_dtype(LowRankUpdate::dtype(self))?, self.dropout(), train)?;
-        add_branch(base_out, &self.branch(&x)?)
+        add_branch(&base_out, &self.branch(&x)?)
     }
 
     fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
