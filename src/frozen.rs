@@ -79,13 +79,23 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
+/// `t` reshaped to `dims`, or `t` itself when it has them already: candle records a reshape node
+/// even for an unchanged shape, and every node costs a gradient allocation in the backward pass.
+pub(crate) fn reshape(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+    if t.dims() == dims {
+        Ok(t.clone())
+    } else {
+        t.reshape(dims)
+    }
+}
+
 /// `x W^T + b` for `x: (..., in)`, `W: (out, in)`, `b: (out,)`, with no gradient for the frozen
 /// `W` and the usual gradient for `x`.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let in_features = *dims.last().unwrap_or(&0);
     let n = x.elem_count() / in_features.max(1);
-    let x2 = x.reshape((n, in_features))?;
+    let x2 = reshape(x, &[n, in_features])?;
     let y2 = if x.track_op() {
         x2.apply_op2(weight, FrozenMatmul)?
     } else {
@@ -96,7 +106,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     if let Some(last) = out_dims.last_mut() {
         *last = weight.dim(0)?;
     }
-    let y = y2.reshape(out_dims)?;
+    let y = reshape(&y2, &out_dims)?;
     Ok(match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,

@@ -23,12 +23,14 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, Tensor, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, StorageRef, Tensor, Var,
+};
 
 use super::common::{branch_dropout, var};
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::{Adapter, BaseLayer};
-use crate::frozen::frozen_linear;
+use crate::frozen::{frozen_linear, reshape};
 use crate::{Error, Result};
 
 /// PEFT's key suffix of the magnitude vector (no `.weight`).
@@ -52,11 +54,13 @@ pub fn low_rank_row_norms(w0: &Tensor, w0_sq: &Tensor, b: &Tensor, a: &Tensor, s
     Ok(n2.relu()?.sqrt()?)
 }
 
-/// `y = g * (x W0^T + branch) + c` for `x: (n, in)`, `branch: (n, out)`, `gc = [g; c]: (2, out)`
-/// and the frozen `W0: (out, in)`, as one op. Autograd keeps only its inputs and `y`: neither
-/// `x W0^T` nor `g * (...)` is stored, so a DoRA layer keeps less for the backward pass than a
-/// LoRA layer (which keeps `x W0^T`). The backward needs no weight gradient, and recovers
-/// `x W0^T + branch = (y - c) / g` for `dL/dg` instead of storing it.
+/// `y = g * (x W0^T + h B^T) + c` as one op, for `x: (n, in)`, the update's head `h: (n, k)`,
+/// `P = [B^T; g; c]: (k + 2, out)` and the frozen `W0: (out, in)`.
+///
+/// Autograd keeps only the inputs and `y`: neither `x W0^T`, nor the branch `h B^T`, nor
+/// `g * (...)` is stored, so a DoRA layer keeps less for the backward pass than a LoRA layer.
+/// The backward computes no weight gradient, recovers `sum_n grad * (x W0^T + h B^T)` for
+/// `dL/dg` from `y` instead of storing it, and frees `grad * g` before it returns.
 struct DoraLinear {
     w0: Tensor,
 }
@@ -66,22 +70,28 @@ impl DoraLinear {
     fn fwd<S: BackendStorage>(
         x: &S,
         x_l: &Layout,
-        branch: &S,
-        branch_l: &Layout,
-        gc: &S,
-        gc_l: &Layout,
+        h: &S,
+        h_l: &Layout,
+        p: &S,
+        p_l: &Layout,
         w: &S,
         w_l: &Layout,
     ) -> candle_core::Result<(S, Shape)> {
-        let (n, k) = x_l.shape().dims2()?;
-        let (out, _) = w_l.shape().dims2()?;
-        let base = x.matmul(w, (1, n, out, k), x_l, &w_l.transpose(0, 1)?)?;
+        let (n, inp) = x_l.shape().dims2()?;
+        let (k, out) = (h_l.shape().dims2()?.1, w_l.shape().dims2()?.0);
         let l = Layout::contiguous((n, out));
-        let sum = base.binary_impl::<Add>(branch, &l, branch_l)?;
-        drop(base);
-        let scaled = sum.binary_impl::<Mul>(gc, &l, &gc_l.narrow(0, 0, 1)?.broadcast_as((n, out))?)?;
+        let base = x.matmul(w, (1, n, out, inp), x_l, &w_l.transpose(0, 1)?)?;
+        let branch = h.matmul(p, (1, n, out, k), h_l, &p_l.narrow(0, 0, k)?)?;
+        let sum = base.binary_impl::<Add>(&branch, &l, &l)?;
+        drop((base, branch));
+        let scaled = sum.binary_impl::<Mul>(p, &l, &p_l.narrow(0, k, 1)?.broadcast_as((n, out))?)?;
         drop(sum);
-        Ok((scaled.binary_impl::<Add>(gc, &l, &gc_l.narrow(0, 1, 1)?.broadcast_as((n, out))?)?, Shape::from((n, out))))
+        let y = scaled.binary_impl::<Add>(p, &l, &p_l.narrow(0, k + 1, 1)?.broadcast_as((n, out))?)?;
+        Ok((y, Shape::from((n, out))))
+    }
+
+    fn weight<'a>(&'a self) -> (StorageRef<'a>, &'a Layout) {
+        self.w0.storage_and_layout()
     }
 }
 
@@ -94,14 +104,14 @@ impl CustomOp3 for DoraLinear {
         &self,
         x: &CpuStorage,
         xl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-        gc: &CpuStorage,
-        gcl: &Layout,
+        h: &CpuStorage,
+        hl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (w, wl) = self.w0.storage_and_layout();
+        let (w, wl) = self.weight();
         match &*w {
-            Storage::Cpu(w) => Self::fwd(x, xl, b, bl, gc, gcl, w, wl),
+            Storage::Cpu(w) => Self::fwd(x, xl, h, hl, p, pl, w, wl),
             _ => candle_core::bail!("dora-linear: the base weight is not on the CPU"),
         }
     }
@@ -110,14 +120,14 @@ impl CustomOp3 for DoraLinear {
         &self,
         x: &CudaStorage,
         xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-        gc: &CudaStorage,
-        gcl: &Layout,
+        h: &CudaStorage,
+        hl: &Layout,
+        p: &CudaStorage,
+        pl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (w, wl) = self.w0.storage_and_layout();
+        let (w, wl) = self.weight();
         match &*w {
-            Storage::Cuda(w) => Self::fwd(x, xl, b, bl, gc, gcl, w, wl),
+            Storage::Cuda(w) => Self::fwd(x, xl, h, hl, p, pl, w, wl),
             _ => candle_core::bail!("dora-linear: the base weight is not on the CUDA device"),
         }
     }
@@ -126,14 +136,14 @@ impl CustomOp3 for DoraLinear {
         &self,
         x: &MetalStorage,
         xl: &Layout,
-        b: &MetalStorage,
-        bl: &Layout,
-        gc: &MetalStorage,
-        gcl: &Layout,
+        h: &MetalStorage,
+        hl: &Layout,
+        p: &MetalStorage,
+        pl: &Layout,
     ) -> candle_core::Result<(MetalStorage, Shape)> {
-        let (w, wl) = self.w0.storage_and_layout();
+        let (w, wl) = self.weight();
         match &*w {
-            Storage::Metal(w) => Self::fwd(x, xl, b, bl, gc, gcl, w, wl),
+            Storage::Metal(w) => Self::fwd(x, xl, h, hl, p, pl, w, wl),
             _ => candle_core::bail!("dora-linear: the base weight is not on the Metal device"),
         }
     }
@@ -141,40 +151,45 @@ impl CustomOp3 for DoraLinear {
     fn bwd(
         &self,
         x: &Tensor,
-        branch: &Tensor,
-        gc: &Tensor,
+        h: &Tensor,
+        p: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (g, c) = (gc.get(0)?, gc.get(1)?);
-        // dL/dg = sum_n grad * (x W0^T + branch); that sum is (y - c) / g where g != 0.
+        let k = h.dim(1)?;
+        let (bt, g, c) = (p.narrow(0, 0, k)?, p.get(k)?, p.get(k + 1)?);
+        let grad_c = grad.sum(0)?;
+        // dL/dg = sum_n grad * (x W0^T + h B^T) = (sum_n grad * y - c * dL/dc) / g where g != 0.
         let has_zero = g.abs()?.min_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0;
         let grad_g = if has_zero {
-            let pre = (x.matmul(&self.w0.t()?)? + branch)?;
+            let pre = (x.matmul(&self.w0.t()?)? + h.matmul(&bt)?)?;
             (grad * pre)?.sum(0)?
         } else {
-            (grad * y.broadcast_sub(&c)?)?.sum(0)?.div(&g)?
+            ((grad * y)?.sum(0)? - (&c * &grad_c)?)?.div(&g)?
         };
-        let grad_c = grad.sum(0)?;
         let grad_in = grad.broadcast_mul(&g)?;
+        let grad_h = grad_in.matmul(&bt.t()?)?;
+        let grad_bt = h.t()?.matmul(&grad_in)?;
         let grad_x = if x.track_op() { Some(grad_in.matmul(&self.w0)?) } else { None };
-        Ok((grad_x, Some(grad_in), Some(Tensor::stack(&[grad_g, grad_c], 0)?)))
+        drop(grad_in);
+        let grad_p = Tensor::cat(&[grad_bt, grad_g.unsqueeze(0)?, grad_c.unsqueeze(0)?], 0)?;
+        Ok((grad_x, Some(grad_h), Some(grad_p)))
     }
 }
 
-/// `g * (x W0^T + branch) + c` over the last dimension (see [`DoraLinear`]); `x`, `branch`, `g`,
-/// `c` and `w0` share a dtype.
-fn dora_linear(x: &Tensor, w0: &Tensor, branch: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
+/// `g * (x W0^T + head tail^T) + c` over the last dimension (see [`DoraLinear`]); every input
+/// shares one dtype.
+fn dora_linear(x: &Tensor, w0: &Tensor, head: &Tensor, tail: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let (inp, out) = (w0.dim(1)?, w0.dim(0)?);
     let rows = x.elem_count() / inp.max(1);
-    let gc = Tensor::stack(&[g, c], 0)?;
-    let x2 = x.reshape((rows, inp))?;
-    let y = x2.apply_op3(&branch.reshape((rows, out))?, &gc, DoraLinear { w0: w0.clone() })?;
+    let k = tail.dim(1)?;
+    let p = Tensor::cat(&[&tail.t()?, &g.unsqueeze(0)?, &c.unsqueeze(0)?], 0)?;
+    let y = reshape(x, &[rows, inp])?.apply_op3(&reshape(head, &[rows, k])?, &p, DoraLinear { w0: w0.clone() })?;
     if let Some(last) = dims.last_mut() {
         *last = out;
     }
-    Ok(y.reshape(dims)?)
+    Ok(reshape(&y, &dims)?)
 }
 
 /// A weight-decomposed adapter over the low-rank update `U`: DoRA is `Dora<Lora>`, EDoRA is
@@ -259,14 +274,14 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
             return crate::adapter::add_branch(&base.forward(x)?, &extra);
         }
         // y = g * (x W0^T + branch) + b.
-        let branch = self.update.branch(&xa)?;
         if base.weight.dtype() == dtype {
             let c = match base.bias {
                 Some(b) => b.clone(),
                 None => g.zeros_like()?,
             };
-            return dora_linear(&xa, base.weight, &branch, &g, &c);
+            return dora_linear(&xa, base.weight, &self.update.head(&xa)?, &self.update.tail()?, &g, &c);
         }
+        let branch = self.update.branch(&xa)?;
         // A base in another dtype: y = g * (x W0^T + b + branch) + (1 - g) * b.
         let base_out = base.forward(x)?;
         let c = match base.bias {

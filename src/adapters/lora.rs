@@ -337,11 +337,14 @@ impl LowRankUpdate for Lora {
         self.dropout
     }
 
-    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
         // s is applied to the (.., r) activation rather than the (.., out) output: one pass
         // over a tensor r/out the size, forward and backward.
-        let h = (matmul_t(x, &self.lora_a)? * self.scaling)?;
-        matmul_t(&h, &self.lora_b)
+        Ok((matmul_t(x, &self.lora_a)? * self.scaling)?)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        Ok(self.lora_b.as_tensor().clone())
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

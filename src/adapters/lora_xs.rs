@@ -127,9 +127,12 @@ impl LowRankUpdate for LoraXs {
         self.dropout
     }
 
-    fn branch(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (matmul_t(x, &self.lora_a)? * self.scaling)?;
-        matmul_t(&matmul_t(&h, &self.lora_r)?, &self.lora_b)
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        matmul_t(&(matmul_t(x, &self.lora_a)? * self.scaling)?, &self.lora_r)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        Ok(self.lora_b.clone())
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

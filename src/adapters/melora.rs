@@ -136,9 +136,12 @@ impl LowRankUpdate for Melora {
         self.dropout
     }
 
-    fn branch(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (matmul_t(x, &self.block_diag(0)?)? * self.scaling)?;
-        matmul_t(&h, &self.block_diag(1)?)
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((matmul_t(x, &self.block_diag(0)?)? * self.scaling)?)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        self.block_diag(1)
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

@@ -251,10 +251,19 @@ impl LowRankUpdate for RandLora {
         self.dropout
     }
 
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, a, s) = self.factors()?;
+        Ok((matmul_t(x, &a)? * s)?)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        Ok(self.factors()?.0)
+    }
+
     fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        // One call to the scaled bases (they are large) for both factors.
         let (b, a, s) = self.factors()?;
-        let h = (matmul_t(x, &a)? * s)?;
-        matmul_t(&h, &b)
+        matmul_t(&(matmul_t(x, &a)? * s)?, &b)
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

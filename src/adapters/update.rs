@@ -16,6 +16,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::common::branch_dropout;
 use crate::adapter::{add_branch, Adapter, BaseLayer};
+use crate::frozen::reshape;
 use crate::{Error, Result};
 
 /// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
@@ -33,8 +34,17 @@ pub trait LowRankUpdate: Debug + Send + Sync {
     /// The dropout probability on the branch input.
     fn dropout(&self) -> f32;
 
-    /// `s * (x A^T) B^T` for an input that is already in [`LowRankUpdate::dtype`] and dropped out.
-    fn branch(&self, x: &Tensor) -> Result<Tensor>;
+    /// The rank-sized activation `h` of the branch (`s * x A^T` for LoRA), for an input that is
+    /// already in [`LowRankUpdate::dtype`] and dropped out.
+    fn head(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The factor `B: (out, k)` that maps the head to the output: `branch(x) = head(x) B^T`.
+    fn tail(&self) -> Result<Tensor>;
+
+    /// `s * (x A^T) B^T`: [`LowRankUpdate::head`] then [`LowRankUpdate::tail`].
+    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        matmul_t(&self.head(x)?, &self.tail()?)
+    }
 
     /// `(B, A, s)` with `dW = s * B A`, `B: (out, k)`, `A: (k, in)`.
     fn factors(&self) -> Result<(Tensor, Tensor, f64)>;
@@ -116,10 +126,10 @@ pub(crate) fn matmul_t(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / k.max(1);
-    let y = x.reshape((rows, k))?.matmul(&m.t()?)?;
+    let y = reshape(x, &[rows, k])?.matmul(&m.t()?)?;
     let mut out = dims.to_vec();
     if let Some(last) = out.last_mut() {
         *last = m.dim(0)?;
     }
-    Ok(y.reshape(out)?)
+    Ok(reshape(&y, &out)?)
 }

@@ -192,12 +192,15 @@ impl LowRankUpdate for Vera {
         self.dropout
     }
 
-    fn branch(&self, x: &Tensor) -> Result<Tensor> {
-        // The views are strided (columns of vera_A); a contiguous copy of the (r, in) view is
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        // The view is strided (columns of vera_A); a contiguous copy of the (r, in) view is
         // small and transient.
         let a = self.vera_a.to_dtype(self.dtype())?.contiguous()?;
-        let h = matmul_t(x, &a)?.broadcast_mul(self.lambda_d.as_tensor())?;
-        matmul_t(&h, &self.scaled_b()?.contiguous()?)
+        Ok(matmul_t(x, &a)?.broadcast_mul(self.lambda_d.as_tensor())?)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        Ok(self.scaled_b()?.contiguous()?)
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
