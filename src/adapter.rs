@@ -77,20 +77,14 @@ pub trait Adapter: Debug + Send + Sync {
     /// Every tensor this layer writes to an adapter file, with its PEFT key suffix. By default the
     /// trainable parameters.
     fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        self.trainable_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        var_tensors(self.trainable_vars())
     }
 
     /// Replaces the saved tensor `suffix` by `value`; its shape has been checked against
     /// [`Adapter::saved_tensors`] and its dtype converted to [`Adapter::dtype`]. By default
     /// sets the trainable parameter of that name.
     fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        let var = self
-            .trainable_vars()
-            .into_iter()
-            .find_map(|(k, v)| (k == suffix).then_some(v))
-            .ok_or_else(|| Error::Unsupported(format!("{} has no tensor `{suffix}`", self.peft_type())))?;
-        var.set(value)?;
-        Ok(())
+        set_var(self.trainable_vars(), self.peft_type(), suffix, value)
     }
 
     /// Frozen tensors the adapter holds besides the base layer (LoRA-XS's SVD factors, VeRA's
@@ -103,6 +97,21 @@ pub trait Adapter: Debug + Send + Sync {
     fn num_trainable(&self) -> usize {
         self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
+}
+
+/// The tensors of named variables.
+pub(crate) fn var_tensors(vars: Vec<(String, Var)>) -> Vec<(String, Tensor)> {
+    vars.into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+}
+
+/// Sets the variable named `suffix` among `vars` of method `peft_type` to `value`.
+pub(crate) fn set_var(vars: Vec<(String, Var)>, peft_type: &str, suffix: &str, value: &Tensor) -> Result<()> {
+    let var = vars
+        .into_iter()
+        .find_map(|(k, v)| (k == suffix).then_some(v))
+        .ok_or_else(|| Error::Unsupported(format!("{peft_type} has no tensor `{suffix}`")))?;
+    var.set(value)?;
+    Ok(())
 }
 
 /// Adds an adapter branch computed in the adapter's dtype to a base output, in the base dtype,

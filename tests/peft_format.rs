@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_peft::format::{read_safetensors, write_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{AdapterConfig, Error, Fixed, InitOptions, LinearHost, LoraConfig, PeftModel};
-use common::{assert_close, fixture, load, tiny_llama};
+use common::{assert_close, fixture, tiny_llama};
 use serde_json::Value;
 
 const ADAPTERS: [&str; 4] = ["lora", "rslora_all_linear", "lora_layers", "dora"];
@@ -21,26 +21,7 @@ fn tempdir() -> tempfile::TempDir {
 #[test]
 fn peft_saved_adapters_reproduce_peft_outputs_and_merges() -> candle_peft::Result<()> {
     for name in ADAPTERS {
-        let dir = fixture(&format!("tiny_llama/{name}"));
-        let peft = PeftModel::from_pretrained(tiny_llama(), &dir, DType::F32)?;
-        let reference = load(&format!("tiny_llama/{name}/reference.safetensors"));
-        let expected: BTreeSet<String> =
-            reference.keys().filter_map(|k| k.strip_suffix(".x")).map(str::to_string).collect();
-        let adapted: BTreeSet<String> = peft.adapted_modules().iter().cloned().collect();
-        assert_eq!(adapted, expected, "{name}: adapted modules");
-        for (path, layer) in peft.model().linears() {
-            if !adapted.contains(&path) {
-                continue;
-            }
-            let y = layer.forward_t(&reference[&format!("{path}.x")])?;
-            assert_close(&y, &reference[&format!("{path}.y")], 1e-5, &format!("{name} {path} forward"));
-            assert_close(
-                &layer.merged_weight()?,
-                &reference[&format!("{path}.merged")],
-                1e-5,
-                &format!("{name} {path} merge"),
-            );
-        }
+        common::check_adapter_dir(name)?;
     }
     Ok(())
 }

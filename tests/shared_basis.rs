@@ -8,36 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, MeloraConfig, PeftModel, VeraConfig};
-use common::{assert_close, fixture, load, tiny_llama};
-
-/// Checks a PEFT-saved adapter directory: adapted modules, per-module forward, merged weight and
-/// the gradients of loss = sum(y * g) w.r.t. x and every trainable tensor.
-fn check_against_peft(name: &str) -> candle_peft::Result<PeftModel<candle_peft::NamedLinears>> {
-    let dir = fixture(&format!("tiny_llama/{name}"));
-    let peft = PeftModel::from_pretrained(tiny_llama(), &dir, DType::F32)?;
-    let reference = load(&format!("tiny_llama/{name}/reference.safetensors"));
-    let expected: BTreeSet<String> =
-        reference.keys().filter_map(|k| k.strip_suffix(".x")).map(str::to_string).collect();
-    let adapted: BTreeSet<String> = peft.adapted_modules().iter().cloned().collect();
-    assert_eq!(adapted, expected, "{name}: adapted modules");
-    for (path, layer) in peft.model().linears() {
-        if !adapted.contains(&path) {
-            continue;
-        }
-        let get = |k: &str| reference[&format!("{path}.{k}")].clone();
-        let x = Var::from_tensor(&get("x"))?;
-        let y = layer.forward_t(x.as_tensor())?;
-        assert_close(&y, &get("y"), 1e-5, &format!("{name} {path} forward"));
-        let grads = (&y * get("g"))?.sum_all()?.backward()?;
-        for (suffix, var) in layer.adapter().unwrap().trainable_vars() {
-            let want = get(&format!("grad.{suffix}"));
-            assert_close(grads.get(var.as_tensor()).unwrap(), &want, 1e-4, &format!("{name} {path} grad {suffix}"));
-        }
-        assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{name} {path} grad x"));
-        assert_close(&layer.merged_weight()?, &get("merged"), 1e-5, &format!("{name} {path} merge"));
-    }
-    Ok(peft)
-}
+use common::{assert_close, check_adapter_dir, fixture, load, tiny_llama};
 
 /// PEFT's trainable parameter count for a fixture adapter.
 fn peft_trainable(name: &str) -> usize {
@@ -51,7 +22,7 @@ fn vera_and_randlora_match_peft_on_mixed_layer_shapes() -> candle_peft::Result<(
     // randlora: q 32->32 (in == out), v 32->16 and down 48->32 (in > out);
     // randlora_wide: up 32->48 (in < out), o 32->32.
     for name in ["vera", "randlora", "randlora_wide"] {
-        let peft = check_against_peft(name)?;
+        let peft = check_adapter_dir(name)?;
         assert_eq!(peft.parameter_count().trainable, peft_trainable(name), "{name}: trainable parameters");
     }
     Ok(())
@@ -59,7 +30,7 @@ fn vera_and_randlora_match_peft_on_mixed_layer_shapes() -> candle_peft::Result<(
 
 #[test]
 fn vera_projections_are_stored_once() -> candle_peft::Result<()> {
-    let peft = check_against_peft("vera")?;
+    let peft = check_adapter_dir("vera")?;
     let storage = |t: &Tensor| {
         let (s, _) = t.storage_and_layout();
         &*s as *const _ as usize
@@ -222,7 +193,7 @@ fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
 
 #[test]
 fn randlora_bases_are_stored_once_and_bad_input_is_refused() -> candle_peft::Result<()> {
-    let peft = check_against_peft("randlora")?;
+    let peft = check_adapter_dir("randlora")?;
     let storage = |t: &Tensor| {
         let (s, _) = t.storage_and_layout();
         &*s as *const _ as usize

@@ -99,3 +99,13 @@ pub(crate) fn check_scaling(alpha: f64, s: f64) -> Result<f64> {
     }
     Ok(s)
 }
+
+/// The two shared tensors `keys` of `method` (VeRA's projections, RandLoRA's bases).
+pub(crate) fn shared_pair<'a>(
+    shared: &'a std::collections::BTreeMap<String, Tensor>,
+    keys: [&str; 2],
+    method: &str,
+) -> Result<(&'a Tensor, &'a Tensor)> {
+    let get = |k: &str| shared.get(k).ok_or_else(|| Error::Unsupported(format!("{method} needs the shared `{k}`")));
+    Ok((get(keys[0])?, get(keys[1])?))
+}

@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::common::{check_dropout, check_rank, check_scaling, normal, uniform, var};
+use super::common::{check_dropout, check_rank, check_scaling, normal, shared_pair, uniform, var};
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::BaseLayer;
 use crate::config::{serde_alpha, BuiltAdapter, TargetConfig};
@@ -150,8 +150,7 @@ impl RandLoraConfig {
     ) -> Result<BuiltAdapter> {
         let (out, inp) = base.weight.dims2()?;
         let (min_l, max_l) = (inp.min(out), inp.max(out));
-        let get = |k: &str| shared.get(k).ok_or_else(|| Error::Unsupported(format!("RandLoRA needs the shared `{k}`")));
-        let (a, b) = (get(SHARED_KEYS[0])?, get(SHARED_KEYS[1])?);
+        let (a, b) = shared_pair(shared, SHARED_KEYS, "RandLoRA")?;
         let (ra, _, min_dim) = a.dims3()?;
         let (max_dim, nb_shared, rb) = b.dims3()?;
         let r = self.r;

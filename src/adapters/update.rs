@@ -15,9 +15,9 @@ use std::fmt::Debug;
 use candle_core::{DType, Tensor, Var};
 
 use super::common::branch_dropout;
-use crate::adapter::{add_branch, Adapter, BaseLayer};
+use crate::adapter::{add_branch, set_var, var_tensors, Adapter, BaseLayer};
 use crate::frozen::reshape;
-use crate::{Error, Result};
+use crate::Result;
 
 /// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
 /// LoRA-XS's `B R`).
@@ -54,19 +54,13 @@ pub trait LowRankUpdate: Debug + Send + Sync {
 
     /// Every tensor the update saves, with its key suffix. By default the trainable parameters.
     fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        self.trainable_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        var_tensors(self.trainable_vars())
     }
 
     /// Replaces saved tensor `suffix` (shape already checked). By default sets the trainable
     /// parameter of that name.
     fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        let var = self
-            .trainable_vars()
-            .into_iter()
-            .find_map(|(k, v)| (k == suffix).then_some(v))
-            .ok_or_else(|| Error::Unsupported(format!("{} has no tensor `{suffix}`", self.peft_type())))?;
-        var.set(value)?;
-        Ok(())
+        set_var(self.trainable_vars(), self.peft_type(), suffix, value)
     }
 
     /// Frozen tensors the update holds (see [`Adapter::frozen_tensors`]).

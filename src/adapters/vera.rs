@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::common::{check_dropout, check_rank, normal, uniform, var};
+use super::common::{check_dropout, check_rank, normal, shared_pair, uniform, var};
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::BaseLayer;
 use crate::config::{BuiltAdapter, TargetConfig};
@@ -113,8 +113,7 @@ impl VeraConfig {
         shared: &BTreeMap<String, Tensor>,
     ) -> Result<BuiltAdapter> {
         let (out, inp) = base.weight.dims2()?;
-        let get = |k: &str| shared.get(k).ok_or_else(|| Error::Unsupported(format!("VeRA needs the shared `{k}`")));
-        let (a, b) = (get(SHARED_KEYS[0])?, get(SHARED_KEYS[1])?);
+        let (a, b) = shared_pair(shared, SHARED_KEYS, "VeRA")?;
         let (ra, max_in) = a.dims2()?;
         let (max_out, rb) = b.dims2()?;
         if self.r > ra || self.r > rb {

@@ -1,12 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::format::read_safetensors;
-use candle_peft::NamedLinears;
+use candle_peft::{LinearHost, NamedLinears, PeftModel};
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -41,4 +41,37 @@ pub fn tiny_llama() -> NamedLinears {
         NamedLinears::from_safetensors(&fixture("tiny_llama/model.safetensors"), &Device::Cpu, DType::F32).unwrap();
     layers.retain(|p| !p.ends_with("embed_tokens"));
     layers
+}
+
+/// Checks a PEFT-saved adapter directory `tiny_llama/<name>` against its reference.safetensors:
+/// adapted modules, per-module forward and merged weight, and (where the reference has them) the
+/// gradients of loss = sum(y * g) w.r.t. x and every trainable tensor.
+pub fn check_adapter_dir(name: &str) -> candle_peft::Result<PeftModel<candle_peft::NamedLinears>> {
+    let dir = fixture(&format!("tiny_llama/{name}"));
+    let peft = PeftModel::from_pretrained(tiny_llama(), &dir, DType::F32)?;
+    let reference = load(&format!("tiny_llama/{name}/reference.safetensors"));
+    let expected: BTreeSet<String> =
+        reference.keys().filter_map(|k| k.strip_suffix(".x")).map(str::to_string).collect();
+    let adapted: BTreeSet<String> = peft.adapted_modules().iter().cloned().collect();
+    assert_eq!(adapted, expected, "{name}: adapted modules");
+    for (path, layer) in peft.model().linears() {
+        if !adapted.contains(&path) {
+            continue;
+        }
+        let get = |k: &str| reference[&format!("{path}.{k}")].clone();
+        let x = Var::from_tensor(&get("x"))?;
+        let y = layer.forward_t(x.as_tensor())?;
+        assert_close(&y, &get("y"), 1e-5, &format!("{name} {path} forward"));
+        assert_close(&layer.merged_weight()?, &get("merged"), 1e-5, &format!("{name} {path} merge"));
+        if !reference.contains_key(&format!("{path}.g")) {
+            continue;
+        }
+        let grads = (&y * get("g"))?.sum_all()?.backward()?;
+        for (suffix, var) in layer.adapter().unwrap().trainable_vars() {
+            let want = get(&format!("grad.{suffix}"));
+            assert_close(grads.get(var.as_tensor()).unwrap(), &want, 1e-4, &format!("{name} {path} grad {suffix}"));
+        }
+        assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{name} {path} grad x"));
+    }
+    Ok(peft)
 }
