@@ -36,6 +36,7 @@ pub mod format;
 pub mod frozen;
 pub mod layer;
 pub mod linalg;
+pub mod models;
 pub mod peft_model;
 pub mod scaling;
 

@@ -1,0 +1,311 @@
+//! A trainable LLaMA (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query
+//! attention and a SwiGLU MLP, with HF's module names, so that adapters injected here are keyed
+//! as PEFT keys them (`model.layers.N.self_attn.q_proj`).
+//!
+//! ```text
+//! h_0 = embed(ids)
+//! h   = h + o_proj(attn(rope(q_proj(rms(h))), rope(k_proj(rms(h))), v_proj(rms(h))))   per layer
+//! h   = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+//! logits = lm_head(rms(h))          (lm_head = embed^T when the embeddings are tied)
+//! ```
+//! Every op on the path from the adapters to the loss has a gradient on every device: the
+//! norms, RoPE (HF's rotate-half form) and the softmax are written with differentiable tensor
+//! ops instead of candle's fused kernels, which record no backward. Linears are
+//! [`AdaptedLinear`]s whose frozen weights get no gradient.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+use crate::format::read_safetensors;
+use crate::layer::AdaptedLinear;
+use crate::peft_model::LinearHost;
+use crate::{Error, Result};
+
+/// The fields of an HF `config.json` that a LLaMA needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (GQA); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base (older configs); see also `rope_parameters`.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE parameters (transformers >= 5).
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// RoPE scaling (older configs); only `null` is supported.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// `model_type` (must be a LLaMA-family architecture).
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+impl LlamaConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
+        let c: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if let Some(t) = c.model_type.as_deref() {
+            if !["llama", "mistral", "qwen2"].contains(&t) {
+                return Err(err(format!(
+                    "model_type \"{t}\" is not a LLaMA-family model (supported: llama, mistral, qwen2)"
+                )));
+            }
+        }
+        c.rope_base().map_err(|e| err(e.to_string()))?;
+        Ok(c)
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The RoPE base `theta`; errors on a RoPE scaling that is not implemented.
+    pub fn rope_base(&self) -> Result<f64> {
+        if let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            return Err(Error::Unsupported(format!("rope_scaling {s}")));
+        }
+        if let Some(p) = &self.rope_parameters {
+            let kind = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(Error::Unsupported(format!("rope_type \"{kind}\"")));
+            }
+            if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
+                return Ok(t);
+            }
+        }
+        Ok(self.rope_theta.unwrap_or(10_000.0))
+    }
+}
+
+/// The linears of a decoder layer, by their HF names (relative to `model.layers.N`), in the
+/// order of [`Block::linears`].
+pub const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// One decoder layer.
+#[derive(Debug)]
+struct Block {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    /// q, k, v, o, gate, up, down (see [`LAYER_LINEARS`]).
+    linears: [AdaptedLinear; 7],
+}
+
+/// A LLaMA whose linears can carry adapters.
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<AdaptedLinear>,
+    rope_theta: f64,
+}
+
+/// `x * rsqrt(mean(x^2) + eps) * w` over the last dimension, computed in f32.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+/// HF's rotary embedding: `x * cos + rotate_half(x) * sin` for `x: (b, h, t, d)`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+impl Llama {
+    /// Builds the model from HF tensor names (`model.embed_tokens.weight`, ...), cast to `dtype`.
+    pub fn from_tensors(config: LlamaConfig, tensors: &BTreeMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            let t = tensors.get(name).ok_or_else(|| Error::KeyMismatch {
+                path: "model weights".into(),
+                missing: vec![name.to_string()],
+                unexpected: vec![],
+            })?;
+            Ok(t.to_dtype(dtype)?)
+        };
+        let linear = |name: &str| -> Result<AdaptedLinear> {
+            let bias = tensors.get(&format!("{name}.bias")).map(|b| b.to_dtype(dtype)).transpose()?;
+            AdaptedLinear::new(get(&format!("{name}.weight"))?, bias)
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let linears: Vec<AdaptedLinear> =
+                LAYER_LINEARS.iter().map(|n| linear(&format!("{p}.{n}"))).collect::<Result<_>>()?;
+            layers.push(Block {
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                linears: linears.try_into().expect("seven linears"),
+            });
+        }
+        let lm_head = match (config.tie_word_embeddings, tensors.contains_key("lm_head.weight")) {
+            (false, _) | (true, true) => Some(linear("lm_head")?),
+            (true, false) => None,
+        };
+        let rope_theta = config.rope_base()?;
+        Ok(Self {
+            embed_tokens: get("model.embed_tokens.weight")?,
+            norm: get("model.norm.weight")?,
+            layers,
+            lm_head,
+            rope_theta,
+            config,
+        })
+    }
+
+    /// Loads an HF model directory: `config.json` and one or more `*.safetensors` files.
+    pub fn from_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && !p.ends_with("adapter_model.safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no *.safetensors weights in the model directory",
+                ),
+            });
+        }
+        let mut tensors = BTreeMap::new();
+        for f in files {
+            tensors.extend(read_safetensors(&f, device)?);
+        }
+        Self::from_tensors(config, &tensors, dtype)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Logits `(b, t, vocab)` for token ids `(b, t)` (causal attention, positions from 0).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.config;
+        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let dtype = self.embed_tokens.dtype();
+        let device = ids.device();
+        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+
+        let inv_freq: Vec<f32> =
+            (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+        let pos = Tensor::arange(0u32, t as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
+        let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?;
+
+        for layer in &self.layers {
+            let x = rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
+            let l = &layer.linears;
+            let q = l[Q].forward_t(&x)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+            let k = l[K].forward_t(&x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
+            let v = l[V].forward_t(&x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
+            let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
+            // GQA: each key/value head serves heads / kv consecutive query heads.
+            let repeat = |x: Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?.broadcast_as((b, kv, heads / kv, t, hd))?.reshape((b, heads, t, hd))?)
+            };
+            let (k, v) = (repeat(k)?, repeat(v.contiguous()?)?);
+            let scores = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            h = (h + l[O].forward_t(&attn)?)?;
+
+            let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let act = (candle_nn::ops::silu(&l[GATE].forward_t(&x)?)? * l[UP].forward_t(&x)?)?;
+            h = (h + l[DOWN].forward_t(&act)?)?;
+        }
+        let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
+        match &self.lm_head {
+            Some(head) => head.forward_t(&h),
+            None => Ok(h.broadcast_matmul(&self.embed_tokens.t()?)?),
+        }
+    }
+
+    /// Switches every adapter between training mode (dropout on) and evaluation mode.
+    pub fn set_train(&mut self, train: bool) {
+        for (_, l) in self.linears_mut() {
+            l.set_train(train);
+        }
+    }
+}
+
+impl LinearHost for Llama {
+    fn linears(&self) -> Vec<(String, &AdaptedLinear)> {
+        let blocks = self.layers.iter().enumerate().flat_map(|(i, b)| {
+            LAYER_LINEARS.iter().zip(&b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
+        });
+        blocks.chain(self.lm_head.iter().map(|h| ("lm_head".to_string(), h))).collect()
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
+        let blocks = self.layers.iter_mut().enumerate().flat_map(|(i, b)| {
+            LAYER_LINEARS.iter().zip(&mut b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
+        });
+        blocks.chain(self.lm_head.iter_mut().map(|h| ("lm_head".to_string(), h))).collect()
+    }
+}

@@ -1,0 +1,5 @@
+//! Trainable models whose linear layers carry adapters.
+
+pub mod llama;
+
+pub use llama::{Llama, LlamaConfig};
