@@ -39,6 +39,7 @@ pub mod linalg;
 pub mod models;
 pub mod peft_model;
 pub mod scaling;
+pub mod tokenizer;
 
 pub use adapter::{Adapter, BaseLayer};
 pub use adapters::{

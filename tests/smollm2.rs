@@ -15,9 +15,18 @@ use serde::Deserialize;
 
 #[derive(Deserialize)]
 struct Reference {
+    prompt: String,
     ids: Vec<u32>,
     argmax: Vec<u32>,
     greedy: Vec<u32>,
+    greedy_text: String,
+    tokenizer: Vec<TokenizerCase>,
+}
+
+#[derive(Deserialize)]
+struct TokenizerCase {
+    text: String,
+    ids: Vec<u32>,
 }
 
 fn model_path() -> PathBuf {
@@ -69,4 +78,20 @@ fn a_gguf_that_is_not_a_llama_is_refused() {
     drop(f);
     let e = Llama::from_gguf(&path, &Device::Cpu, DType::F32).unwrap_err();
     assert!(e.to_string().contains("gpt2") && e.to_string().contains("llama"), "{e}");
+}
+
+#[test]
+fn gguf_tokenizer_matches_transformers() -> candle_peft::Result<()> {
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap()).unwrap();
+    let (_, meta) = Llama::from_gguf(&model_path(), &Device::Cpu, DType::F32)?;
+    let tok = candle_peft::tokenizer::from_gguf(&meta)?;
+    let encode = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
+    assert_eq!(encode(&r.prompt), r.ids);
+    for case in &r.tokenizer {
+        assert_eq!(encode(&case.text), case.ids, "{:?}", case.text);
+        assert_eq!(tok.decode(&case.ids, false).unwrap(), case.text);
+    }
+    assert_eq!(tok.decode(&r.greedy, false).unwrap(), r.greedy_text);
+    Ok(())
 }

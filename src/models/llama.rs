@@ -404,6 +404,11 @@ impl GgufMetadata {
         Ok(self.get(key)?.to_f32()?)
     }
 
+    /// An array of integers (e.g. `tokenizer.ggml.token_type`).
+    pub fn i32s(&self, key: &str) -> Result<Vec<i32>> {
+        self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_i32()?)).collect()
+    }
+
     /// An array of strings (e.g. `tokenizer.ggml.tokens`).
     pub fn strings(&self, key: &str) -> Result<Vec<String>> {
         self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
