@@ -40,6 +40,7 @@ pub mod models;
 pub mod peft_model;
 pub mod scaling;
 pub mod tokenizer;
+pub mod train;
 
 pub use adapter::{Adapter, BaseLayer};
 pub use adapters::{

@@ -1,0 +1,11 @@
+//! Training: the optimizer, learning-rate schedules, gradient clipping and the token loss, each
+//! written once here because candle-nn has no clipping, no schedule, no checkpointable AdamW and
+//! no ignore index in its cross-entropy.
+
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+
+pub use loss::{masked_cross_entropy, IGNORE_INDEX};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use schedule::LrSchedule;
