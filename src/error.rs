@@ -98,6 +98,25 @@ pub enum Error {
     #[error("linear algebra failed: {0}")]
     LinAlg(String),
 
+    /// Training met a NaN or infinite value and stopped; the last good checkpoint is kept.
+    #[error(
+        "training stopped at step {step}: the {what} is {value}; {}",
+        match last_checkpoint {
+            Some(p) => format!("the last good checkpoint is {}", p.display()),
+            None => "no checkpoint was written yet".to_string(),
+        }
+    )]
+    NonFinite {
+        /// The step that failed (1-based).
+        step: usize,
+        /// What was not finite (`loss`, `gradient norm`).
+        what: String,
+        /// The value.
+        value: f64,
+        /// The last checkpoint written, if any.
+        last_checkpoint: Option<PathBuf>,
+    },
+
     /// File-system error, with the path involved.
     #[error("{path}: {source}")]
     Io {

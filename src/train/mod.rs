@@ -1,11 +1,14 @@
-//! Training: the optimizer, learning-rate schedules, gradient clipping and the token loss, each
-//! written once here because candle-nn has no clipping, no schedule, no checkpointable AdamW and
-//! no ignore index in its cross-entropy.
+//! Training: data, the optimizer, learning-rate schedules, gradient clipping, the token loss and
+//! the loop, each written once here because candle-nn has no clipping, no schedule, no
+//! checkpointable AdamW and no ignore index in its cross-entropy.
 
+pub mod data;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
+pub use trainer::{CausalLm, StepLog, TrainConfig, Trainer};

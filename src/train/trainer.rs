@@ -1,0 +1,347 @@
+//! The training loop: gradient accumulation, global-norm clipping, a learning-rate schedule,
+//! AdamW, evaluation, atomic checkpoints with optimizer state, resume, a NaN / inf guard, a
+//! progress bar and per-step metrics as JSONL.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::data::{batch_indices, collate, Example};
+use super::loss::masked_cross_entropy;
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::LrSchedule;
+use crate::format::{read_safetensors, write_atomic, write_safetensors, WEIGHTS_FILE};
+use crate::models::Llama;
+use crate::peft_model::{LinearHost, PeftModel};
+use crate::{Error, Result};
+
+/// A model that maps token ids `(b, t)` to next-token logits `(b, t, vocab)`.
+pub trait CausalLm: LinearHost {
+    /// The logits.
+    fn logits(&self, ids: &Tensor) -> Result<Tensor>;
+}
+
+impl CausalLm for Llama {
+    fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward(ids)
+    }
+}
+
+/// How to train.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// The learning rate per step.
+    pub schedule: LrSchedule,
+    /// AdamW's settings (weight decay applies to matrices, not to vectors such as magnitudes).
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this value.
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every this many steps (and at the end), into `output_dir`.
+    pub checkpoint_every: Option<usize>,
+    /// Where checkpoints and `metrics.jsonl` go.
+    pub output_dir: Option<PathBuf>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// The padding token id.
+    pub pad_id: u32,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            schedule: LrSchedule::Constant { lr: 1e-3 },
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            eval_every: None,
+            checkpoint_every: None,
+            output_dir: None,
+            seed: 0,
+            pad_id: 0,
+            progress: false,
+        }
+    }
+}
+
+/// One optimizer step's record (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// The step (1-based).
+    pub step: usize,
+    /// Mean token loss over the step's micro-batches.
+    pub loss: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed (padding excluded from the loss, included here).
+    pub tokens: usize,
+    /// Tokens per second of this step.
+    pub tokens_per_s: f64,
+    /// The evaluation loss, on steps that evaluate.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    peft_type: String,
+    history: Vec<StepLog>,
+}
+
+/// Trains the adapters of a [`PeftModel`].
+#[derive(Debug)]
+pub struct Trainer<M: CausalLm> {
+    peft: PeftModel<M>,
+    vars: Vec<Var>,
+    opt: AdamW,
+    config: TrainConfig,
+    step: usize,
+    history: Vec<StepLog>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<M: CausalLm> Trainer<M> {
+    /// A trainer for `peft`'s trainable variables.
+    pub fn new(mut peft: PeftModel<M>, config: TrainConfig) -> Result<Self> {
+        if config.batch_size == 0 || config.grad_accum == 0 {
+            return Err(Error::config("batch_size", "batch_size and grad_accum must be at least 1"));
+        }
+        peft.set_train(true);
+        let named = peft.named_trainable_vars();
+        let vars = named.iter().map(|(_, v)| v.clone()).collect();
+        let groups = named.into_iter().map(|(k, v)| (k, v.clone(), v.rank() >= 2)).collect();
+        let opt = AdamW::new(groups, config.adamw)?;
+        Ok(Self { peft, vars, opt, config, step: 0, history: Vec::new(), last_checkpoint: None })
+    }
+
+    /// A trainer that continues from a checkpoint directory written by [`Trainer::save_checkpoint`]
+    /// for the same model and adapter config: adapter weights, optimizer state, step and history.
+    pub fn resume(peft: PeftModel<M>, config: TrainConfig, checkpoint: &Path) -> Result<Self> {
+        let mut t = Self::new(peft, config)?;
+        let state_path = checkpoint.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| Error::Config { path: state_path.clone(), reason: e.to_string() })?;
+        if state.peft_type != t.peft.config().peft_type() {
+            return Err(Error::Unsupported(format!(
+                "checkpoint {} is of method {}, not {}",
+                checkpoint.display(),
+                state.peft_type,
+                t.peft.config().peft_type()
+            )));
+        }
+        t.peft.load_weights(&checkpoint.join(WEIGHTS_FILE))?;
+        let device = t.device();
+        t.opt.load_state(&read_safetensors(&checkpoint.join("optimizer.safetensors"), &device)?)?;
+        t.step = state.step;
+        t.history = state.history;
+        t.last_checkpoint = Some(checkpoint.to_path_buf());
+        Ok(t)
+    }
+
+    fn device(&self) -> Device {
+        self.vars.first().map(|v| v.device().clone()).unwrap_or(Device::Cpu)
+    }
+
+    /// The model being trained.
+    pub fn peft(&self) -> &PeftModel<M> {
+        &self.peft
+    }
+
+    /// The model being trained, mutably.
+    pub fn peft_mut(&mut self) -> &mut PeftModel<M> {
+        &mut self.peft
+    }
+
+    /// Ends training and returns the model (in evaluation mode).
+    pub fn into_peft(mut self) -> PeftModel<M> {
+        self.peft.set_train(false);
+        self.peft
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Every step's record so far.
+    pub fn history(&self) -> &[StepLog] {
+        &self.history
+    }
+
+    fn batch_loss(&self, examples: &[&Example]) -> Result<(Tensor, usize)> {
+        let batch = collate(examples, self.config.pad_id, &self.device())?;
+        let logits = self.peft.model().logits(&batch.ids)?;
+        let (b, t, vocab) = logits.dims3()?;
+        let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
+        Ok((masked_cross_entropy(&logits, &batch.labels)?, b * t))
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches of `data`.
+    pub fn train_step(&mut self, data: &[Example]) -> Result<StepLog> {
+        let started = Instant::now();
+        let c = &self.config;
+        let mut total: Option<GradStore> = None;
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        for micro in 0..c.grad_accum {
+            let idx = batch_indices(data.len(), c.batch_size, self.step * c.grad_accum + micro, c.seed);
+            let examples: Vec<&Example> = idx.iter().map(|&i| &data[i]).collect();
+            let (loss, n) = self.batch_loss(&examples)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(self.non_finite("loss", value));
+            }
+            loss_sum += value;
+            tokens += n;
+            let grads = (loss / c.grad_accum as f64)?.backward()?;
+            total = Some(match total {
+                None => grads,
+                Some(mut acc) => {
+                    for v in &self.vars {
+                        if let (Some(a), Some(g)) = (acc.get(v.as_tensor()), grads.get(v.as_tensor())) {
+                            let sum = (a + g)?;
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let mut grads = total.expect("grad_accum >= 1");
+        let grad_norm = clip_grad_norm(&mut grads, &self.vars, self.config.max_grad_norm.unwrap_or(f64::INFINITY))?;
+        if !grad_norm.is_finite() {
+            return Err(self.non_finite("gradient norm", grad_norm));
+        }
+        let lr = self.config.schedule.at(self.step);
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        let log = StepLog {
+            step: self.step,
+            loss: loss_sum / self.config.grad_accum as f64,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            eval_loss: None,
+        };
+        self.history.push(log.clone());
+        Ok(log)
+    }
+
+    fn non_finite(&self, what: &str, value: f64) -> Error {
+        Error::NonFinite {
+            step: self.step + 1,
+            what: what.to_string(),
+            value,
+            last_checkpoint: self.last_checkpoint.clone(),
+        }
+    }
+
+    /// The mean token loss over `data` (in batches of `batch_size`, evaluation mode).
+    pub fn evaluate(&mut self, data: &[Example]) -> Result<f64> {
+        self.peft.set_train(false);
+        let result = (|| {
+            let (mut sum, mut count) = (0f64, 0usize);
+            for chunk in data.chunks(self.config.batch_size) {
+                let refs: Vec<&Example> = chunk.iter().collect();
+                let batch = collate(&refs, self.config.pad_id, &self.device())?;
+                let (loss, _) = self.batch_loss(&refs)?;
+                sum += loss.to_scalar::<f32>()? as f64 * batch.target_tokens as f64;
+                count += batch.target_tokens;
+            }
+            Ok(sum / count.max(1) as f64)
+        })();
+        self.peft.set_train(true);
+        result
+    }
+
+    /// Trains until `steps` steps are done, evaluating, checkpointing and logging as configured.
+    pub fn train(&mut self, data: &[Example], eval: Option<&[Example]>) -> Result<()> {
+        let c = self.config.clone();
+        let bar = if c.progress {
+            let bar = indicatif::ProgressBar::new(c.steps as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            bar.set_position(self.step as u64);
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        while self.step < c.steps {
+            let mut log = self.train_step(data)?;
+            let last = self.step == c.steps;
+            if let (Some(every), Some(eval)) = (c.eval_every, eval) {
+                if self.step % every == 0 || last {
+                    log.eval_loss = Some(self.evaluate(eval)?);
+                    *self.history.last_mut().expect("just pushed") = log.clone();
+                }
+            }
+            bar.set_message(format!("loss {:.4}  {:.0} tok/s", log.loss, log.tokens_per_s));
+            bar.inc(1);
+            if let Some(dir) = &c.output_dir {
+                append_jsonl(&dir.join("metrics.jsonl"), &log)?;
+                if c.checkpoint_every.is_some_and(|every| self.step % every == 0) || last {
+                    self.save_checkpoint(&dir.join(format!("checkpoint-{}", self.step)))?;
+                }
+            }
+        }
+        bar.finish();
+        Ok(())
+    }
+
+    /// Writes the adapter (PEFT format), the optimizer state and the trainer state into `dir`,
+    /// atomically: everything goes to a temporary directory that is renamed into place.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let tmp = dir.with_file_name(format!(
+            ".{}.tmp-{}",
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        self.peft.save_pretrained(&tmp)?;
+        write_safetensors(&tmp.join("optimizer.safetensors"), &self.opt.state()?)?;
+        let state = TrainerState {
+            step: self.step,
+            peft_type: self.peft.config().peft_type().into(),
+            history: self.history.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Unsupported(e.to_string()))?;
+        write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        self.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
+    }
+}
+
+fn append_jsonl(path: &Path, log: &StepLog) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let line = serde_json::to_string(log).map_err(|e| Error::Unsupported(e.to_string()))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(path, e))
+}

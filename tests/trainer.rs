@@ -1,0 +1,121 @@
+//! The training loop on the tiny LLaMA: the loss falls, a resumed run continues the same loss
+//! curve, a NaN stops training with the last good checkpoint kept, and bad checkpoints are refused.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_peft::models::Llama;
+use candle_peft::train::data::Example;
+use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
+use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, LoraConfig, PeftModel};
+use common::fixture;
+
+fn model(config: AdapterConfig) -> PeftModel<Llama> {
+    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32).unwrap();
+    PeftModel::new(llama, config, InitOptions { seed: 1, ..Default::default() }).unwrap()
+}
+
+/// LoRA on every linear, lm_head included: the tiny model's frozen head (weights ~ N(0, 0.02))
+/// caps the logits too low to fit anything otherwise.
+fn lora() -> AdapterConfig {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
+    AdapterConfig::Lora(LoraConfig::lora(8, 16.0, &targets))
+}
+
+/// Counting sequences modulo the vocabulary: the next token is always the previous plus one.
+fn counting(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|k| {
+            let ids: Vec<u32> = (0..12).map(|i| ((3 * k + i) % 64) as u32).collect();
+            Example { labels: ids.iter().map(|&t| t as i64).collect(), ids }
+        })
+        .collect()
+}
+
+fn config(steps: usize) -> TrainConfig {
+    TrainConfig { steps, batch_size: 4, schedule: LrSchedule::Constant { lr: 1e-2 }, ..Default::default() }
+}
+
+#[test]
+fn the_loss_falls_on_a_learnable_task() -> candle_peft::Result<()> {
+    let data = counting(16);
+    let c = TrainConfig { grad_accum: 2, ..config(40) };
+    let mut t = Trainer::new(model(lora()), c)?;
+    let before = t.evaluate(&data)?;
+    t.train(&data, None)?;
+    let after = t.evaluate(&data)?;
+    assert!(before > 3.5, "a random model starts near ln(64) = 4.16: {before}");
+    assert!(after < 0.5 * before, "loss {before} -> {after}");
+    eprintln!("loss {before:.3} -> {after:.3}");
+    let h = t.history();
+    assert_eq!(h.len(), 40);
+    assert!(h.iter().all(|s| s.loss.is_finite() && s.grad_norm.is_finite() && s.tokens == 2 * 4 * 12));
+    Ok(())
+}
+
+#[test]
+fn a_resumed_run_continues_the_same_loss_curve() -> candle_peft::Result<()> {
+    let data = counting(10);
+    let dir = tempfile::tempdir().unwrap();
+    let full_config =
+        TrainConfig { checkpoint_every: Some(3), output_dir: Some(dir.path().to_path_buf()), ..config(6) };
+    let mut full = Trainer::new(model(lora()), full_config.clone())?;
+    full.train(&data, None)?;
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+
+    let other = tempfile::tempdir().unwrap();
+    let resumed_config = TrainConfig { output_dir: Some(other.path().to_path_buf()), ..full_config };
+    let mut resumed = Trainer::resume(model(lora()), resumed_config, &dir.path().join("checkpoint-3"))?;
+    assert_eq!(resumed.step(), 3);
+    resumed.train(&data, None)?;
+    for (a, b) in full.history().iter().zip(resumed.history()) {
+        assert!((a.loss - b.loss).abs() < 1e-6, "step {}: {} vs {}", a.step, a.loss, b.loss);
+    }
+    assert_eq!(resumed.history().len(), 6);
+    // The final checkpoint is a PEFT adapter directory.
+    PeftModel::from_pretrained(
+        Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32)?,
+        &dir.path().join("checkpoint-6"),
+        DType::F32,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_nan_stops_training_and_keeps_the_last_checkpoint() -> candle_peft::Result<()> {
+    let data = counting(8);
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig { checkpoint_every: Some(1), output_dir: Some(dir.path().to_path_buf()), ..config(4) };
+    let mut t = Trainer::new(model(lora()), c)?;
+    t.train_step(&data)?;
+    t.train_step(&data)?;
+    let good = dir.path().join("checkpoint-2");
+    t.save_checkpoint(&good)?;
+    // Poison one adapter: the next forward gives NaN logits.
+    for (path, layer) in t.peft_mut().model_mut().linears_mut() {
+        if path == "model.layers.0.self_attn.q_proj" {
+            let nan = Tensor::full(f32::NAN, (32, 8), &Device::Cpu)?;
+            layer.adapter_mut().unwrap().load_tensor("lora_B.weight", &nan)?;
+        }
+    }
+    let e = t.train(&data, None).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { step: 3, .. }), "{e}");
+    assert!(e.to_string().contains("checkpoint-2"), "{e}");
+    assert!(!dir.path().join("checkpoint-3").exists());
+    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32)?;
+    PeftModel::from_pretrained(llama, &good, DType::F32)?;
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_of_another_method_is_refused() -> candle_peft::Result<()> {
+    let data = counting(8);
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig { output_dir: Some(dir.path().to_path_buf()), ..config(1) };
+    Trainer::new(model(lora()), c.clone())?.train(&data, None)?;
+    let vera = AdapterConfig::Vera(candle_peft::VeraConfig::new(8, &["q_proj"]));
+    let e = Trainer::resume(model(vera), c, &dir.path().join("checkpoint-1")).unwrap_err();
+    assert!(e.to_string().contains("LORA") && e.to_string().contains("VERA"), "{e}");
+    Ok(())
+}
