@@ -208,6 +208,37 @@ impl Llama {
         })
     }
 
+    /// A randomly initialised model (weights `N(0, 0.02^2)`, norms 1) drawn from `seed`, for
+    /// examples and tests that need no checkpoint.
+    pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0f32, 0.02).expect("valid std");
+        let mut draw = |shape: (usize, usize)| -> Result<Tensor> {
+            let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| normal.sample(&mut rng)).collect();
+            Ok(Tensor::from_vec(data, shape, device)?)
+        };
+        let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
+        let (q, kv) = (config.num_attention_heads * hd, config.kv_heads() * hd);
+        let ones = Tensor::ones(h, DType::F32, device)?;
+        let mut t = BTreeMap::new();
+        t.insert("model.embed_tokens.weight".to_string(), draw((config.vocab_size, h))?);
+        t.insert("model.norm.weight".to_string(), ones.clone());
+        if !config.tie_word_embeddings {
+            t.insert("lm_head.weight".to_string(), draw((config.vocab_size, h))?);
+        }
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            t.insert(format!("{p}.input_layernorm.weight"), ones.clone());
+            t.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+            for (name, shape) in LAYER_LINEARS.iter().zip([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]) {
+                t.insert(format!("{p}.{name}.weight"), draw(shape)?);
+            }
+        }
+        Self::from_tensors(config, &t, DType::F32)
+    }
+
     /// Loads an HF model directory: `config.json` and one or more `*.safetensors` files.
     pub fn from_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
