@@ -58,6 +58,9 @@ fn builtin_records() -> Vec<Record> {
         .collect()
 }
 
+/// Text to token ids.
+type Encode = Box<dyn Fn(&str) -> candle_peft::Result<Vec<u32>>>;
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
 }
@@ -73,14 +76,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => builtin_records(),
     };
 
-    // The model and a text-to-ids function.
-    let (model, encode, eos, pad, mut targets): (
-        Llama,
-        Box<dyn Fn(&str) -> candle_peft::Result<Vec<u32>>>,
-        _,
-        _,
-        Vec<&str>,
-    ) = match arg(&args, "--model") {
+    // The model, a text-to-ids function, the end and padding ids, and extra adapter targets.
+    let (model, encode, eos, pad, mut targets): (Llama, Encode, _, _, Vec<&str>) = match arg(&args, "--model") {
         None => {
             let config: LlamaConfig = serde_json::from_str(
                 r#"{"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
