@@ -36,6 +36,19 @@ fn lora_logits_and_gradients_match_peft() -> candle_peft::Result<()> {
     Ok(())
 }
 
+/// Every other PEFT-saved adapter of the tiny LLaMA reproduces PEFT's whole-model logits.
+#[test]
+fn other_peft_adapters_reproduce_peft_logits() -> candle_peft::Result<()> {
+    let r = load("tiny_llama/llama_reference.safetensors");
+    for name in ["dora", "rslora_all_linear", "vera", "randlora", "randlora_wide"] {
+        let peft = PeftModel::from_pretrained(tiny(), &fixture(&format!("tiny_llama/{name}")), DType::F32)?;
+        let logits = peft.model().forward(&r["ids"])?;
+        assert_close(&logits, &r[&format!("{name}.logits")], 1e-5, name);
+        assert!(common::rel_err(&logits, &r["base_logits"]) > 1e-4, "{name}: the adapter changes nothing");
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_model_dirs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
