@@ -126,7 +126,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}", peft.parameter_count());
 
     let steps: usize = arg(&args, "--steps").map(|s| s.parse()).transpose()?.unwrap_or(150);
-    let lr: f64 = arg(&args, "--lr").map(|s| s.parse()).transpose()?.unwrap_or(5e-3);
+    // A fresh random model takes a large rate; a pretrained one a small one.
+    let default_lr = if arg(&args, "--model").is_some() { 2e-4 } else { 5e-3 };
+    let lr: f64 = arg(&args, "--lr").map(|s| s.parse()).transpose()?.unwrap_or(default_lr);
     let config = TrainConfig {
         steps,
         batch_size: 4,
