@@ -194,17 +194,18 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
     Ok(())
 }
 
+/// A LoRA for a (4, 3) layer with `A`, `B` all ones.
+fn ones_lora() -> candle_peft::Result<Lora> {
+    let ones = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu);
+    Lora::from_weights(ones((2, 3))?, ones((4, 2))?, 1.0, 0.0)
+}
+
 #[test]
 fn merge_state_errors() -> candle_peft::Result<()> {
     let w = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu)?;
     let mut layer = AdaptedLinear::new(w.clone(), None)?;
     assert!(layer.merge().is_err(), "merging without an adapter");
-    let lora = Lora::from_weights(
-        Tensor::ones((2, 3), DType::F32, &Device::Cpu)?,
-        Tensor::ones((4, 2), DType::F32, &Device::Cpu)?,
-        1.0,
-        0.0,
-    )?;
+    let lora = ones_lora()?;
     layer.set_adapter(Box::new(lora), None)?;
     assert!(matches!(layer.unmerge(), Err(candle_peft::Error::MergeState(_))), "unmerging an unmerged layer");
     layer.merge()?;
@@ -214,12 +215,7 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     assert!(matches!(bad, candle_peft::Error::ShapeMismatch { .. }), "{bad}");
     // An adapter built for another shape is refused.
     let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?, None)?;
-    let lora = Lora::from_weights(
-        Tensor::ones((2, 3), DType::F32, &Device::Cpu)?,
-        Tensor::ones((4, 2), DType::F32, &Device::Cpu)?,
-        1.0,
-        0.0,
-    )?;
+    let lora = ones_lora()?;
     assert!(matches!(other.set_adapter(Box::new(lora), None), Err(candle_peft::Error::ShapeMismatch { .. })));
     Ok(())
 }

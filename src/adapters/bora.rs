@@ -175,10 +175,7 @@ pub fn build(
     dtype: DType,
     rng: &mut impl Rng,
 ) -> Result<BuiltAdapter> {
-    let (r, alpha) = config.rank_and_alpha(path)?;
-    let strategy = config.strategy();
-    let (lora, residual) =
-        Lora::new(base, r, alpha, strategy.as_ref(), config.lora_dropout, config.init_lora_weights, dtype, rng)?;
+    let (lora, residual) = config.new_lora(path, base, dtype, rng)?;
     let bora = Bora::new(lora, residual.as_ref().unwrap_or(base.weight))?;
     Ok(BuiltAdapter { adapter: Box::new(bora), base_weight: residual })
 }

@@ -37,7 +37,6 @@ pub fn build(
     dtype: DType,
     rng: &mut impl Rng,
 ) -> Result<BuiltAdapter> {
-    let (r, alpha) = config.rank_and_alpha(path)?;
-    let xs = LoraXs::new(base, r, alpha, config.strategy().as_ref(), config.lora_dropout, dtype, rng)?;
+    let xs = super::lora_xs::from_config(config, path, base, dtype, rng)?;
     Ok(BuiltAdapter { adapter: Box::new(edora(xs, base.weight)?), base_weight: None })
 }

@@ -190,11 +190,22 @@ impl LoraConfig {
         self.target.validate()
     }
 
+    /// The LoRA of the module at `path` (its rank and alpha after the patterns), and for PiSSA
+    /// the residual base weight.
+    pub fn new_lora(
+        &self,
+        path: &str,
+        base: BaseLayer<'_>,
+        dtype: DType,
+        rng: &mut impl Rng,
+    ) -> Result<(Lora, Option<Tensor>)> {
+        let (r, alpha) = self.rank_and_alpha(path)?;
+        Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)
+    }
+
     /// Builds the adapter of the module at `path` wrapping `base`, drawing its init from `rng`.
     pub fn build(&self, path: &str, base: BaseLayer<'_>, dtype: DType, rng: &mut impl Rng) -> Result<BuiltAdapter> {
-        let (r, alpha) = self.rank_and_alpha(path)?;
-        let (lora, residual) =
-            Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)?;
+        let (lora, residual) = self.new_lora(path, base, dtype, rng)?;
         let adapter: Box<dyn Adapter> = if self.use_dora {
             Box::new(Dora::new(lora, residual.as_ref().unwrap_or(base.weight), "LORA")?)
         } else {

@@ -97,6 +97,18 @@ impl LoraXs {
     }
 }
 
+/// The LoRA-XS of the module at `path` from LoRA's fields (`config`).
+pub fn from_config(
+    config: &LoraConfig,
+    path: &str,
+    base: BaseLayer<'_>,
+    dtype: DType,
+    rng: &mut impl Rng,
+) -> Result<LoraXs> {
+    let (r, alpha) = config.rank_and_alpha(path)?;
+    LoraXs::new(base, r, alpha, config.strategy().as_ref(), config.lora_dropout, dtype, rng)
+}
+
 /// Builds the LoRA-XS of the module at `path` from LoRA's fields (`config`).
 pub fn build(
     config: &LoraConfig,
@@ -105,9 +117,7 @@ pub fn build(
     dtype: DType,
     rng: &mut impl Rng,
 ) -> Result<BuiltAdapter> {
-    let (r, alpha) = config.rank_and_alpha(path)?;
-    let xs = LoraXs::new(base, r, alpha, config.strategy().as_ref(), config.lora_dropout, dtype, rng)?;
-    Ok(BuiltAdapter { adapter: Box::new(xs), base_weight: None })
+    Ok(BuiltAdapter { adapter: Box::new(from_config(config, path, base, dtype, rng)?), base_weight: None })
 }
 
 impl LowRankUpdate for LoraXs {
