@@ -25,7 +25,7 @@ use crate::peft_model::LinearHost;
 use crate::{Error, Result};
 
 /// The fields of an HF `config.json` that a LLaMA needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct LlamaConfig {
     /// Model width.
     pub hidden_size: usize,
@@ -310,6 +310,45 @@ impl Llama {
             tensors.insert(hf, t);
         }
         Ok((Self::from_tensors(config, &tensors, dtype)?, meta))
+    }
+
+    /// Every tensor under its HF name, with each linear's current weight (merged, after
+    /// [`crate::PeftModel::merge`]): what [`Llama::save_hf_dir`] writes.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut t = BTreeMap::new();
+        t.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.clone());
+        t.insert("model.norm.weight".to_string(), self.norm.clone());
+        for (i, b) in self.layers.iter().enumerate() {
+            t.insert(format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone());
+            t.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone());
+        }
+        for (path, l) in self.linears() {
+            t.insert(format!("{path}.weight"), l.weight().clone());
+            if let Some(b) = l.bias() {
+                t.insert(format!("{path}.bias"), b.clone());
+            }
+        }
+        t
+    }
+
+    /// Writes an HF model directory (`config.json`, `model.safetensors`) that transformers'
+    /// `LlamaForCausalLM.from_pretrained` loads.
+    pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut config = serde_json::to_value(&self.config).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let map = config.as_object_mut().expect("an object");
+        map.retain(|_, v| !v.is_null());
+        map.insert("model_type".into(), "llama".into());
+        map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        map.insert("num_key_value_heads".into(), self.config.kv_heads().into());
+        map.insert("head_dim".into(), self.config.head_dim().into());
+        map.insert("rope_theta".into(), self.rope_theta.into());
+        map.insert("hidden_act".into(), "silu".into());
+        map.insert("torch_dtype".into(), "float32".into());
+        let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Unsupported(e.to_string()))?;
+        crate::format::write_atomic(&dir.join("config.json"), json.as_bytes())?;
+        let tensors: Vec<(String, Tensor)> = self.tensors().into_iter().collect();
+        crate::format::write_safetensors(&dir.join("model.safetensors"), &tensors)
     }
 
     /// The config.

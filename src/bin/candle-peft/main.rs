@@ -1,0 +1,440 @@
+//! `candle-peft`: train, merge, evaluate, generate with and inspect PEFT adapters of LLaMA-family
+//! models (a GGUF file or an HF model directory).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
+use candle_peft::models::{self, Llama};
+use candle_peft::train::data::{read_jsonl, Example, Record};
+use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
+use candle_peft::{
+    AdapterConfig, Fixed, InitOptions, LoraConfig, MeloraConfig, PeftModel, RandLoraConfig, RankStabilized, Standard,
+    TargetModules, VeraConfig,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokenizers::Tokenizer;
+
+#[derive(Parser)]
+#[command(name = "candle-peft", version, about = "Parameter-efficient fine-tuning of LLaMA-family models on candle")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an adapter on a JSONL data set and save it in HF PEFT's format.
+    Train(Box<TrainArgs>),
+    /// Merge an adapter into its base model and write an HF model directory.
+    Merge {
+        /// The base model: a GGUF file or an HF model directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Mean token loss and perplexity on a data set (labels = input ids, as transformers).
+    Eval {
+        /// The model: a GGUF file or an HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL data ({"prompt", "completion"} records are read as their concatenation).
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Greedy generation from a prompt.
+    Generate {
+        /// The model: a GGUF file or an HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Describe an adapter directory: method, rank, targets, parameters, keys.
+    Inspect {
+        /// The adapter directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// The compute dtype of the model: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+impl RunArgs {
+    fn open(&self) -> anyhow_like::Result<(Device, DType)> {
+        let device = candle_peft::device(&self.device)?;
+        let dtype = match self.dtype.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => return Err(format!("unknown --dtype {other} (f32, bf16, f16)").into()),
+        };
+        Ok((device, dtype))
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Method {
+    Lora,
+    Rslora,
+    Rora,
+    Dora,
+    Bora,
+    LoraXs,
+    Edora,
+    Melora,
+    Vera,
+    Randlora,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The model: a GGUF file or an HF model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL training data: {"prompt", "completion"} or {"text"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// JSONL evaluation data.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Output directory: checkpoints, metrics.jsonl and the final adapter (in `adapter/`).
+    #[arg(long)]
+    output: PathBuf,
+    /// The adapter method.
+    #[arg(long, value_enum, default_value = "lora")]
+    method: Method,
+    /// Rank (VeRA: the shared rank; MELoRA: the equivalent rank).
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Alpha of the scaling factor (default 2 * rank).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Scaling strategy: alpha-r, alpha-sqrt-r or fixed:<s> (default: the method's).
+    #[arg(long)]
+    scaling: Option<String>,
+    /// Comma-separated target modules, or all-linear.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    targets: String,
+    /// MELoRA's number of minis.
+    #[arg(long, default_value_t = 4)]
+    melora_n: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Learning-rate schedule: cosine (with 10% warmup) or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Truncate examples to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Evaluate and checkpoint every N steps.
+    #[arg(long, default_value_t = 50)]
+    every: usize,
+    /// Seed of the adapter init and the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from a checkpoint directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// A boxed error for the binary.
+mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow_like::Result<()> {
+    match cli.command {
+        Command::Train(args) => train(*args),
+        Command::Merge { base, adapter, output, run } => {
+            let (device, dtype) = run.open()?;
+            // The tokenizer travels with the model: tokenizer.json from a directory (if it has
+            // one), or the one a GGUF file describes.
+            let (model, tokenizer) = if base.is_dir() {
+                let tokenizer = Some(base.join("tokenizer.json")).filter(|p| p.exists());
+                (
+                    Llama::from_hf_dir(&base, &device, dtype)?,
+                    tokenizer.map(|p| candle_peft::tokenizer::from_file(&p)).transpose()?,
+                )
+            } else {
+                let (model, meta) = Llama::from_gguf(&base, &device, dtype)?;
+                (model, Some(candle_peft::tokenizer::from_gguf(&meta)?))
+            };
+            let mut peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
+            peft.merge()?;
+            peft.model().save_hf_dir(&output)?;
+            if let Some(tokenizer) = tokenizer {
+                tokenizer.save(output.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
+            }
+            println!("merged model written to {}", output.display());
+            Ok(())
+        }
+        Command::Eval { model, adapter, data, json, run } => {
+            let (device, dtype) = run.open()?;
+            let (lm, tokenizer) = load_with_adapter(&model, adapter.as_deref(), &device, dtype)?;
+            let (loss, tokens) = eval_loss(lm.model(), &tokenizer, &read_jsonl(&data)?, &device)?;
+            if json {
+                println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+            } else {
+                println!("loss {loss:.4}  perplexity {:.3}  ({tokens} predicted tokens)", loss.exp());
+            }
+            Ok(())
+        }
+        Command::Generate { model, adapter, prompt, max_new_tokens, run } => {
+            let (device, dtype) = run.open()?;
+            let (lm, tokenizer) = load_with_adapter(&model, adapter.as_deref(), &device, dtype)?;
+            let lm = lm.model();
+            let mut ids = encode(&tokenizer, &prompt)?;
+            let start = ids.len();
+            let eos = end_token(&tokenizer);
+            for _ in 0..max_new_tokens {
+                let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+                let logits = lm.forward(&input)?.squeeze(0)?.get(ids.len() - 1)?;
+                let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
+                ids.push(next);
+                if Some(next) == eos {
+                    break;
+                }
+            }
+            println!("{}", tokenizer.decode(&ids[start..], true).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::Inspect { dir } => inspect(&dir),
+    }
+}
+
+/// A model, bare or with an adapter.
+enum Lm {
+    Plain(Box<Llama>),
+    Adapted(Box<PeftModel<Llama>>),
+}
+
+impl Lm {
+    fn model(&self) -> &Llama {
+        match self {
+            Lm::Plain(m) => m,
+            Lm::Adapted(p) => p.model(),
+        }
+    }
+}
+
+/// Loads a model, its tokenizer and, if given, an adapter on it.
+fn load_with_adapter(
+    path: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> anyhow_like::Result<(Lm, Tokenizer)> {
+    let (model, tokenizer) = models::load(path, device, dtype)?;
+    let lm = match adapter {
+        None => Lm::Plain(Box::new(model)),
+        Some(a) => Lm::Adapted(Box::new(PeftModel::from_pretrained(model, a, dtype)?)),
+    };
+    Ok((lm, tokenizer))
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str) -> anyhow_like::Result<Vec<u32>> {
+    Ok(tokenizer.encode(text, false).map_err(|e| e.to_string())?.get_ids().to_vec())
+}
+
+fn end_token(tokenizer: &Tokenizer) -> Option<u32> {
+    ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"].iter().find_map(|t| tokenizer.token_to_id(t))
+}
+
+/// Token-weighted mean next-token loss over every record's tokens (labels = input ids).
+fn eval_loss(
+    lm: &Llama,
+    tokenizer: &Tokenizer,
+    records: &[Record],
+    device: &Device,
+) -> anyhow_like::Result<(f64, usize)> {
+    let (mut sum, mut count) = (0f64, 0usize);
+    for r in records {
+        let text = match r {
+            Record::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
+            Record::Text { text } => text.clone(),
+        };
+        let ids = encode(tokenizer, &text)?;
+        if ids.len() < 2 {
+            continue;
+        }
+        let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+        let logits = lm.forward(&input)?.squeeze(0)?;
+        let n = ids.len() - 1;
+        let labels: Vec<i64> = ids[1..].iter().map(|&t| t as i64).collect();
+        let loss = masked_cross_entropy(&logits.narrow(0, 0, n)?, &Tensor::new(labels.as_slice(), device)?)?;
+        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+        count += n;
+    }
+    if count == 0 {
+        return Err("the data set has no record of two or more tokens".into());
+    }
+    Ok((sum / count as f64, count))
+}
+
+fn adapter_config(args: &TrainArgs) -> anyhow_like::Result<AdapterConfig> {
+    let names: Vec<&str> = args.targets.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let alpha = args.alpha.unwrap_or(2.0 * args.rank as f64);
+    let mut lora = LoraConfig::lora(args.rank, alpha, &names);
+    if args.targets.trim() == "all-linear" {
+        lora.target.target_modules = Some(TargetModules::Regex("all-linear".into()));
+    }
+    lora = match args.scaling.as_deref() {
+        None => lora,
+        Some("alpha-r") => lora.with_scaling(Standard),
+        Some("alpha-sqrt-r") => lora.with_scaling(RankStabilized),
+        Some(s) => match s.strip_prefix("fixed:").map(str::parse::<f64>) {
+            Some(Ok(v)) => lora.with_scaling(Fixed(v)),
+            _ => return Err(format!("unknown --scaling {s} (alpha-r, alpha-sqrt-r, fixed:<s>)").into()),
+        },
+    };
+    let target = lora.target.clone();
+    Ok(match args.method {
+        Method::Lora => AdapterConfig::Lora(lora),
+        Method::Rslora | Method::Rora => {
+            let scaling = lora.scaling.clone().unwrap_or_else(|| Arc::new(RankStabilized));
+            AdapterConfig::Lora(LoraConfig { use_rslora: scaling.is_rank_stabilized(), scaling: Some(scaling), ..lora })
+        }
+        Method::Dora => AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora }),
+        Method::Bora => AdapterConfig::Bora(lora),
+        Method::LoraXs => AdapterConfig::LoraXs(lora),
+        Method::Edora => AdapterConfig::Edora(lora),
+        Method::Melora => AdapterConfig::Melora(MeloraConfig { n: args.melora_n, lora }),
+        Method::Vera => AdapterConfig::Vera(VeraConfig { target, ..VeraConfig::new(args.rank, &[]) }),
+        Method::Randlora => AdapterConfig::RandLora(RandLoraConfig {
+            target,
+            randlora_alpha: args.alpha.unwrap_or(640.0),
+            ..RandLoraConfig::new(args.rank, &[])
+        }),
+    })
+}
+
+fn train(args: TrainArgs) -> anyhow_like::Result<()> {
+    let (device, dtype) = args.run.open()?;
+    let (model, tokenizer) = models::load(&args.model, &device, dtype)?;
+    let eos = end_token(&tokenizer);
+    let enc = |s: &str| {
+        tokenizer
+            .encode(s, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| candle_peft::Error::Unsupported(format!("tokenizer: {e}")))
+    };
+    let to_examples = |path: &Path| -> anyhow_like::Result<Vec<Example>> {
+        Ok(read_jsonl(path)?
+            .iter()
+            .map(|r| Example::from_record(r, &enc, eos, args.max_len))
+            .collect::<candle_peft::Result<_>>()?)
+    };
+    let data = to_examples(&args.data)?;
+    let eval = args.eval_data.as_deref().map(to_examples).transpose()?;
+    let peft = PeftModel::new(model, adapter_config(&args)?, InitOptions { seed: args.seed, dtype: DType::F32 })?;
+    println!("{}", peft.parameter_count());
+    let schedule = match args.schedule.as_str() {
+        "constant" => LrSchedule::Constant { lr: args.lr },
+        "cosine" => {
+            LrSchedule::WarmupCosine { lr: args.lr, warmup: args.steps / 10, total: args.steps, min_lr: args.lr / 10.0 }
+        }
+        other => return Err(format!("unknown --schedule {other} (cosine, constant)").into()),
+    };
+    let config = TrainConfig {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        schedule,
+        eval_every: Some(args.every),
+        checkpoint_every: Some(args.every),
+        output_dir: Some(args.output.clone()),
+        seed: args.seed,
+        pad_id: eos.unwrap_or(0),
+        progress: true,
+        ..Default::default()
+    };
+    let mut trainer = match &args.resume {
+        Some(ckpt) => Trainer::resume(peft, config, ckpt)?,
+        None => Trainer::new(peft, config)?,
+    };
+    trainer.train(&data, eval.as_deref())?;
+    let adapter = args.output.join("adapter");
+    trainer.into_peft().save_pretrained(&adapter)?;
+    println!("adapter saved to {}", adapter.display());
+    Ok(())
+}
+
+fn inspect(dir: &Path) -> anyhow_like::Result<()> {
+    let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let tensors = read_safetensors(&dir.join(WEIGHTS_FILE), &Device::Cpu)?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE))?)?;
+    let mut modules = BTreeMap::<String, usize>::new();
+    for (k, t) in &tensors {
+        if let Some(rest) = k.strip_prefix("base_model.model.") {
+            let module = rest.rsplit_once(".lora_").or_else(|| rest.rsplit_once('.')).map(|(m, _)| m).unwrap_or(rest);
+            *modules.entry(module.to_string()).or_default() += t.elem_count();
+        }
+    }
+    println!("method: {}", config.peft_type());
+    for field in ["r", "lora_alpha", "use_rslora", "use_dora", "randlora_alpha", "d_initial", "n"] {
+        if let Some(v) = json.get(field) {
+            println!("{field}: {v}");
+        }
+    }
+    println!("target_modules: {}", json["target_modules"]);
+    println!("adapted modules: {}", modules.len());
+    println!("parameters: {}", tensors.values().map(|t| t.elem_count()).sum::<usize>());
+    println!("keys:");
+    for (k, t) in &tensors {
+        println!("  {k} {:?} {:?}", t.dims(), t.dtype());
+    }
+    Ok(())
+}
