@@ -89,14 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (model, Box::new(|s: &str| Ok(s.bytes().map(u32::from).collect())), Some(0), 0, vec!["lm_head"])
         }
         Some(path) => {
-            let path = PathBuf::from(path);
-            let (model, tokenizer) = if path.is_dir() {
-                let model = Llama::from_hf_dir(&path, &device, DType::F32)?;
-                (model, candle_peft::tokenizer::from_file(&path.join("tokenizer.json"))?)
-            } else {
-                let (model, meta) = Llama::from_gguf(&path, &device, DType::F32)?;
-                (model, candle_peft::tokenizer::from_gguf(&meta)?)
-            };
+            let (model, tokenizer) = candle_peft::models::load(path.as_ref(), &device, DType::F32)?;
             let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("</s>"));
             let encode = move |s: &str| {
                 tokenizer
