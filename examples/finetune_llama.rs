@@ -6,12 +6,14 @@
 //!     --model models/SmolLM2-135M-Instruct.Q4_1.gguf --data train.jsonl --steps 200
 //! ```
 //! Options: `--model <gguf file | HF dir>`, `--data <jsonl>` (`{"prompt", "completion"}` or
-//! `{"text"}` per line), `--steps N`, `--rank R`, `--lr LR`, `--method lora|rslora|dora`,
+//! `{"text"}` per line) or `--task capitals|format` (built-in data: question/answer pairs, or
+//! key=value lines to one-line JSON), `--steps N`, `--rank R`, `--lr LR`, `--method lora|rslora|dora`,
 //! `--output DIR` (default `target/finetune-llama`), `--device auto|cpu|cuda:N|metal`.
 //!
 //! Without `--model` it trains LoRA on a small randomly initialised byte-level LLaMA over a
 //! built-in set of question/answer pairs, in well under two minutes on two CPU cores, and shows
-//! the loss falling.
+//! the loss falling. For prompt/completion data it reports the held-out exact-match accuracy of
+//! greedy completions before and after training.
 
 use std::path::PathBuf;
 
@@ -48,6 +50,51 @@ const COUNTRIES: [(&str, &str); 24] = [
     ("Iceland", "Reykjavik"),
 ];
 
+/// A strict output format the base model does not follow: key=value text to one-line JSON.
+/// Deterministic in `seed`; the held-out split has names and numbers never seen in training.
+fn format_records(n: usize, seed: u64) -> Vec<Record> {
+    use rand::{Rng, SeedableRng};
+    const NAMES: [&str; 16] = [
+        "Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kemal", "Lena", "Mateo",
+        "Nora", "Omar", "Priya",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let (name, city) =
+                (NAMES[rng.random_range(0..NAMES.len())], COUNTRIES[rng.random_range(0..COUNTRIES.len())].1);
+            let age: u32 = rng.random_range(18..90);
+            Record::PromptCompletion {
+                prompt: format!("Convert to JSON: name={name} age={age} city={city}\nJSON:"),
+                completion: format!(" {{\"name\": \"{name}\", \"age\": {age}, \"city\": \"{city}\"}}"),
+            }
+        })
+        .collect()
+}
+
+/// Exact-match accuracy of greedy completions on prompt/completion records.
+fn accuracy(
+    model: &Llama,
+    records: &[Record],
+    encode: &Encode,
+    decode: &Decode,
+    eos: Option<u32>,
+) -> candle_peft::Result<f64> {
+    let mut hits = 0;
+    let mut total = 0;
+    for r in records {
+        if let Record::PromptCompletion { prompt, completion } = r {
+            let want = completion.trim();
+            let max_new = encode(completion)?.len() + 2;
+            let got = model.generate_greedy(&encode(prompt)?, max_new, eos)?;
+            let got: Vec<u32> = got.into_iter().take_while(|&t| Some(t) != eos).collect();
+            hits += usize::from(decode(&got).trim() == want);
+            total += 1;
+        }
+    }
+    Ok(hits as f64 / total.max(1) as f64)
+}
+
 fn builtin_records() -> Vec<Record> {
     COUNTRIES
         .iter()
@@ -60,6 +107,8 @@ fn builtin_records() -> Vec<Record> {
 
 /// Text to token ids.
 type Encode = Box<dyn Fn(&str) -> candle_peft::Result<Vec<u32>>>;
+/// Token ids to text.
+type Decode = Box<dyn Fn(&[u32]) -> String>;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
@@ -71,41 +120,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let output = PathBuf::from(arg(&args, "--output").unwrap_or_else(|| "target/finetune-llama".into()));
     let rank: usize = arg(&args, "--rank").map(|r| r.parse()).transpose()?.unwrap_or(8);
     let method = arg(&args, "--method").unwrap_or_else(|| "lora".into());
-    let records = match arg(&args, "--data") {
-        Some(p) => read_jsonl(p.as_ref())?,
-        None => builtin_records(),
+    let records = match (arg(&args, "--data"), arg(&args, "--task").as_deref()) {
+        (Some(p), _) => read_jsonl(p.as_ref())?,
+        (None, Some("format")) => format_records(240, 0),
+        (None, None | Some("capitals")) => builtin_records(),
+        (None, Some(other)) => return Err(format!("unknown --task {other} (capitals, format)").into()),
     };
 
     // The model, a text-to-ids function, the end and padding ids, and extra adapter targets.
-    let (model, encode, eos, pad, mut targets): (Llama, Encode, _, _, Vec<&str>) = match arg(&args, "--model") {
-        None => {
-            let config: LlamaConfig = serde_json::from_str(
-                r#"{"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
+    let (model, encode, decode, eos, pad, mut targets): (Llama, Encode, Decode, _, _, Vec<&str>) =
+        match arg(&args, "--model") {
+            None => {
+                let config: LlamaConfig = serde_json::from_str(
+                    r#"{"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
                         "rms_norm_eps": 1e-6, "rope_theta": 10000.0}"#,
-            )?;
-            let model = Llama::random(config, 0, &device)?;
-            // Bytes are tokens; 0 (never in the text) ends a sequence and pads.
-            (model, Box::new(|s: &str| Ok(s.bytes().map(u32::from).collect())), Some(0), 0, vec!["lm_head"])
-        }
-        Some(path) => {
-            let (model, tokenizer) = candle_peft::models::load(path.as_ref(), &device, DType::F32)?;
-            let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("</s>"));
-            let encode = move |s: &str| {
-                tokenizer
-                    .encode(s, false)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| candle_peft::Error::Unsupported(format!("tokenizer: {e}")))
-            };
-            (model, Box::new(encode), eos, eos.unwrap_or(0), vec![])
-        }
-    };
+                )?;
+                let model = Llama::random(config, 0, &device)?;
+                // Bytes are tokens; 0 (never in the text) ends a sequence and pads.
+                let encode: Encode = Box::new(|s: &str| Ok(s.bytes().map(u32::from).collect()));
+                let decode: Decode = Box::new(|ids: &[u32]| {
+                    String::from_utf8_lossy(&ids.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned()
+                });
+                (model, encode, decode, Some(0), 0, vec!["lm_head"])
+            }
+            Some(path) => {
+                let (model, tokenizer) = candle_peft::models::load(path.as_ref(), &device, DType::F32)?;
+                let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("</s>"));
+                let tok = tokenizer.clone();
+                let decode: Decode = Box::new(move |ids: &[u32]| tok.decode(ids, true).unwrap_or_default());
+                let encode = move |s: &str| {
+                    tokenizer
+                        .encode(s, false)
+                        .map(|e| e.get_ids().to_vec())
+                        .map_err(|e| candle_peft::Error::Unsupported(format!("tokenizer: {e}")))
+                };
+                (model, Box::new(encode), decode, eos, eos.unwrap_or(0), vec![])
+            }
+        };
     targets.extend(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
 
     let examples: Vec<Example> =
         records.iter().map(|r| Example::from_record(r, &encode, eos, 256)).collect::<candle_peft::Result<_>>()?;
     let split = examples.len() - (examples.len() / 6).max(1);
     let (train, eval) = examples.split_at(split);
+    let held_out = &records[split..];
     println!("{} training examples, {} held out", train.len(), eval.len());
 
     let alpha = 2.0 * rank as f64;
@@ -133,16 +192,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         progress: true,
         ..Default::default()
     };
+    let acc_before = accuracy(peft.model(), held_out, &encode, &decode, eos)?;
     let mut trainer = Trainer::new(peft, config)?;
     let before = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     trainer.train(train, Some(eval))?;
     let after = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
+    let peft = trainer.into_peft();
+    let acc_after = accuracy(peft.model(), held_out, &encode, &decode, eos)?;
     println!("train loss {:.3} -> {:.3}, held-out loss {:.3} -> {:.3}", before.0, after.0, before.1, after.1);
-    for log in trainer.history().iter().filter(|l| l.eval_loss.is_some()) {
+    println!(
+        "held-out exact-match accuracy {:.1}% -> {:.1}% ({} examples)",
+        100.0 * acc_before,
+        100.0 * acc_after,
+        held_out.len()
+    );
+    let history = std::fs::read_to_string(output.join("metrics.jsonl"))?;
+    for log in history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<candle_peft::train::StepLog>(l).ok())
+        .filter(|l| l.eval_loss.is_some())
+    {
         println!("step {:>4}  loss {:.3}  eval {:.3}", log.step, log.loss, log.eval_loss.unwrap_or(f64::NAN));
     }
     let adapter = output.join("adapter");
-    trainer.into_peft().save_pretrained(&adapter)?;
+    peft.save_pretrained(&adapter)?;
     println!("adapter saved to {} (metrics in {})", adapter.display(), output.join("metrics.jsonl").display());
     Ok(())
 }

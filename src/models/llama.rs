@@ -404,6 +404,23 @@ impl Llama {
         }
     }
 
+    /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after `eos`.
+    /// Recomputes the whole prefix every step (no KV cache): meant for short evaluations.
+    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+        let device = self.embed_tokens.device();
+        let mut ids = prompt.to_vec();
+        for _ in 0..max_new {
+            let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+            let logits = self.forward(&input)?.squeeze(0)?.get(ids.len() - 1)?;
+            let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            ids.push(next);
+            if Some(next) == eos {
+                break;
+            }
+        }
+        Ok(ids[prompt.len()..].to_vec())
+    }
+
     /// Switches every adapter between training mode (dropout on) and evaluation mode.
     pub fn set_train(&mut self, train: bool) {
         for (_, l) in self.linears_mut() {

@@ -288,6 +288,10 @@ impl<M: CausalLm> Trainer<M> {
         } else {
             indicatif::ProgressBar::hidden()
         };
+        if let Some(dir) = &c.output_dir {
+            // A fresh run starts a fresh log; a resumed one drops what came after its checkpoint.
+            self.trim_metrics(&dir.join("metrics.jsonl"))?;
+        }
         while self.step < c.steps {
             let mut log = self.train_step(data)?;
             let last = self.step == c.steps;
@@ -334,6 +338,18 @@ impl<M: CausalLm> Trainer<M> {
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
         self.last_checkpoint = Some(dir.to_path_buf());
         Ok(())
+    }
+}
+
+impl<M: CausalLm> Trainer<M> {
+    fn trim_metrics(&self, path: &Path) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+        let kept: String = text
+            .lines()
+            .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|s| s.step <= self.step))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(path, kept.as_bytes())
     }
 }
 

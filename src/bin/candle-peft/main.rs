@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
 use candle_peft::train::data::{read_jsonl, Example, Record};
@@ -236,19 +236,9 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             let (device, dtype) = run.open()?;
             let (lm, tokenizer) = load_with_adapter(&model, adapter.as_deref(), &device, dtype)?;
             let lm = lm.model();
-            let mut ids = encode(&tokenizer, &prompt)?;
-            let start = ids.len();
-            let eos = end_token(&tokenizer);
-            for _ in 0..max_new_tokens {
-                let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-                let logits = lm.forward(&input)?.squeeze(0)?.get(ids.len() - 1)?;
-                let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
-                ids.push(next);
-                if Some(next) == eos {
-                    break;
-                }
-            }
-            println!("{}", tokenizer.decode(&ids[start..], true).map_err(|e| e.to_string())?);
+            let ids = encode(&tokenizer, &prompt)?;
+            let new = lm.generate_greedy(&ids, max_new_tokens, end_token(&tokenizer))?;
+            println!("{}", tokenizer.decode(&new, true).map_err(|e| e.to_string())?);
             Ok(())
         }
         Command::Inspect { dir } => inspect(&dir),
