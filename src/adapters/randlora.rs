@@ -21,7 +21,9 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::op::Mul;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, MetalStorage, Shape, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +31,7 @@ use super::common::{check_dropout, check_rank, check_scaling, normal, shared_pai
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::BaseLayer;
 use crate::config::{serde_alpha, BuiltAdapter, TargetConfig};
+use crate::frozen::frozen_linear;
 use crate::scaling::{Scaling, Standard};
 use crate::{Error, Result};
 
@@ -195,6 +198,93 @@ impl RandLoraConfig {
     }
 }
 
+/// `lambda[:, :, None] * A * gamma[None]: (r, nb, min)` for `lambda: (r, nb)`, the basis view
+/// `A: (r, 1, min)` and `gamma: (nb, min)`, as one op (PEFT's `UniqueBaseGrad`): autograd keeps
+/// the three small inputs instead of two `(r, nb, min)` products, and the backward computes only
+/// the gradients of `lambda` and `gamma`.
+struct ScaledBasis;
+
+impl ScaledBasis {
+    fn fwd<S: BackendStorage>(
+        lambda: &S,
+        lambda_l: &Layout,
+        a: &S,
+        a_l: &Layout,
+        gamma: &S,
+        gamma_l: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (r, nb) = lambda_l.shape().dims2()?;
+        let min = a_l.shape().dims3()?.2;
+        if !lambda_l.is_contiguous() {
+            candle_core::bail!("randlora scaled basis: lambda must be contiguous");
+        }
+        let shape = Shape::from((r, nb, min));
+        let lambda_b =
+            Layout::contiguous_with_offset((r, nb, 1), lambda_l.start_offset()).broadcast_as(shape.clone())?;
+        let prod = lambda.binary_impl::<Mul>(a, &lambda_b, &a_l.broadcast_as(shape.clone())?)?;
+        let out =
+            prod.binary_impl::<Mul>(gamma, &Layout::contiguous(shape.clone()), &gamma_l.broadcast_as(shape.clone())?)?;
+        Ok((out, shape))
+    }
+}
+
+impl CustomOp3 for ScaledBasis {
+    fn name(&self) -> &'static str {
+        "randlora-scaled-basis"
+    }
+
+    fn cpu_fwd(
+        &self,
+        l: &CpuStorage,
+        ll: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::fwd(l, ll, a, al, g, gl)
+    }
+
+    fn cuda_fwd(
+        &self,
+        l: &CudaStorage,
+        ll: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Self::fwd(l, ll, a, al, g, gl)
+    }
+
+    fn metal_fwd(
+        &self,
+        l: &MetalStorage,
+        ll: &Layout,
+        a: &MetalStorage,
+        al: &Layout,
+        g: &MetalStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        Self::fwd(l, ll, a, al, g, gl)
+    }
+
+    fn bwd(
+        &self,
+        lambda: &Tensor,
+        a: &Tensor,
+        gamma: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // PEFT: grad_lambda = einsum("kbj,kvj,bj->kb"), grad_gamma = einsum("kbj,kvj,kb->bj").
+        let ga = grad.broadcast_mul(a)?;
+        let grad_lambda = ga.broadcast_mul(&gamma.unsqueeze(0)?)?.sum(2)?;
+        let grad_gamma = ga.broadcast_mul(&lambda.unsqueeze(2)?)?.sum(0)?;
+        Ok((Some(grad_lambda), None, Some(grad_gamma)))
+    }
+}
+
 /// One layer's RandLoRA: `lambda` and `gamma` over views of the shared random bases.
 #[derive(Debug)]
 pub struct RandLora {
@@ -215,12 +305,7 @@ impl RandLora {
         let (r, nb) = self.lambda.dims2()?;
         let min_l = self.gamma.dim(1)?;
         let a = self.basis_a.to_dtype(dtype)?; // (r, 1, min)
-        let a_s = self
-            .lambda
-            .as_tensor()
-            .unsqueeze(2)?
-            .broadcast_mul(&a)?
-            .broadcast_mul(&self.gamma.as_tensor().unsqueeze(0)?)?;
+        let a_s = self.lambda.as_tensor().apply_op3(&a, self.gamma.as_tensor(), ScaledBasis)?;
         let a_s = a_s.reshape((r * nb, min_l))?;
         let max_l = self.basis_b.dim(0)?;
         let b_f = self.basis_b.to_dtype(dtype)?.contiguous()?.reshape((max_l, nb * r))?;
@@ -260,9 +345,14 @@ impl LowRankUpdate for RandLora {
     }
 
     fn branch(&self, x: &Tensor) -> Result<Tensor> {
-        // One call to the scaled bases (they are large) for both factors.
-        let (b, a, s) = self.factors()?;
-        matmul_t(&(matmul_t(x, &a)? * s)?, &b)
+        // One call to the scaled bases (they are large) for both factors; the frozen random
+        // basis goes through the frozen-weight op, so no basis-sized gradient is computed.
+        let (a_s, b_f) = self.scaled_bases()?;
+        if self.in_is_min {
+            frozen_linear(&(matmul_t(x, &a_s)? * self.scaling)?, &b_f, None)
+        } else {
+            matmul_t(&(frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, &a_s.t()?)
+        }
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
