@@ -60,15 +60,13 @@ pub trait Adapter: Debug + Send + Sync {
     /// Takes `&mut self` because some methods (DoRA) must remember a value of the base weight
     /// to be able to [`Adapter::unmerge`] later.
     fn merge(&mut self, w0: &Tensor) -> Result<Tensor> {
-        let delta = self.delta_weight(w0)?;
-        Ok((w0.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(w0.dtype())?)
+        add_in_f32(w0, &self.delta_weight(w0)?, 1.0)
     }
 
     /// The frozen weight `W0` recovered from a weight that [`Adapter::merge`] produced. By
     /// default `merged - dW`.
     fn unmerge(&mut self, merged: &Tensor) -> Result<Tensor> {
-        let delta = self.delta_weight(merged)?;
-        Ok((merged.to_dtype(DType::F32)? - delta.to_dtype(DType::F32)?)?.to_dtype(merged.dtype())?)
+        add_in_f32(merged, &self.delta_weight(merged)?, -1.0)
     }
 
     /// The trainable parameters, each with its PEFT key suffix (e.g. `lora_A.weight`).
@@ -97,6 +95,12 @@ pub trait Adapter: Debug + Send + Sync {
     fn num_trainable(&self) -> usize {
         self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
+}
+
+/// `w + sign * delta`, summed in f32 and returned in `w`'s dtype.
+pub(crate) fn add_in_f32(w: &Tensor, delta: &Tensor, sign: f64) -> Result<Tensor> {
+    let sum = (w.to_dtype(DType::F32)? + (delta.to_dtype(DType::F32)? * sign)?)?;
+    Ok(sum.to_dtype(w.dtype())?)
 }
 
 /// The tensors of named variables.

@@ -1,8 +1,8 @@
 //! [`AdaptedLinear`]: a frozen linear layer and its adapter, usable as a candle [`Module`].
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 
-use crate::adapter::{Adapter, BaseLayer};
+use crate::adapter::{add_in_f32, Adapter, BaseLayer};
 use crate::{Error, Result};
 
 /// A frozen `y = x W0^T + b` with an optional adapter.
@@ -158,15 +158,12 @@ impl AdaptedLinear {
         Ok(())
     }
 
-    /// The merged weight, without changing the layer (for export). Errors if already merged.
+    /// The merged weight, without changing the layer (for export): `W0 + dW`, or the current
+    /// weight when the layer is already merged or has no adapter.
     pub fn merged_weight(&self) -> Result<Tensor> {
-        match (&self.adapter, self.merged) {
-            (_, true) => Ok(self.weight.clone()),
-            (None, false) => Ok(self.weight.clone()),
-            (Some(a), false) => {
-                let delta = a.delta_weight(&self.weight)?;
-                Ok((self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(self.weight.dtype())?)
-            }
+        match &self.adapter {
+            Some(a) if !self.merged => add_in_f32(&self.weight, &a.delta_weight(&self.weight)?, 1.0),
+            _ => Ok(self.weight.clone()),
         }
     }
 
