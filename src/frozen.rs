@@ -9,6 +9,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor};
 
+use crate::fused::{needed, with_backward};
 use crate::Result;
 
 /// `x W^T` with `x: (n, in)` and `W: (out, in)`; the backward skips `W`.
@@ -110,6 +111,35 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     Ok(match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
+    })
+}
+
+/// `x W^T + b + h T^T` for `x: (..., in)`, a frozen `W: (out, in)`, `h: (..., k)` and
+/// `T: (out, k)`: a frozen layer plus a low-rank branch (`h = s x A^T`, `T = B` for LoRA), as one
+/// graph node. Autograd keeps `x`, `h`, `T` and the output, not the base output and the branch
+/// output that an addition would keep (two more `(..., out)` tensors per layer). Backward:
+/// `dx = dy W`, `dh = dy T`, `dT = dy^T h`, each only where its input needs it.
+pub fn low_rank_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    h: &Tensor,
+    tail: &Tensor,
+) -> Result<Tensor> {
+    let (out_features, k) = (weight.dim(0)?, tail.dim(1)?);
+    let rows = h.elem_count() / k.max(1);
+    let flat = move |t: &Tensor, cols: usize| reshape(t, &[rows, cols]);
+    let base = frozen_linear(&x.detach(), weight, bias)?;
+    let branch = flat(&h.detach(), k)?.matmul(&tail.detach().t()?)?;
+    let y = (&base + reshape(&branch, base.dims())?)?;
+    let w = weight.clone();
+    with_backward("low-rank-linear", &[x, h, tail], y, move |inputs, _, grad| {
+        let [x, h, tail] = [inputs[0], inputs[1], inputs[2]];
+        let dy = flat(grad, out_features)?;
+        let dx = needed(x, || dy.matmul(&w)?.reshape(x.dims()))?;
+        let dh = needed(h, || dy.matmul(&tail.detach())?.reshape(h.dims()))?;
+        let dt = needed(tail, || dy.t()?.matmul(&flat(&h.detach(), k)?))?;
+        Ok(vec![dx, dh, dt])
     })
 }
 

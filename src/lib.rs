@@ -34,6 +34,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 pub mod frozen;
+pub mod fused;
 pub mod layer;
 pub mod linalg;
 pub mod models;

@@ -344,15 +344,15 @@ impl LowRankUpdate for RandLora {
         Ok(self.factors()?.0)
     }
 
-    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+    fn head_tail(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         // One call to the scaled bases (they are large) for both factors; the frozen random
         // basis goes through the frozen-weight op, so no basis-sized gradient is computed.
         let (a_s, b_f) = self.scaled_bases()?;
-        if self.in_is_min {
-            frozen_linear(&(matmul_t(x, &a_s)? * self.scaling)?, &b_f, None)
+        Ok(if self.in_is_min {
+            ((matmul_t(x, &a_s)? * self.scaling)?, b_f)
         } else {
-            matmul_t(&(frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, &a_s.t()?)
-        }
+            ((frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, a_s.t()?)
+        })
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

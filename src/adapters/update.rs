@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::common::branch_dropout;
 use crate::adapter::{add_branch, set_var, var_tensors, Adapter, BaseLayer};
-use crate::frozen::reshape;
+use crate::frozen::{frozen_linear, low_rank_linear, reshape};
 use crate::Result;
 
 /// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
@@ -41,9 +41,20 @@ pub trait LowRankUpdate: Debug + Send + Sync {
     /// The factor `B: (out, k)` that maps the head to the output: `branch(x) = head(x) B^T`.
     fn tail(&self) -> Result<Tensor>;
 
-    /// `s * (x A^T) B^T`: [`LowRankUpdate::head`] then [`LowRankUpdate::tail`].
+    /// The head and the tail together (methods whose two factors come from one computation
+    /// override this). A tail that needs no gradient (a frozen basis) gets none.
+    fn head_tail(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.head(x)?, self.tail()?))
+    }
+
+    /// `s * (x A^T) B^T`: [`LowRankUpdate::head_tail`], then the head times the tail.
     fn branch(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_t(&self.head(x)?, &self.tail()?)
+        let (h, tail) = self.head_tail(x)?;
+        if tail.track_op() {
+            matmul_t(&h, &tail)
+        } else {
+            frozen_linear(&h, &tail, None)
+        }
     }
 
     /// `(B, A, s)` with `dW = s * B A`, `B: (out, k)`, `A: (k, in)`.
@@ -89,9 +100,14 @@ impl<U: LowRankUpdate> Adapter for U {
     }
 
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
-        let base_out = base.forward(x)?;
-        let x = branch_dropout(&x.to_dtype(LowRankUpdate::dtype(self))?, self.dropout(), train)?;
-        add_branch(&base_out, &self.branch(&x)?)
+        let dtype = LowRankUpdate::dtype(self);
+        let xd = branch_dropout(&x.to_dtype(dtype)?, self.dropout(), train)?;
+        if x.dtype() == dtype && base.weight.dtype() == dtype {
+            // One node for the frozen layer and the branch (see `low_rank_linear`).
+            let (h, tail) = self.head_tail(&xd)?;
+            return low_rank_linear(x, base.weight, base.bias, &h, &tail);
+        }
+        add_branch(&base.forward(x)?, &self.branch(&xd)?)
     }
 
     fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {

@@ -8,9 +8,9 @@
 //! h   = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
 //! logits = lm_head(rms(h))          (lm_head = embed^T when the embeddings are tied)
 //! ```
-//! Every op on the path from the adapters to the loss has a gradient on every device: the
-//! norms, RoPE (HF's rotate-half form) and the softmax are written with differentiable tensor
-//! ops instead of candle's fused kernels, which record no backward. Linears are
+//! Every op on the path from the adapters to the loss has a gradient on every device: the norms,
+//! RoPE (HF's rotate-half form), attention and the SwiGLU gate are the fused ops of
+//! [`crate::fused`], which keep only their inputs and output for the backward pass. Linears are
 //! [`AdaptedLinear`]s whose frozen weights get no gradient.
 
 use std::collections::BTreeMap;
@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::format::read_safetensors;
+use crate::fused::{causal_attention, rms_norm, rope, swiglu};
 use crate::layer::AdaptedLinear;
 use crate::peft_model::LinearHost;
 use crate::{Error, Result};
@@ -149,22 +150,6 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Option<AdaptedLinear>,
     rope_theta: f64,
-}
-
-/// `x * rsqrt(mean(x^2) + eps) * w` over the last dimension, computed in f32.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)?)
-}
-
-/// HF's rotary embedding: `x * cos + rotate_half(x) * sin` for `x: (b, h, t, d)`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?);
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 impl Llama {
@@ -370,37 +355,27 @@ impl Llama {
         let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
         let pos = Tensor::arange(0u32, t as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
-        let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
         let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
-        let mask: Vec<f32> =
-            (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?;
 
         for layer in &self.layers {
             let x = rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
             let l = &layer.linears;
-            let q = l[Q].forward_t(&x)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
-            let k = l[K].forward_t(&x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
-            let v = l[V].forward_t(&x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?;
-            let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
-            // GQA: each key/value head serves heads / kv consecutive query heads.
-            let repeat = |x: Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?.broadcast_as((b, kv, heads / kv, t, hd))?.reshape((b, heads, t, hd))?)
-            };
-            let (k, v) = (repeat(k)?, repeat(v.contiguous()?)?);
-            let scores = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+            let q = rope(&heads_first(l[Q].forward_t(&x)?, heads)?, &cos, &sin)?;
+            let k = rope(&heads_first(l[K].forward_t(&x)?, kv)?, &cos, &sin)?;
+            let v = heads_first(l[V].forward_t(&x)?, kv)?;
+            let attn = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
             h = (h + l[O].forward_t(&attn)?)?;
 
             let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let act = (candle_nn::ops::silu(&l[GATE].forward_t(&x)?)? * l[UP].forward_t(&x)?)?;
+            let act = swiglu(&l[GATE].forward_t(&x)?, &l[UP].forward_t(&x)?)?;
             h = (h + l[DOWN].forward_t(&act)?)?;
         }
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
         match &self.lm_head {
             Some(head) => head.forward_t(&h),
-            None => Ok(h.broadcast_matmul(&self.embed_tokens.t()?)?),
+            // Tied: the frozen embedding as the output projection, with no gradient of its own.
+            None => crate::frozen::frozen_linear(&h, &self.embed_tokens, None),
         }
     }
 

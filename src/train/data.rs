@@ -93,13 +93,14 @@ impl Example {
     }
 }
 
-/// A batch: `ids: (b, t)` u32 and the shifted labels `(b * (t - 1))` i64 for the logits of
-/// positions `0 .. t - 1`.
+/// A batch: `ids: (b, t)` u32 and the shifted labels `(b * t)` i64: the label of position `i` is
+/// the token at `i + 1` ([`IGNORE_INDEX`] at each row's last position), so that the logits
+/// `(b, t, vocab)` flattened to `(b * t, vocab)` line up with them without a copy.
 #[derive(Debug)]
 pub struct Batch {
     /// Token ids.
     pub ids: Tensor,
-    /// Labels of the next token for every position but the last, flattened.
+    /// Labels of the next token for every position, flattened.
     pub labels: Tensor,
     /// Tokens whose loss counts.
     pub target_tokens: usize,
@@ -113,17 +114,18 @@ pub fn collate(examples: &[&Example], pad: u32, device: &Device) -> Result<Batch
         return Err(Error::config("data", "examples need at least two tokens"));
     }
     let mut ids = Vec::with_capacity(examples.len() * t);
-    let mut labels = Vec::with_capacity(examples.len() * (t - 1));
+    let mut labels = Vec::with_capacity(examples.len() * t);
     for e in examples {
         ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(pad, t - e.ids.len())));
         let padded: Vec<i64> =
             e.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, t - e.labels.len())).collect();
         labels.extend_from_slice(&padded[1..]);
+        labels.push(IGNORE_INDEX);
     }
     let target_tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     Ok(Batch {
         ids: Tensor::from_vec(ids, (examples.len(), t), device)?,
-        labels: Tensor::from_vec(labels, examples.len() * (t - 1), device)?,
+        labels: Tensor::from_vec(labels, examples.len() * t, device)?,
         target_tokens,
     })
 }
@@ -165,7 +167,10 @@ mod tests {
         assert_eq!(e.labels, vec![IGNORE_INDEX, IGNORE_INDEX, 99, 0]);
         let b = collate(&[&e, &Example { ids: vec![1, 2], labels: vec![1, 2] }], 7, &Device::Cpu)?;
         assert_eq!(b.ids.to_vec2::<u32>()?, vec![vec![97, 98, 99, 0], vec![1, 2, 7, 7]]);
-        assert_eq!(b.labels.to_vec1::<i64>()?, vec![IGNORE_INDEX, 99, 0, 2, IGNORE_INDEX, IGNORE_INDEX]);
+        assert_eq!(
+            b.labels.to_vec1::<i64>()?,
+            vec![IGNORE_INDEX, 99, 0, IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+        );
         assert_eq!(b.target_tokens, 3);
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::fused::with_backward;
 use crate::{Error, Result};
 
 /// The label of a position that does not count (PyTorch's `ignore_index`).
@@ -20,14 +21,29 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
     if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= vocab)) {
         return Err(Error::config("labels", format!("label {bad} is outside the vocabulary of {vocab}")));
     }
-    let kept: Vec<u32> = (0..n as u32).filter(|&i| labels[i as usize] != IGNORE_INDEX).collect();
-    if kept.is_empty() {
+    let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    if count == 0 {
         return Err(Error::config("labels", "every position is ignored: nothing to learn from"));
     }
-    let targets: Vec<u32> = kept.iter().map(|&i| labels[i as usize] as u32).collect();
+    // Per-row weights 1 / count (0 on ignored rows) and targets (0 on ignored rows).
     let device = logits.device();
-    let rows = Tensor::new(kept.as_slice(), device)?;
-    let targets = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
-    let logp = candle_nn::ops::log_softmax(&logits.index_select(&rows, 0)?.to_dtype(DType::F32)?, D::Minus1)?;
-    Ok(logp.gather(&targets, 1)?.neg()?.mean_all()?)
+    let weights: Vec<f32> = labels.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 / count as f32 }).collect();
+    let targets: Vec<u32> = labels.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 }).collect();
+    let weights = Tensor::from_vec(weights, (n, 1), device)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+
+    // loss = sum_i w_i (logsumexp(z_i) - z_i[y_i]); one fused node, so autograd keeps only the
+    // logits (not the log-probabilities and their intermediates, each as large as the logits).
+    let z = logits.detach().to_dtype(DType::F32)?;
+    let max = z.max_keepdim(D::Minus1)?;
+    let lse = (z.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let loss = ((lse - z.gather(&targets, 1)?)? * &weights)?.sum_all()?;
+    // d loss / d z_i = w_i (softmax(z_i) - onehot(y_i)).
+    let dtype = logits.dtype();
+    with_backward("cross-entropy", &[logits], loss, move |inputs, _, grad| {
+        let p = candle_nn::ops::softmax_last_dim(&inputs[0].detach().to_dtype(DType::F32)?)?;
+        let minus_one = Tensor::full(-1f32, (n, 1), p.device())?;
+        let dz = p.scatter_add(&targets, &minus_one, 1)?.broadcast_mul(&weights.broadcast_mul(grad)?)?;
+        Ok(vec![Some(dz.to_dtype(dtype)?)])
+    })
 }

@@ -191,7 +191,7 @@ impl<M: CausalLm> Trainer<M> {
         let batch = collate(examples, self.config.pad_id, &self.device())?;
         let logits = self.peft.model().logits(&batch.ids)?;
         let (b, t, vocab) = logits.dims3()?;
-        let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
+        let logits = logits.reshape((b * t, vocab))?;
         Ok((masked_cross_entropy(&logits, &batch.labels)?, b * t))
     }
 

@@ -1,0 +1,319 @@
+//! Fused training ops: a forward computed with ordinary candle ops outside the autograd graph,
+//! plus a hand-written backward.
+//!
+//! candle's autograd keeps every intermediate tensor of the forward pass alive until the end of
+//! the backward pass. A composite such as attention (`scores`, scaled, masked, max, exp, sum,
+//! probabilities) or RMSNorm keeps five to eight activation-sized tensors per call that its
+//! backward does not need. [`with_backward`] records one graph node instead: autograd keeps the
+//! op's inputs and output, and the backward recomputes what it needs. This is how PyTorch's
+//! fused kernels (SDPA, `F.cross_entropy`, RMSNorm) behave, and it is where most of a training
+//! step's memory goes (see `benches/train_throughput.rs`).
+//!
+//! The forward runs on the inputs' device with candle's own kernels, so every op here works on
+//! CPU, CUDA and Metal.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Shape};
+use candle_core::{Storage, Tensor, D};
+
+use crate::Result;
+
+/// The gradients of an op's inputs from `(inputs, output, grad_output)`; `None` where an input
+/// needs none.
+type Backward = Box<dyn Fn(&[&Tensor], &Tensor, &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// A graph node whose forward hands over a precomputed output.
+struct Fused {
+    name: &'static str,
+    out: Mutex<Option<Tensor>>,
+    backward: Backward,
+}
+
+impl Fused {
+    fn take(&self) -> candle_core::Result<(Storage, Shape)> {
+        let out = self.out.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
+        let out = out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?;
+        // A fresh, contiguous buffer starting at offset 0 is handed over as it is.
+        let out = if out.is_contiguous() && out.layout().start_offset() == 0 { out } else { out.copy()? };
+        let (storage, layout) = out.storage_and_layout();
+        let cloned = match &*storage {
+            Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
+            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+            Storage::Metal(s) => Storage::Metal(s.try_clone(layout)?),
+        };
+        Ok((cloned, out.shape().clone()))
+    }
+
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: output on another device", self.name),
+        }
+    }
+
+    fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: output on another device", self.name),
+        }
+    }
+
+    fn metal(&self) -> candle_core::Result<(MetalStorage, Shape)> {
+        match self.take()? {
+            (Storage::Metal(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: output on another device", self.name),
+        }
+    }
+
+    fn grads<const N: usize>(
+        &self,
+        inputs: [&Tensor; N],
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; N]> {
+        let grads = (self.backward)(&inputs, out, grad)?;
+        grads.try_into().map_err(|_| candle_core::Error::Msg(format!("{}: wrong number of gradients", self.name)))
+    }
+}
+
+impl CustomOp1 for Fused {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> candle_core::Result<(MetalStorage, Shape)> {
+        self.metal()
+    }
+    fn bwd(&self, a: &Tensor, out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let [ga] = self.grads([a], out, grad)?;
+        Ok(ga)
+    }
+}
+
+impl CustomOp2 for Fused {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        self.metal()
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb] = self.grads([a, b], out, grad)?;
+        Ok((ga, gb))
+    }
+}
+
+impl CustomOp3 for Fused {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        self.metal()
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = self.grads([a, b, c], out, grad)?;
+        Ok((ga, gb, gc))
+    }
+}
+
+/// `out`, computed from `inputs` without a graph (on detached inputs), as a differentiable
+/// function of `inputs` (one to three) whose gradients `backward(inputs, out, grad_out)` gives.
+/// When no input needs a gradient, `out` is returned as it is and nothing is recorded.
+pub(crate) fn with_backward(
+    name: &'static str,
+    inputs: &[&Tensor],
+    out: Tensor,
+    backward: impl Fn(&[&Tensor], &Tensor, &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(out);
+    }
+    let op = Fused { name, out: Mutex::new(Some(out)), backward: Box::new(backward) };
+    Ok(match inputs {
+        [a] => a.apply_op1(op)?,
+        [a, b] => a.apply_op2(b, op)?,
+        [a, b, c] => a.apply_op3(b, c, op)?,
+        _ => return Err(crate::Error::Unsupported(format!("{name}: fused ops take one to three inputs"))),
+    })
+}
+
+/// `grad` if `input` needs a gradient, else `None` without computing it.
+pub(crate) fn needed(
+    input: &Tensor,
+    grad: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if input.track_op() {
+        grad().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// RMSNorm `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension, computed in f32 (as
+/// transformers' `LlamaRMSNorm`), differentiable in `x` (the norm weight `w` is frozen).
+///
+/// Backward with `r = 1 / sqrt(mean(x^2) + eps)`, `x^ = x r`, `g = dy w`:
+/// `dx = r (g - x^ mean(g x^))`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let normalize = move |x: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+        let x = x.to_dtype(DType::F32)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        Ok((x.broadcast_mul(&r)?, r))
+    };
+    let (xh, _) = normalize(&x.detach())?;
+    let out = xh.to_dtype(dtype)?.broadcast_mul(&w.detach())?;
+    let w = w.detach();
+    with_backward("rms-norm", &[x], out, move |inputs, _, grad| {
+        let (xh, r) = normalize(&inputs[0].detach())?;
+        let g = grad.to_dtype(DType::F32)?.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let mean = (&g * &xh)?.mean_keepdim(D::Minus1)?;
+        let dx = g.sub(&xh.broadcast_mul(&mean)?)?.broadcast_mul(&r)?;
+        Ok(vec![Some(dx.to_dtype(dtype)?)])
+    })
+}
+
+/// HF's rotary embedding (`x cos + rotate_half(x) sin`) of `x: (b, h, t, d)` with `cos, sin:
+/// (t, d / 2)`. The backward is the inverse rotation: the same op with `-sin`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    with_backward("rope", &[x], out, move |_, _, grad| {
+        Ok(vec![Some(candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &neg_sin)?)])
+    })
+}
+
+/// SwiGLU's gate `silu(g) * u`. Backward with `s = sigmoid(g)`:
+/// `dg = dy u s (1 + g (1 - s))`, `du = dy g s`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let out = (candle_nn::ops::silu(&g.detach())? * u.detach())?;
+    with_backward("swiglu", &[g, u], out, |inputs, _, grad| {
+        let (g, u) = (inputs[0].detach(), inputs[1].detach());
+        let s = candle_nn::ops::sigmoid(&g)?;
+        let silu = (&g * &s)?;
+        let dg = needed(inputs[0], || (grad * &u)?.mul(&(&s * (&g * (1.0 - &s)?)?.affine(1.0, 1.0)?)?))?;
+        let du = needed(inputs[1], || grad * &silu)?;
+        Ok(vec![dg, du])
+    })
+}
+
+/// Causal scaled-dot-product attention `softmax(q k^T / sqrt(d) + causal mask) v` for
+/// `q: (b, heads, t, d)` and `k, v: (b, kv_heads, t, d)` (grouped-query attention: query head
+/// `i` reads key/value head `i / (heads / kv_heads)`, as transformers' `repeat_kv`). Returns
+/// `(b, heads, t, d)`.
+///
+/// Autograd keeps `q, k, v` and the output; the backward recomputes the probabilities `P` and
+/// takes `dV = P^T dO`, `dS = P (dO v^T - rowsum(dO o))`, `dQ = dS k / sqrt(d)`,
+/// `dK = dS^T q / sqrt(d)` (summed over each group's query heads).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    if heads % kv != 0 || k.dims() != v.dims() || k.dims() != [b, kv, t, d] {
+        return Err(crate::Error::ShapeMismatch {
+            what: "attention keys/values".into(),
+            expected: vec![b, kv, t, d],
+            actual: v.dims().to_vec(),
+        });
+    }
+    let group = heads / kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    // Queries grouped by their key/value head: (b, kv, group * t, d).
+    let grouped = move |q: &Tensor| q.contiguous()?.reshape((b, kv, group * t, d));
+    let probs = move |qg: &Tensor, k: &Tensor| -> candle_core::Result<Tensor> {
+        let dtype = qg.dtype();
+        let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, t, t))?;
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(mask, (t, t), qg.device())?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        p.to_dtype(dtype)?.reshape((b, kv, group * t, t))
+    };
+    let (qd, kd, vd) = (grouped(&q.detach())?, k.detach().contiguous()?, v.detach().contiguous()?);
+    let out = probs(&qd, &kd)?.matmul(&vd)?.reshape((b, heads, t, d))?;
+    with_backward("causal-attention", &[q, k, v], out, move |inputs, out, grad| {
+        let (qg, k, v) =
+            (grouped(&inputs[0].detach())?, inputs[1].detach().contiguous()?, inputs[2].detach().contiguous()?);
+        let p = probs(&qg, &k)?;
+        let dout = grouped(grad)?;
+        let dv = needed(inputs[2], || p.t()?.matmul(&dout))?;
+        let rowsum = (&dout * grouped(&out.detach())?)?.sum_keepdim(D::Minus1)?;
+        let ds = (p * dout.matmul(&v.t()?)?.broadcast_sub(&rowsum)?)?;
+        let dq = needed(inputs[0], || (ds.matmul(&k)? * scale)?.reshape((b, heads, t, d)))?;
+        let dk = needed(inputs[1], || ds.t()?.matmul(&qg)? * scale)?;
+        Ok(vec![dq, dk, dv])
+    })
+}
