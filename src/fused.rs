@@ -317,3 +317,105 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         Ok(vec![dq, dk, dv])
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Max |a - b| over all elements.
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Checks a fused op against the same math written with differentiable candle ops: the
+    /// outputs and the gradients of every input under a random linear functional of the output.
+    fn check(inputs: &[Var], fused: impl Fn(&[Tensor]) -> Result<Tensor>, plain: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (y, y_ref) = (fused(&xs).unwrap(), plain(&xs).unwrap());
+        assert!(diff(&y, &y_ref) < 1e-5, "forward differs by {}", diff(&y, &y_ref));
+        let probe = Tensor::randn(0f32, 1., y.shape(), y.device()).unwrap();
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (a, b) = (g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+            assert!(diff(a, b) < 1e-4, "gradient of input {i} differs by {}", diff(a, b));
+        }
+    }
+
+    fn var(shape: &[usize]) -> Var {
+        Var::randn(0f32, 1., shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn rms_norm_rope_and_swiglu_match_autograd() {
+        let w = Tensor::randn(0f32, 1., 8, &Device::Cpu).unwrap();
+        let w2 = w.clone();
+        check(
+            &[var(&[2, 3, 8])],
+            |x| rms_norm(&x[0], &w, 1e-6),
+            move |x| {
+                let r = (x[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?.recip()?;
+                Ok(x[0].broadcast_mul(&r)?.broadcast_mul(&w2)?)
+            },
+        );
+
+        let angles = Tensor::randn(0f32, 1., (5, 4), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let (c2, s2) = (Tensor::cat(&[&cos, &cos], 1).unwrap(), Tensor::cat(&[&sin, &sin], 1).unwrap());
+        check(
+            &[var(&[2, 3, 5, 8])],
+            |x| rope(&x[0], &cos, &sin),
+            move |x| {
+                let (x1, x2) = (x[0].narrow(D::Minus1, 0, 4)?, x[0].narrow(D::Minus1, 4, 4)?);
+                let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+                Ok((x[0].broadcast_mul(&c2)? + rotated.broadcast_mul(&s2)?)?)
+            },
+        );
+
+        check(&[var(&[4, 6]), var(&[4, 6])], |x| swiglu(&x[0], &x[1]), |x| Ok((candle_nn::ops::silu(&x[0])? * &x[1])?));
+    }
+
+    #[test]
+    fn grouped_causal_attention_matches_autograd() {
+        let (b, heads, kv, t, d) = (2, 6, 2, 5, 4);
+        check(
+            &[var(&[b, heads, t, d]), var(&[b, kv, t, d]), var(&[b, kv, t, d])],
+            |x| causal_attention(&x[0], &x[1], &x[2]),
+            move |x| {
+                // transformers' eager attention: repeat_kv, scores, causal mask, softmax.
+                let repeat = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, heads / kv, t, d))?.reshape((b, heads, t, d))?)
+                };
+                let (k, v) = (repeat(&x[1])?, repeat(&x[2])?);
+                let mask: Vec<f32> =
+                    (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+                let scores = (x[0].matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
+                Ok(candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?)
+            },
+        );
+    }
+
+    #[test]
+    fn low_rank_linear_matches_autograd_and_skips_frozen_gradients() {
+        let w = Tensor::randn(0f32, 1., (7, 5), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 1., 7, &Device::Cpu).unwrap();
+        let (w2, b2) = (w.clone(), bias.clone());
+        check(
+            &[var(&[2, 3, 5]), var(&[2, 3, 2]), var(&[7, 2])],
+            |x| crate::frozen::low_rank_linear(&x[0], &w, Some(&bias), &x[1], &x[2]),
+            move |x| {
+                let base = x[0].broadcast_matmul(&w2.t()?)?.broadcast_add(&b2)?;
+                Ok((base + x[1].broadcast_matmul(&x[2].t()?)?)?)
+            },
+        );
+        // A frozen tail (RandLoRA's basis) and an input that needs no gradient get none.
+        let (x, h, tail) =
+            (Tensor::randn(0f32, 1., (3, 5), &Device::Cpu).unwrap(), var(&[3, 2]), w.narrow(1, 0, 2).unwrap());
+        let y = crate::frozen::low_rank_linear(&x, &w, None, h.as_tensor(), &tail).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(h.as_tensor()).is_some());
+        assert!(g.get(&tail).is_none() && g.get(&x).is_none() && g.get(&w).is_none());
+    }
+}
