@@ -48,6 +48,8 @@ fn gib(bytes: u64) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let reuse = candle_peft::train::reuse_freed_memory();
+    println!("malloc keeps freed memory: {reuse}");
     let args: Vec<String> = std::env::args().collect();
     let model_path =
         PathBuf::from(arg(&args, "--model").unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()));

@@ -115,6 +115,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    candle_peft::train::reuse_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let device = candle_peft::device(&arg(&args, "--device").unwrap_or_else(|| "auto".into()))?;
     let output = PathBuf::from(arg(&args, "--output").unwrap_or_else(|| "target/finetune-llama".into()));

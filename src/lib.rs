@@ -29,6 +29,7 @@
 
 pub mod adapter;
 pub mod adapters;
+pub mod chat;
 pub mod config;
 pub mod device;
 pub mod error;

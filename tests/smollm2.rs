@@ -90,3 +90,41 @@ fn gguf_tokenizer_matches_transformers() -> candle_peft::Result<()> {
     assert_eq!(tok.decode(&r.greedy, false).unwrap(), r.greedy_text);
     Ok(())
 }
+
+#[derive(Deserialize)]
+struct ChatCase {
+    prompt: String,
+    completion: String,
+    prompt_text: String,
+    full_text: String,
+    prompt_ids: Vec<u32>,
+    full_ids: Vec<u32>,
+}
+
+#[test]
+fn chat_template_from_the_gguf_matches_transformers_apply_chat_template() -> candle_peft::Result<()> {
+    use candle_peft::chat::{ChatTemplate, Message};
+    use candle_peft::train::data::{Example, Record};
+    use candle_peft::train::IGNORE_INDEX;
+
+    let cases: Vec<ChatCase> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_chat.json")).unwrap()).unwrap();
+    let template = ChatTemplate::from_model(&model_path())?.expect("SmolLM2 ships a chat template");
+    let meta = candle_peft::models::GgufMetadata::read(&model_path())?;
+    let tokenizer = candle_peft::tokenizer::from_gguf(&meta)?;
+    let encode = |s: &str| Ok(tokenizer.encode(s, false).unwrap().get_ids().to_vec());
+    for c in &cases {
+        let user = Message::new("user", &c.prompt);
+        assert_eq!(template.render(std::slice::from_ref(&user), true)?, c.prompt_text);
+        assert_eq!(template.render(&[user, Message::new("assistant", &c.completion)], false)?, c.full_text);
+        // The training example: transformers' ids, the loss on the answer and the end of turn only.
+        let record = Record::PromptCompletion { prompt: c.prompt.clone(), completion: c.completion.clone() };
+        let e = Example::from_record(&record.with_chat_template(&template)?, &encode, None, 4096)?;
+        assert_eq!(e.ids, c.full_ids);
+        let n = c.prompt_ids.len();
+        assert_eq!(&e.ids[..n], c.prompt_ids.as_slice());
+        assert!(e.labels[..n].iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(e.labels[n..], e.ids[n..].iter().map(|&t| t as i64).collect::<Vec<_>>()[..]);
+    }
+    Ok(())
+}

@@ -447,6 +447,16 @@ pub struct GgufMetadata {
 }
 
 impl GgufMetadata {
+    /// Reads only the metadata of a GGUF file (not its tensors).
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: format!("not a readable GGUF file: {e}"),
+        })?;
+        Ok(Self { values: content.metadata })
+    }
+
     fn get(&self, key: &str) -> Result<&candle_core::quantized::gguf_file::Value> {
         self.values.get(key).ok_or_else(|| Error::Unsupported(format!("GGUF metadata has no `{key}`")))
     }

@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use serde::Deserialize;
 
 use super::loss::IGNORE_INDEX;
+use crate::chat::ChatTemplate;
 use crate::{Error, Result};
 
 /// One JSONL record.
@@ -28,6 +29,20 @@ pub enum Record {
         /// The text.
         text: String,
     },
+}
+
+impl Record {
+    /// The record as the model's chat template formats it: a prompt/completion pair becomes a
+    /// one-turn conversation (see [`ChatTemplate::prompt_completion`]); text stays as it is.
+    pub fn with_chat_template(&self, template: &ChatTemplate) -> Result<Self> {
+        Ok(match self {
+            Record::PromptCompletion { prompt, completion } => {
+                let (prompt, completion) = template.prompt_completion(prompt, completion)?;
+                Record::PromptCompletion { prompt, completion }
+            }
+            Record::Text { .. } => self.clone(),
+        })
+    }
 }
 
 /// Reads a JSONL file; a line that is not a valid record is an error naming its line number.

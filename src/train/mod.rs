@@ -4,11 +4,13 @@
 
 pub mod data;
 pub mod loss;
+mod malloc;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
+pub use malloc::reuse_freed_memory;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
 pub use trainer::{CausalLm, StepLog, TrainConfig, Trainer};

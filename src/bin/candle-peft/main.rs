@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use candle_peft::chat::{ChatTemplate, Message};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
 use candle_peft::train::data::{read_jsonl, Example, Record};
@@ -73,6 +74,9 @@ enum Command {
         /// Tokens to generate.
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
+        /// Wrap the prompt in the model's chat template (as a user turn).
+        #[arg(long)]
+        chat: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -179,6 +183,10 @@ struct TrainArgs {
     /// Continue from a checkpoint directory.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Format {"prompt", "completion"} records with the model's chat template: auto (when the
+    /// model has one) or none.
+    #[arg(long, default_value = "auto")]
+    chat_template: String,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -189,6 +197,7 @@ mod anyhow_like {
 }
 
 fn main() {
+    candle_peft::train::reuse_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -232,8 +241,14 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             }
             Ok(())
         }
-        Command::Generate { model, adapter, prompt, max_new_tokens, run } => {
+        Command::Generate { model, adapter, prompt, max_new_tokens, chat, run } => {
             let (device, dtype) = run.open()?;
+            let prompt = if chat {
+                let template = ChatTemplate::from_model(&model)?.ok_or("--chat: the model has no chat template")?;
+                template.render(&[Message::new("user", &prompt)], true)?
+            } else {
+                prompt
+            };
             let (lm, tokenizer) = load_with_adapter(&model, adapter.as_deref(), &device, dtype)?;
             let lm = lm.model();
             let ids = encode(&tokenizer, &prompt)?;
@@ -361,10 +376,27 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| candle_peft::Error::Unsupported(format!("tokenizer: {e}")))
     };
+    let template = match args.chat_template.as_str() {
+        "auto" => ChatTemplate::from_model(&args.model)?,
+        "none" => None,
+        other => return Err(format!("unknown --chat-template {other} (auto, none)").into()),
+    };
+    if let Some(t) = &template {
+        println!(
+            "prompt/completion records formatted with the model's chat template, e.g.\n{}",
+            t.render(&[Message::new("user", "<prompt>")], true)?
+        );
+    }
     let to_examples = |path: &Path| -> anyhow_like::Result<Vec<Example>> {
         Ok(read_jsonl(path)?
             .iter()
-            .map(|r| Example::from_record(r, &enc, eos, args.max_len))
+            .map(|r| match (&template, r) {
+                // The template ends the assistant turn itself.
+                (Some(t), Record::PromptCompletion { .. }) => {
+                    Example::from_record(&r.with_chat_template(t)?, &enc, None, args.max_len)
+                }
+                _ => Example::from_record(r, &enc, eos, args.max_len),
+            })
             .collect::<candle_peft::Result<_>>()?)
     };
     let data = to_examples(&args.data)?;
