@@ -4,9 +4,6 @@
 //!
 //! `cargo bench --bench methods`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::{
     AdaptedLinear, AdapterConfig, BaseLayer, LoraConfig, LoraInit, MeloraConfig, RandLoraConfig, VeraConfig,
@@ -14,38 +11,8 @@ use candle_peft::{
 use criterion::{BenchmarkId, Criterion};
 use rand::SeedableRng;
 
-/// Counts live heap bytes and their peak.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-            let live = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: candle_peft::alloc::Counting = candle_peft::alloc::Counting;
 
 const TOKENS: usize = 512;
 const DIM: usize = 4096;
@@ -98,13 +65,14 @@ fn main() {
     println!("|---|---:|---:|---:|");
     for (name, l) in &layers {
         step(l, &x); // warm up
-        let rest = LIVE.load(Ordering::Relaxed);
-        PEAK.store(rest, Ordering::Relaxed);
+        let live = || candle_peft::alloc::live().expect("the counting allocator is installed");
+        let rest = live();
+        candle_peft::alloc::reset_peak();
         let y = l.forward_t(x.as_tensor()).unwrap();
-        let kept = LIVE.load(Ordering::Relaxed) - rest;
+        let kept = live() - rest;
         drop(y.backward().unwrap());
         drop(y);
-        let peak = PEAK.load(Ordering::Relaxed) - rest;
+        let peak = candle_peft::alloc::peak().unwrap() - rest;
         let params = l.adapter().unwrap().num_trainable();
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         println!("| {name} | {params} | {:.1} | {:.1} |", mib(kept), mib(peak));

@@ -8,7 +8,9 @@
 //! Options: `--model <gguf file | HF dir>`, `--data <jsonl>` (`{"prompt", "completion"}` or
 //! `{"text"}` per line) or `--task capitals|format` (built-in data: question/answer pairs, or
 //! key=value lines to one-line JSON), `--steps N`, `--rank R`, `--lr LR`, `--method lora|rslora|dora`,
-//! `--output DIR` (default `target/finetune-llama`), `--device auto|cpu|cuda:N|metal`.
+//! `--output DIR` (default `target/finetune-llama`), `--device auto|cpu|cuda:N|metal`,
+//! `--no-chat-template` (by default prompt/completion records are formatted with the model's chat
+//! template when it has one).
 //!
 //! Without `--model` it trains LoRA on a small randomly initialised byte-level LLaMA over a
 //! built-in set of question/answer pairs, in well under two minutes on two CPU cores, and shows
@@ -18,6 +20,7 @@
 use std::path::PathBuf;
 
 use candle_core::DType;
+use candle_peft::chat::ChatTemplate;
 use candle_peft::models::{Llama, LlamaConfig};
 use candle_peft::train::data::{read_jsonl, Example, Record};
 use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
@@ -72,10 +75,12 @@ fn format_records(n: usize, seed: u64) -> Vec<Record> {
         .collect()
 }
 
-/// Exact-match accuracy of greedy completions on prompt/completion records.
+/// Exact-match accuracy of greedy completions on prompt/completion records (prompts formatted
+/// with the chat template, if given, as in training).
 fn accuracy(
     model: &Llama,
     records: &[Record],
+    template: Option<&ChatTemplate>,
     encode: &Encode,
     decode: &Decode,
     eos: Option<u32>,
@@ -86,7 +91,11 @@ fn accuracy(
         if let Record::PromptCompletion { prompt, completion } = r {
             let want = completion.trim();
             let max_new = encode(completion)?.len() + 2;
-            let got = model.generate_greedy(&encode(prompt)?, max_new, eos)?;
+            let prompt = match template {
+                Some(t) => t.prompt_completion(prompt, completion)?.0,
+                None => prompt.clone(),
+            };
+            let got = model.generate_greedy(&encode(&prompt)?, max_new, eos)?;
             let got: Vec<u32> = got.into_iter().take_while(|&t| Some(t) != eos).collect();
             hits += usize::from(decode(&got).trim() == want);
             total += 1;
@@ -128,6 +137,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(other)) => return Err(format!("unknown --task {other} (capitals, format)").into()),
     };
 
+    // The model's chat template formats prompt/completion records (in training and evaluation).
+    let template = match arg(&args, "--model") {
+        Some(path) if !args.iter().any(|a| a == "--no-chat-template") => ChatTemplate::from_model(path.as_ref())?,
+        _ => None,
+    };
     // The model, a text-to-ids function, the end and padding ids, and extra adapter targets.
     let (model, encode, decode, eos, pad, mut targets): (Llama, Encode, Decode, _, _, Vec<&str>) =
         match arg(&args, "--model") {
@@ -161,8 +175,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
     targets.extend(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
 
-    let examples: Vec<Example> =
-        records.iter().map(|r| Example::from_record(r, &encode, eos, 256)).collect::<candle_peft::Result<_>>()?;
+    let examples: Vec<Example> = records
+        .iter()
+        .map(|r| match &template {
+            // The template ends the assistant turn itself.
+            Some(t) => Example::from_record(&r.with_chat_template(t)?, &encode, None, 256),
+            None => Example::from_record(r, &encode, eos, 256),
+        })
+        .collect::<candle_peft::Result<_>>()?;
+    if template.is_some() {
+        println!("records formatted with the model's chat template");
+    }
     let split = examples.len() - (examples.len() / 6).max(1);
     let (train, eval) = examples.split_at(split);
     let held_out = &records[split..];
@@ -193,13 +216,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         progress: true,
         ..Default::default()
     };
-    let acc_before = accuracy(peft.model(), held_out, &encode, &decode, eos)?;
+    let acc_before = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, eos)?;
     let mut trainer = Trainer::new(peft, config)?;
     let before = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     trainer.train(train, Some(eval))?;
     let after = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     let peft = trainer.into_peft();
-    let acc_after = accuracy(peft.model(), held_out, &encode, &decode, eos)?;
+    let acc_after = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, eos)?;
     println!("train loss {:.3} -> {:.3}, held-out loss {:.3} -> {:.3}", before.0, after.0, before.1, after.1);
     println!(
         "held-out exact-match accuracy {:.1}% -> {:.1}% ({} examples)",

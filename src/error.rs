@@ -117,6 +117,10 @@ pub enum Error {
         last_checkpoint: Option<PathBuf>,
     },
 
+    /// A chart could not be drawn (no plottable data, a rendering failure, ...).
+    #[error("cannot draw chart: {0}")]
+    Plot(String),
+
     /// File-system error, with the path involved.
     #[error("{path}: {source}")]
     Io {

@@ -97,6 +97,32 @@ impl AdaptedLinear {
         Ok(())
     }
 
+    /// Detaches and returns the adapter, leaving the frozen layer (a merged layer is unmerged
+    /// first, so the weight is `W0` again).
+    pub fn take_adapter(&mut self) -> Result<Option<Box<dyn Adapter>>> {
+        if self.merged {
+            self.unmerge()?;
+        }
+        Ok(self.adapter.take())
+    }
+
+    /// Replaces the frozen weight (same shape), e.g. with a pruned copy. Errors when an adapter
+    /// is attached, since it was built for the old weight.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        if self.adapter.is_some() {
+            return Err(Error::MergeState("cannot replace the weight of a layer with an adapter".into()));
+        }
+        if weight.dims() != self.weight.dims() {
+            return Err(Error::ShapeMismatch {
+                what: "weight".into(),
+                expected: self.weight.dims().to_vec(),
+                actual: weight.dims().to_vec(),
+            });
+        }
+        self.weight = weight.detach();
+        Ok(())
+    }
+
     /// The adapter, if any.
     pub fn adapter(&self) -> Option<&dyn Adapter> {
         self.adapter.as_deref()

@@ -29,6 +29,7 @@
 
 pub mod adapter;
 pub mod adapters;
+pub mod alloc;
 pub mod chat;
 pub mod config;
 pub mod device;
@@ -40,7 +41,10 @@ pub mod layer;
 pub mod linalg;
 pub mod models;
 pub mod peft_model;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod scaling;
+pub mod sweep;
 pub mod tokenizer;
 pub mod train;
 

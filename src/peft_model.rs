@@ -381,4 +381,12 @@ impl<M: LinearHost> PeftModel<M> {
     pub fn into_inner(self) -> M {
         self.model
     }
+
+    /// Removes every adapter (unmerging merged ones) and returns the base model, as PEFT's
+    /// `unload()`: the model can take a fresh adapter, e.g. the next cell of a sweep. A base
+    /// weight that the adapter's init rewrote (PiSSA's residual) stays rewritten.
+    pub fn unload(mut self) -> Result<M> {
+        self.for_each_adapted(|l| l.take_adapter().map(drop))?;
+        Ok(self.model)
+    }
 }

@@ -26,7 +26,7 @@ use crate::peft_model::LinearHost;
 use crate::{Error, Result};
 
 /// The fields of an HF `config.json` that a LLaMA needs.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct LlamaConfig {
     /// Model width.
     pub hidden_size: usize,

@@ -130,16 +130,25 @@ impl AdamW {
     }
 }
 
+/// The L2 norm of each variable's gradient (0 for a variable without one).
+pub fn grad_norms(grads: &GradStore, vars: &[Var]) -> Result<Vec<f64>> {
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok((g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt()),
+            None => Ok(0.0),
+        })
+        .collect()
+}
+
 /// Scales the gradients of `vars` in `grads` so that their global L2 norm is at most `max_norm`
 /// (`torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-    }
-    let norm = total.sqrt();
+    clip_to(grads, vars, &grad_norms(grads, vars)?, max_norm)
+}
+
+/// [`clip_grad_norm`] with the per-variable norms already computed.
+pub(crate) fn clip_to(grads: &mut GradStore, vars: &[Var], norms: &[f64], max_norm: f64) -> Result<f64> {
+    let norm = norms.iter().map(|n| n * n).sum::<f64>().sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for v in vars {

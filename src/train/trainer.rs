@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{batch_indices, collate, Example};
 use super::loss::masked_cross_entropy;
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::format::{read_safetensors, write_atomic, write_safetensors, WEIGHTS_FILE};
 use crate::models::Llama;
@@ -90,6 +90,10 @@ pub struct StepLog {
     pub lr: f64,
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The mean over the adapter's parameter tensors of their gradient's L2 norm, before
+    /// clipping (what rsLoRA's analysis tracks as the rank grows).
+    #[serde(default)]
+    pub mean_grad_norm: f64,
     /// Tokens processed (padding excluded from the loss, included here).
     pub tokens: usize,
     /// Tokens per second of this step.
@@ -226,7 +230,9 @@ impl<M: CausalLm> Trainer<M> {
             });
         }
         let mut grads = total.expect("grad_accum >= 1");
-        let grad_norm = clip_grad_norm(&mut grads, &self.vars, self.config.max_grad_norm.unwrap_or(f64::INFINITY))?;
+        let norms = grad_norms(&grads, &self.vars)?;
+        let mean_grad_norm = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
+        let grad_norm = clip_to(&mut grads, &self.vars, &norms, self.config.max_grad_norm.unwrap_or(f64::INFINITY))?;
         if !grad_norm.is_finite() {
             return Err(self.non_finite("gradient norm", grad_norm));
         }
@@ -239,6 +245,7 @@ impl<M: CausalLm> Trainer<M> {
             loss: loss_sum / self.config.grad_accum as f64,
             lr,
             grad_norm,
+            mean_grad_norm,
             tokens,
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
             eval_loss: None,

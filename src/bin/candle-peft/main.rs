@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_peft::chat::{ChatTemplate, Message};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
+use candle_peft::sweep::{Sweep, SweepConfig};
 use candle_peft::train::data::{read_jsonl, Example, Record};
 use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
@@ -79,6 +80,23 @@ enum Command {
         chat: bool,
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// Compare scaling strategies across ranks: a grid of methods x ranks x scalings x learning
+    /// rates, each cell trained on the same base model, data order and seed (resumable).
+    Sweep {
+        /// A sweep config (JSON; see configs/). Default: the embedded one (built-in model and
+        /// data, ranks 4 to 256, alpha/r and alpha/sqrt(r)).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output directory: cells/steps as JSONL and CSV, PNG plots. Rerun to resume.
+        #[arg(long)]
+        output: PathBuf,
+        /// Magnitude-prune this fraction of every base linear weight first (overrides the config).
+        #[arg(long)]
+        prune: Option<f64>,
+        /// auto, cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Describe an adapter directory: method, rank, targets, parameters, keys.
     Inspect {
@@ -196,6 +214,9 @@ mod anyhow_like {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 }
 
+#[global_allocator]
+static ALLOC: candle_peft::alloc::Counting = candle_peft::alloc::Counting;
+
 fn main() {
     candle_peft::train::reuse_freed_memory();
     if let Err(e) = run(Cli::parse()) {
@@ -257,6 +278,19 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             Ok(())
         }
         Command::Inspect { dir } => inspect(&dir),
+        Command::Sweep { config, output, prune, device } => {
+            let mut config = match config {
+                Some(path) => SweepConfig::from_file(&path)?,
+                None => SweepConfig::builtin_default(),
+            };
+            if prune.is_some() {
+                config.prune = prune;
+            }
+            let cells = Sweep::new(config, candle_peft::device(&device)?)?.with_progress(true).run(&output)?;
+            println!("{}", candle_peft::sweep::summary_table(&cells));
+            println!("results in {} (cells.csv, steps.csv, *.png)", output.display());
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,184 @@
+//! The sweep's files: JSONL records appended as cells finish, CSV copies and PNG plots.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{CellResult, StepRecord};
+use crate::format::write_atomic;
+use crate::{Error, Result};
+
+pub(super) fn append_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text += &serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?;
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
+}
+
+fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("line {}: {e}", i + 1) })
+        })
+        .collect()
+}
+
+/// The finished cells recorded in `dir/cells.jsonl` (none if the file does not exist).
+pub fn read_cells(dir: &Path) -> Result<Vec<CellResult>> {
+    read_jsonl(&dir.join("cells.jsonl"))
+}
+
+/// Drops the step records of cells that did not finish (an interrupted run's last cell).
+pub(super) fn keep_steps_of(dir: &Path, finished: &BTreeSet<String>) -> Result<()> {
+    let path = dir.join("steps.jsonl");
+    let steps: Vec<StepRecord> = read_jsonl(&path)?;
+    let kept: Vec<&StepRecord> = steps.iter().filter(|s| finished.contains(&s.cell)).collect();
+    if kept.len() == steps.len() {
+        return Ok(());
+    }
+    let mut text = String::new();
+    for s in kept {
+        text += &serde_json::to_string(s).map_err(|e| Error::Unsupported(e.to_string()))?;
+        text.push('\n');
+    }
+    write_atomic(&path, text.as_bytes())
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| format!("{v}"))
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Writes `cells.csv`, `steps.csv` and (with the `plot` feature) the three plots for `cells`.
+pub fn write_reports(dir: &Path, cells: &[CellResult]) -> Result<()> {
+    let mut csv = String::from(
+        "method,rank,scaling,scale,lr,steps,final_loss,eval_loss,early_grad_norm,trainable_params,step_time_s,\
+         peak_heap_mib,harness_overhead,diverged\n",
+    );
+    for c in cells {
+        csv += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{:.4},{}\n",
+            quoted(&c.method),
+            c.rank,
+            quoted(&c.scaling),
+            c.scale,
+            c.lr,
+            c.steps,
+            opt(c.final_loss),
+            opt(c.eval_loss),
+            opt(c.early_grad_norm),
+            c.trainable_params,
+            c.step_time_s,
+            c.peak_heap_bytes.map_or(String::new(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
+            c.harness_overhead,
+            quoted(c.diverged.as_deref().unwrap_or("")),
+        );
+    }
+    write_atomic(&dir.join("cells.csv"), csv.as_bytes())?;
+
+    let keys: BTreeSet<&str> = cells.iter().map(|c| c.key.as_str()).collect();
+    let steps: Vec<StepRecord> = read_jsonl::<StepRecord>(&dir.join("steps.jsonl"))?
+        .into_iter()
+        .filter(|s| keys.contains(s.cell.as_str()))
+        .collect();
+    let mut csv = String::from("cell,step,loss,mean_grad_norm\n");
+    for s in &steps {
+        csv += &format!("{},{},{},{}\n", quoted(&s.cell), s.step, s.loss, s.mean_grad_norm);
+    }
+    write_atomic(&dir.join("steps.csv"), csv.as_bytes())?;
+    plots(dir, cells, &steps)
+}
+
+#[cfg(feature = "plot")]
+fn plots(dir: &Path, cells: &[CellResult], steps: &[StepRecord]) -> Result<()> {
+    use crate::plot::{LineChart, Scale, Series};
+    use std::collections::BTreeMap;
+    if cells.is_empty() {
+        return Ok(());
+    }
+    // Final loss against rank: one line per (method, scaling, lr).
+    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for c in cells {
+        if let Some(loss) = c.final_loss {
+            let name = format!("{} {} lr={}", c.method, c.scaling, c.lr);
+            lines.entry(name).or_default().push((c.rank as f64, loss));
+        }
+    }
+    let series: Vec<Series> = lines.into_iter().map(|(name, points)| Series { name, points }).collect();
+    let chart = |title, x_label, y_label, x_scale, y_scale| LineChart { title, x_label, y_label, x_scale, y_scale };
+    if !series.is_empty() {
+        chart("Final training loss (mean of the last 10% of steps)", "rank", "loss", Scale::Log, Scale::Linear)
+            .write_png(&dir.join("final_loss_vs_rank.png"), &series)?;
+    }
+    // Per-step curves, one line per cell; losses smoothed over 10 steps.
+    let by_cell = |f: fn(&StepRecord) -> f64, window: usize| -> Vec<Series> {
+        cells
+            .iter()
+            .map(|c| {
+                let ys: Vec<f64> = steps.iter().filter(|s| s.cell == c.key).map(f).collect();
+                let points = (0..ys.len())
+                    .map(|i| {
+                        let from = (i + 1).saturating_sub(window);
+                        ((i + 1) as f64, ys[from..=i].iter().sum::<f64>() / (i + 1 - from) as f64)
+                    })
+                    .collect();
+                Series { name: format!("r={} {}", c.rank, c.scaling), points }
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    let loss = by_cell(|s| s.loss, 10);
+    if !loss.is_empty() {
+        chart("Training loss (moving average of 10 steps)", "step", "loss", Scale::Linear, Scale::Linear)
+            .write_png(&dir.join("loss_vs_step.png"), &loss)?;
+        chart("Mean L2 norm of the adapter gradients", "step", "gradient norm", Scale::Linear, Scale::Log)
+            .write_png(&dir.join("grad_norm_vs_step.png"), &by_cell(|s| s.mean_grad_norm, 1))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "plot"))]
+fn plots(_dir: &Path, _cells: &[CellResult], _steps: &[StepRecord]) -> Result<()> {
+    tracing::warn!("built without the `plot` feature: no PNG plots (the CSV and JSONL files are written)");
+    Ok(())
+}
+
+/// A Markdown table of the cells: rank, scaling, factor, final and eval loss, early gradient
+/// norm, step time, peak heap.
+pub fn summary_table(cells: &[CellResult]) -> String {
+    let mut t = String::from(
+        "| method | scaling | lr | rank | s | final loss | eval loss | grad norm (first 10%) | params | s/step | peak heap (MiB) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let f = |v: Option<f64>, digits: usize| v.map_or("diverged".to_string(), |v| format!("{v:.digits$}"));
+    for c in cells {
+        t += &format!(
+            "| {} | {} | {} | {} | {:.4} | {} | {} | {} | {} | {:.3} | {} |\n",
+            c.method,
+            c.scaling,
+            c.lr,
+            c.rank,
+            c.scale,
+            f(c.final_loss, 4),
+            f(c.eval_loss, 4),
+            f(c.early_grad_norm, 6),
+            c.trainable_params,
+            c.step_time_s,
+            c.peak_heap_bytes.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
+        );
+    }
+    t
+}
