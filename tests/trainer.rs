@@ -63,6 +63,8 @@ fn a_resumed_run_continues_the_same_loss_curve() -> candle_peft::Result<()> {
     full.train(&data, None)?;
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 6);
+    #[cfg(feature = "plot")]
+    assert!(std::fs::read(dir.path().join("loss.png")).unwrap().starts_with(b"\x89PNG"), "no loss curve");
     // Resuming into the same directory keeps steps 1-3 of the log and rewrites 4-6.
 
     let mut resumed = Trainer::resume(model(lora()), full_config, &dir.path().join("checkpoint-3"))?;

@@ -1,6 +1,6 @@
 //! The training loop: gradient accumulation, global-norm clipping, a learning-rate schedule,
 //! AdamW, evaluation, atomic checkpoints with optimizer state, resume, a NaN / inf guard, a
-//! progress bar and per-step metrics as JSONL.
+//! progress bar, per-step metrics as JSONL and (feature `plot`) a loss-curve PNG.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -314,6 +314,8 @@ impl<M: CausalLm> Trainer<M> {
                 append_jsonl(&dir.join("metrics.jsonl"), &log)?;
                 if c.checkpoint_every.is_some_and(|every| self.step % every == 0) || last {
                     self.save_checkpoint(&dir.join(format!("checkpoint-{}", self.step)))?;
+                    #[cfg(feature = "plot")]
+                    self.plot_loss(&dir.join("loss.png"))?;
                 }
             }
         }
@@ -349,6 +351,35 @@ impl<M: CausalLm> Trainer<M> {
 }
 
 impl<M: CausalLm> Trainer<M> {
+    /// Draws the loss curve so far (training loss, its moving average over 10 steps, and the
+    /// evaluation loss) into a PNG; `train` does it at every checkpoint, as `loss.png`.
+    #[cfg(feature = "plot")]
+    pub fn plot_loss(&self, path: &Path) -> Result<()> {
+        use crate::plot::{LineChart, Scale, Series};
+        let h = &self.history;
+        let raw: Vec<(f64, f64)> = h.iter().map(|l| (l.step as f64, l.loss)).collect();
+        let smooth = (0..h.len())
+            .map(|i| {
+                let from = (i + 1).saturating_sub(10);
+                (h[i].step as f64, h[from..=i].iter().map(|l| l.loss).sum::<f64>() / (i + 1 - from) as f64)
+            })
+            .collect();
+        let eval = h.iter().filter_map(|l| l.eval_loss.map(|e| (l.step as f64, e))).collect();
+        let series = [
+            Series { name: "train".into(), points: raw },
+            Series { name: "train (mean of 10 steps)".into(), points: smooth },
+            Series { name: "eval".into(), points: eval },
+        ];
+        let chart = LineChart {
+            title: "Loss",
+            x_label: "step",
+            y_label: "token loss",
+            x_scale: Scale::Linear,
+            y_scale: Scale::Linear,
+        };
+        chart.write_png(path, &series)
+    }
+
     fn trim_metrics(&self, path: &Path) -> Result<()> {
         let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
         let kept: String = text
