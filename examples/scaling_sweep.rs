@@ -1,9 +1,9 @@
-//! The scaling sweep from Rust: alpha/r against alpha/sqrt(r) (and, with `--pow P`, a strategy of
-//! one's own, alpha / r^P) across ranks, on the built-in model and data or a config's.
+//! The scaling sweep from Rust: alpha/r against alpha/sqrt(r) (and, with `--custom`, a strategy
+//! of one's own, alpha / (1 + ln r)) across ranks, on the built-in model and data or a config's.
 //!
 //! ```text
 //! cargo run --release --example scaling_sweep                          # the embedded default
-//! cargo run --release --example scaling_sweep -- --pow 0.75 --output target/sweep-pow
+//! cargo run --release --example scaling_sweep -- --custom --output target/sweep-custom
 //! cargo run --release --example scaling_sweep -- --config configs/sweep-smollm2.json
 //! ```
 //! The same library code as `candle-peft sweep`; a rerun with the same `--output` resumes.
@@ -16,16 +16,16 @@ use candle_peft::sweep::{summary_table, Sweep, SweepConfig};
 #[global_allocator]
 static ALLOC: candle_peft::alloc::Counting = candle_peft::alloc::Counting;
 
-/// A user-defined strategy: `alpha / r^p`.
+/// A user-defined strategy: `alpha / (1 + ln r)`, which shrinks more slowly than alpha/sqrt(r).
 #[derive(Debug)]
-struct Power(f64);
+struct LogRank;
 
-impl ScalingStrategy for Power {
+impl ScalingStrategy for LogRank {
     fn name(&self) -> String {
-        format!("alpha/r^{} (user)", self.0)
+        "alpha/(1+ln r)".into()
     }
     fn scale(&self, alpha: f64, rank: usize) -> f64 {
-        alpha / (rank as f64).powf(self.0)
+        alpha / (1.0 + (rank as f64).ln())
     }
 }
 
@@ -43,8 +43,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let output = PathBuf::from(arg(&args, "--output").unwrap_or_else(|| "target/sweep".into()));
     let device = candle_peft::device(&arg(&args, "--device").unwrap_or_else(|| "auto".into()))?;
     let mut sweep = Sweep::new(config, device)?.with_progress(true);
-    if let Some(p) = arg(&args, "--pow") {
-        sweep = sweep.with_strategy(Power(p.parse()?));
+    if args.iter().any(|a| a == "--custom") {
+        sweep = sweep.with_strategy(LogRank);
     }
     let cells = sweep.run(&output)?;
     println!("{}", summary_table(&cells));

@@ -272,38 +272,40 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 }
 
 /// Causal scaled-dot-product attention `softmax(q k^T / sqrt(d) + causal mask) v` for
-/// `q: (b, heads, t, d)` and `k, v: (b, kv_heads, t, d)` (grouped-query attention: query head
-/// `i` reads key/value head `i / (heads / kv_heads)`, as transformers' `repeat_kv`). Returns
-/// `(b, heads, t, d)`.
+/// `q: (b, heads, tq, d)` and `k, v: (b, kv_heads, tk, d)` with `tk >= tq`: the queries are the
+/// last `tq` positions (`tk > tq` when earlier keys come from a KV cache), query `i` sees keys
+/// `0 ..= i + tk - tq`. Grouped-query attention: query head `i` reads key/value head
+/// `i / (heads / kv_heads)`, as transformers' `repeat_kv`. Returns `(b, heads, tq, d)`.
 ///
 /// Autograd keeps `q, k, v` and the output; the backward recomputes the probabilities `P` and
 /// takes `dV = P^T dO`, `dS = P (dO v^T - rowsum(dO o))`, `dQ = dS k / sqrt(d)`,
 /// `dK = dS^T q / sqrt(d)` (summed over each group's query heads).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (b, heads, t, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    if heads % kv != 0 || k.dims() != v.dims() || k.dims() != [b, kv, t, d] {
+    let (b, heads, tq, d) = q.dims4()?;
+    let (kv, tk) = (k.dim(1)?, k.dim(2)?);
+    if heads % kv != 0 || tk < tq || k.dims() != v.dims() || k.dims() != [b, kv, tk, d] {
         return Err(crate::Error::ShapeMismatch {
             what: "attention keys/values".into(),
-            expected: vec![b, kv, t, d],
+            expected: vec![b, kv, tk.max(tq), d],
             actual: v.dims().to_vec(),
         });
     }
     let group = heads / kv;
     let scale = 1.0 / (d as f64).sqrt();
-    // Queries grouped by their key/value head: (b, kv, group * t, d).
-    let grouped = move |q: &Tensor| q.contiguous()?.reshape((b, kv, group * t, d));
+    // Queries grouped by their key/value head: (b, kv, group * tq, d).
+    let grouped = move |q: &Tensor| q.contiguous()?.reshape((b, kv, group * tq, d));
     let probs = move |qg: &Tensor, k: &Tensor| -> candle_core::Result<Tensor> {
         let dtype = qg.dtype();
-        let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, t, t))?;
-        let mask: Vec<f32> =
-            (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (t, t), qg.device())?;
+        let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, tq, tk))?;
+        let mask: Vec<f32> = (0..tq)
+            .flat_map(|i| (0..tk).map(move |j| if j > i + tk - tq { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (tq, tk), qg.device())?;
         let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        p.to_dtype(dtype)?.reshape((b, kv, group * t, t))
+        p.to_dtype(dtype)?.reshape((b, kv, group * tq, tk))
     };
     let (qd, kd, vd) = (grouped(&q.detach())?, k.detach().contiguous()?, v.detach().contiguous()?);
-    let out = probs(&qd, &kd)?.matmul(&vd)?.reshape((b, heads, t, d))?;
+    let out = probs(&qd, &kd)?.matmul(&vd)?.reshape((b, heads, tq, d))?;
     with_backward("causal-attention", &[q, k, v], out, move |inputs, out, grad| {
         let (qg, k, v) =
             (grouped(&inputs[0].detach())?, inputs[1].detach().contiguous()?, inputs[2].detach().contiguous()?);
@@ -312,7 +314,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let dv = needed(inputs[2], || p.t()?.matmul(&dout))?;
         let rowsum = (&dout * grouped(&out.detach())?)?.sum_keepdim(D::Minus1)?;
         let ds = (p * dout.matmul(&v.t()?)?.broadcast_sub(&rowsum)?)?;
-        let dq = needed(inputs[0], || (ds.matmul(&k)? * scale)?.reshape((b, heads, t, d)))?;
+        let dq = needed(inputs[0], || (ds.matmul(&k)? * scale)?.reshape((b, heads, tq, d)))?;
         let dk = needed(inputs[1], || ds.t()?.matmul(&qg)? * scale)?;
         Ok(vec![dq, dk, dv])
     })

@@ -11,6 +11,10 @@
 //!   collects trainable variables, merges, saves and loads `adapter_config.json` +
 //!   `adapter_model.safetensors` as PEFT does.
 //! - [`device()`]: `auto | cpu | cuda:N | metal` at run time.
+//! - [`models::Llama`] (HF dirs and GGUF files, KV-cached generation), [`train::Trainer`],
+//!   [`chat::ChatTemplate`]: fine-tuning a real model; [`fused`]: the training ops that keep
+//!   only what their backward pass needs.
+//! - [`sweep`]: scaling strategies compared across ranks (rsLoRA / RoRA in miniature).
 //!
 //! ```no_run
 //! use candle_peft::{AdapterConfig, InitOptions, LoraConfig, NamedLinears, PeftModel};

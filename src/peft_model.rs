@@ -30,6 +30,11 @@ pub trait LinearHost {
     fn output_layer(&self) -> Option<String> {
         Some("lm_head".into())
     }
+
+    /// Parameters outside the linear layers (embeddings, norms), for parameter counts.
+    fn other_params(&self) -> usize {
+        0
+    }
 }
 
 /// A set of named frozen linear layers: the simplest [`LinearHost`].
@@ -320,8 +325,9 @@ impl<M: LinearHost> PeftModel<M> {
         self.named_trainable_vars().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// Trainable and total parameter counts over the linear layers (shared frozen projections
-    /// counted once).
+    /// Trainable and total parameter counts, as PEFT's `print_trainable_parameters` gives them:
+    /// the total counts the whole model ([`LinearHost::other_params`] included), the adapters
+    /// and the shared frozen projections (once).
     pub fn parameter_count(&self) -> ParameterCount {
         let trainable: usize = self.adapted_layers().map(|(_, l)| l.adapter().map_or(0, |a| a.num_trainable())).sum();
         let frozen: usize = self
@@ -331,7 +337,7 @@ impl<M: LinearHost> PeftModel<M> {
             .map(|(_, l)| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count()))
             .sum();
         let shared: usize = self.shared.values().map(|t| t.elem_count()).sum();
-        ParameterCount { trainable, all: frozen + shared + trainable }
+        ParameterCount { trainable, all: frozen + self.model.other_params() + shared + trainable }
     }
 
     /// Folds every adapter into its layer's weight.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_peft::models::Llama;
 use candle_peft::{Error, PeftModel};
 use common::{assert_close, fixture, load};
@@ -72,4 +72,31 @@ fn bad_model_dirs_are_clear_errors() {
         .unwrap();
     let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+}
+
+#[test]
+fn the_kv_cache_gives_the_full_forward_logits_and_the_same_greedy_tokens() -> candle_peft::Result<()> {
+    let model = tiny();
+    let ids: Vec<u32> = vec![3, 17, 42, 5, 9, 60, 1, 33, 12];
+    let full = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?.squeeze(0)?;
+    // The same positions in three calls: 5 tokens, then 1, then 3.
+    let mut cache = candle_peft::models::KvCache::default();
+    let mut parts = Vec::new();
+    for chunk in [&ids[..5], &ids[5..6], &ids[6..]] {
+        parts.push(model.forward_cached(&Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?, &mut cache)?.squeeze(0)?);
+    }
+    assert_eq!(cache.len(), ids.len());
+    let cached = Tensor::cat(&parts, 0)?;
+    let diff = (cached - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "cached logits differ by {diff}");
+
+    // Greedy decoding with the cache against recomputing the whole prefix every step.
+    let mut reference = ids[..4].to_vec();
+    for _ in 0..8 {
+        let logits = model.forward(&Tensor::new(reference.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+        reference.push(logits.squeeze(0)?.get(reference.len() - 1)?.argmax(0)?.to_scalar::<u32>()?);
+    }
+    assert_eq!(model.generate_greedy(&ids[..4], 8, None)?, reference[4..]);
+    assert!(model.generate_greedy(&[], 3, None).is_err());
+    Ok(())
 }

@@ -53,6 +53,25 @@ fn the_loss_falls_on_a_learnable_task() -> candle_peft::Result<()> {
     Ok(())
 }
 
+/// A bf16 base with f32 adapters (the usual mixed setup): the loss starts where the f32 model's
+/// does, to bf16 precision, and training works through every fused op in bf16.
+#[test]
+fn a_bf16_base_trains_with_f32_adapters() -> candle_peft::Result<()> {
+    let data = counting(16);
+    let bf16 = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::BF16)?;
+    let peft = PeftModel::new(bf16, lora(), InitOptions { seed: 1, dtype: DType::F32 })?;
+    assert!(peft.trainable_vars().iter().all(|v| v.dtype() == DType::F32));
+    let mut t = Trainer::new(peft, config(40))?;
+    let mut f32_run = Trainer::new(model(lora()), config(40))?;
+    let (start, start_f32) = (t.evaluate(&data)?, f32_run.evaluate(&data)?);
+    assert!((start - start_f32).abs() < 0.02 * start_f32, "bf16 {start} vs f32 {start_f32}");
+    t.train(&data, None)?;
+    let after = t.evaluate(&data)?;
+    assert!(t.history().iter().all(|s| s.loss.is_finite() && s.grad_norm.is_finite()));
+    assert!(after < 0.5 * start, "bf16 loss {start} -> {after}");
+    Ok(())
+}
+
 #[test]
 fn a_resumed_run_continues_the_same_loss_curve() -> candle_peft::Result<()> {
     let data = counting(10);

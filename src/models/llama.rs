@@ -141,6 +141,26 @@ struct Block {
     linears: [AdaptedLinear; 7],
 }
 
+/// The keys and values of the positions a [`Llama`] has seen, per layer, for
+/// [`Llama::forward_cached`].
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// A LLaMA whose linears can carry adapters.
 #[derive(Debug)]
 pub struct Llama {
@@ -343,27 +363,43 @@ impl Llama {
 
     /// Logits `(b, t, vocab)` for token ids `(b, t)` (causal attention, positions from 0).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_cached(ids, &mut KvCache::default())
+    }
+
+    /// Logits `(b, t, vocab)` for token ids `(b, t)` that follow the positions in `cache`, whose
+    /// keys and values they read and then extend: incremental decoding. With an empty cache it is
+    /// [`Llama::forward`].
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = &self.config;
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let dtype = self.embed_tokens.dtype();
         let device = ids.device();
+        let offset = cache.len();
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+        }
         let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
 
         let inv_freq: Vec<f32> =
             (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
-        let pos = Tensor::arange(0u32, t as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let pos = Tensor::arange(offset as u32, (offset + t) as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
         let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
 
-        for layer in &self.layers {
+        for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let x = rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
             let l = &layer.linears;
             let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
             let q = rope(&heads_first(l[Q].forward_t(&x)?, heads)?, &cos, &sin)?;
-            let k = rope(&heads_first(l[K].forward_t(&x)?, kv)?, &cos, &sin)?;
-            let v = heads_first(l[V].forward_t(&x)?, kv)?;
+            let mut k = rope(&heads_first(l[K].forward_t(&x)?, kv)?, &cos, &sin)?;
+            let mut v = heads_first(l[V].forward_t(&x)?, kv)?;
+            if let Some((k0, v0)) = cached.as_ref() {
+                (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
+            }
+            // Kept for the next call (views of the same storage: no copy).
+            *cached = Some((k.detach(), v.detach()));
             let attn = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
             h = (h + l[O].forward_t(&attn)?)?;
 
@@ -371,6 +407,7 @@ impl Llama {
             let act = swiglu(&l[GATE].forward_t(&x)?, &l[UP].forward_t(&x)?)?;
             h = (h + l[DOWN].forward_t(&act)?)?;
         }
+        cache.len = offset + t;
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
         match &self.lm_head {
             Some(head) => head.forward_t(&h),
@@ -379,21 +416,27 @@ impl Llama {
         }
     }
 
-    /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after `eos`.
-    /// Recomputes the whole prefix every step (no KV cache): meant for short evaluations.
+    /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after `eos`
+    /// (with a KV cache: each new token costs one position's forward pass).
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::config("prompt", "generation needs at least one prompt token"));
+        }
         let device = self.embed_tokens.device();
-        let mut ids = prompt.to_vec();
+        let mut cache = KvCache::default();
+        let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
+        let mut new = Vec::new();
         for _ in 0..max_new {
-            let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-            let logits = self.forward(&input)?.squeeze(0)?.get(ids.len() - 1)?;
-            let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
-            ids.push(next);
+            let logits = self.forward_cached(&input, &mut cache)?;
+            let last = logits.squeeze(0)?.get(input.dim(1)? - 1)?;
+            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            new.push(next);
             if Some(next) == eos {
                 break;
             }
+            input = Tensor::new(&[next], device)?.unsqueeze(0)?;
         }
-        Ok(ids[prompt.len()..].to_vec())
+        Ok(new)
     }
 
     /// Switches every adapter between training mode (dropout on) and evaluation mode.
@@ -500,5 +543,10 @@ impl LinearHost for Llama {
             LAYER_LINEARS.iter().zip(&mut b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
         });
         blocks.chain(self.lm_head.iter_mut().map(|h| ("lm_head".to_string(), h))).collect()
+    }
+
+    fn other_params(&self) -> usize {
+        let norms: usize = self.layers.iter().map(|l| l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()).sum();
+        self.embed_tokens.elem_count() + self.norm.elem_count() + norms
     }
 }

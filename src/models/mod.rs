@@ -2,7 +2,7 @@
 
 pub mod llama;
 
-pub use llama::{GgufMetadata, Llama, LlamaConfig};
+pub use llama::{GgufMetadata, KvCache, Llama, LlamaConfig};
 
 use std::path::Path;
 

@@ -6,7 +6,7 @@
 //! Every cell trains a fresh adapter on the same loaded base model (no reload: the adapter is
 //! unloaded after the cell), with the same data order and init seed. Per step it logs the
 //! training loss and the mean L2 norm of the adapter's gradients; per cell the final loss (mean
-//! of the last 10% of steps), the eval loss, the trainable parameters, the step time and the
+//! of the last 10% of steps), the eval loss, the gradient norm at step 1 and over the run, the trainable parameters, the step time and the
 //! peak heap (when [`crate::alloc::Counting`] is the global allocator). A finished cell is
 //! recorded in `cells.jsonl` and not run again when the sweep is restarted.
 //!
@@ -217,8 +217,11 @@ pub struct CellResult {
     pub final_loss: Option<f64>,
     /// Loss on the held-out sequences after training.
     pub eval_loss: Option<f64>,
-    /// Mean adapter-gradient norm over the first 10% of steps.
-    pub early_grad_norm: Option<f64>,
+    /// Mean adapter-gradient norm at step 1: every cell starts from the same base model and
+    /// data, so this compares the scalings at one state (rsLoRA's analysis).
+    pub first_grad_norm: Option<f64>,
+    /// Mean adapter-gradient norm over all steps.
+    pub mean_grad_norm: Option<f64>,
     /// Trainable parameters.
     pub trainable_params: usize,
     /// Mean seconds per optimizer step.
@@ -498,7 +501,8 @@ impl Sweep {
             steps: steps.len(),
             final_loss: finished.then(|| mean(&steps[steps.len() - tail..], |s| s.loss)),
             eval_loss,
-            early_grad_norm: (!steps.is_empty()).then(|| mean(&steps[..tail.min(steps.len())], |s| s.mean_grad_norm)),
+            first_grad_norm: steps.first().map(|s| s.mean_grad_norm),
+            mean_grad_norm: (!steps.is_empty()).then(|| mean(&steps, |s| s.mean_grad_norm)),
             trainable_params,
             step_time_s: train_time / steps.len().max(1) as f64,
             peak_heap_bytes,

@@ -65,12 +65,12 @@ fn quoted(s: &str) -> String {
 /// Writes `cells.csv`, `steps.csv` and (with the `plot` feature) the three plots for `cells`.
 pub fn write_reports(dir: &Path, cells: &[CellResult]) -> Result<()> {
     let mut csv = String::from(
-        "method,rank,scaling,scale,lr,steps,final_loss,eval_loss,early_grad_norm,trainable_params,step_time_s,\
+        "method,rank,scaling,scale,lr,steps,final_loss,eval_loss,first_grad_norm,mean_grad_norm,trainable_params,step_time_s,\
          peak_heap_mib,harness_overhead,diverged\n",
     );
     for c in cells {
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{:.4},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{:.4},{}\n",
             quoted(&c.method),
             c.rank,
             quoted(&c.scaling),
@@ -79,7 +79,8 @@ pub fn write_reports(dir: &Path, cells: &[CellResult]) -> Result<()> {
             c.steps,
             opt(c.final_loss),
             opt(c.eval_loss),
-            opt(c.early_grad_norm),
+            opt(c.first_grad_norm),
+            opt(c.mean_grad_norm),
             c.trainable_params,
             c.step_time_s,
             c.peak_heap_bytes.map_or(String::new(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
@@ -156,17 +157,17 @@ fn plots(_dir: &Path, _cells: &[CellResult], _steps: &[StepRecord]) -> Result<()
     Ok(())
 }
 
-/// A Markdown table of the cells: rank, scaling, factor, final and eval loss, early gradient
-/// norm, step time, peak heap.
+/// A Markdown table of the cells: rank, scaling, factor, final and eval loss, gradient norms,
+/// step time, peak heap.
 pub fn summary_table(cells: &[CellResult]) -> String {
     let mut t = String::from(
-        "| method | scaling | lr | rank | s | final loss | eval loss | grad norm (first 10%) | params | s/step | peak heap (MiB) |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| method | scaling | lr | rank | s | final loss | eval loss | grad norm, step 1 | grad norm, mean | params | s/step | peak heap (MiB) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let f = |v: Option<f64>, digits: usize| v.map_or("diverged".to_string(), |v| format!("{v:.digits$}"));
     for c in cells {
         t += &format!(
-            "| {} | {} | {} | {} | {:.4} | {} | {} | {} | {} | {:.3} | {} |\n",
+            "| {} | {} | {} | {} | {:.4} | {} | {} | {} | {} | {} | {:.3} | {} |\n",
             c.method,
             c.scaling,
             c.lr,
@@ -174,7 +175,8 @@ pub fn summary_table(cells: &[CellResult]) -> String {
             c.scale,
             f(c.final_loss, 4),
             f(c.eval_loss, 4),
-            f(c.early_grad_norm, 6),
+            f(c.first_grad_norm, 5),
+            f(c.mean_grad_norm, 5),
             c.trainable_params,
             c.step_time_s,
             c.peak_heap_bytes.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
