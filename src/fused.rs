@@ -297,9 +297,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let probs = move |qg: &Tensor, k: &Tensor| -> candle_core::Result<Tensor> {
         let dtype = qg.dtype();
         let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, tq, tk))?;
-        let mask: Vec<f32> = (0..tq)
-            .flat_map(|i| (0..tk).map(move |j| if j > i + tk - tq { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
+        let mask: Vec<f32> =
+            (0..tq).flat_map(|i| (0..tk).map(move |j| if j > i + tk - tq { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (tq, tk), qg.device())?;
         let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         p.to_dtype(dtype)?.reshape((b, kv, group * tq, tk))

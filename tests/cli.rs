@@ -102,7 +102,7 @@ fn train_writes_an_adapter_that_loads() -> candle_peft::Result<()> {
         "--batch-size",
         "1",
         "--max-len",
-        "16",
+        "64",
         "--every",
         "1",
         "--device",

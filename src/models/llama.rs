@@ -546,7 +546,8 @@ impl LinearHost for Llama {
     }
 
     fn other_params(&self) -> usize {
-        let norms: usize = self.layers.iter().map(|l| l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()).sum();
+        let norms: usize =
+            self.layers.iter().map(|l| l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()).sum();
         self.embed_tokens.elem_count() + self.norm.elem_count() + norms
     }
 }

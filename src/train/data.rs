@@ -77,7 +77,7 @@ pub struct Example {
 
 impl Example {
     /// Builds an example from a record with `encode` (text to ids), appending `eos` if given and
-    /// cutting to `max_len` tokens.
+    /// cutting to `max_len` tokens. Errors when the cut leaves no token to learn.
     pub fn from_record(
         record: &Record,
         encode: &dyn Fn(&str) -> Result<Vec<u32>>,
@@ -104,6 +104,12 @@ impl Example {
         }
         ids.truncate(max_len);
         labels.truncate(max_len);
+        if labels.iter().all(|&l| l == IGNORE_INDEX) {
+            return Err(Error::config(
+                "max_len",
+                format!("a record's prompt fills all {max_len} tokens: nothing of its completion is left to learn"),
+            ));
+        }
         Ok(Self { ids, labels })
     }
 }
