@@ -72,7 +72,8 @@ fn an_interrupted_sweep_runs_only_its_unfinished_cells() -> candle_peft::Result<
     let mut marked: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     marked["final_loss"] = serde_json::json!(123.0);
     lines[0] = marked.to_string();
-    std::fs::write(&cells_path, lines.join("\n") + "\n").unwrap();
+    // ... and the interruption cut the write of the last record short.
+    std::fs::write(&cells_path, lines.join("\n") + "\n{\"key\":\"lora|r=4|alp").unwrap();
     let steps_path = dir.path().join("steps.jsonl");
     let kept: Vec<String> =
         std::fs::read_to_string(&steps_path).unwrap().lines().take(3 * 3 + 1).map(String::from).collect();

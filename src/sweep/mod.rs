@@ -298,6 +298,9 @@ impl Sweep {
         let c = &self.config;
         std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
         self.check_same_sweep(output)?;
+        for file in ["cells.jsonl", "steps.jsonl"] {
+            report::drop_partial_line(&output.join(file))?;
+        }
         let done = read_cells(output)?;
         let done_keys: BTreeSet<String> = done.iter().map(|r| r.key.clone()).collect();
         report::keep_steps_of(output, &done_keys)?;

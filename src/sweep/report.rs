@@ -21,9 +21,24 @@ pub(super) fn append_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<(
     f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
 }
 
+/// Cuts a last line without its newline (a write that an interruption cut short) from a file
+/// this module appends to, so that the next record starts on a line of its own.
+pub(super) fn drop_partial_line(path: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    if text.is_empty() || text.ends_with('\n') {
+        return Ok(());
+    }
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    write_atomic(path, complete.as_bytes())
+}
+
+/// The records of a file this module appends to. A last line without its newline is a write that
+/// an interruption cut short: it is ignored (its cell is run again).
 fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
