@@ -161,15 +161,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Some(path) => {
                 let (model, tokenizer) = candle_peft::models::load(path.as_ref(), &device, DType::F32)?;
-                let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("</s>"));
+                let eos = candle_peft::tokenizer::end_token(&tokenizer);
                 let tok = tokenizer.clone();
                 let decode: Decode = Box::new(move |ids: &[u32]| tok.decode(ids, true).unwrap_or_default());
-                let encode = move |s: &str| {
-                    tokenizer
-                        .encode(s, false)
-                        .map(|e| e.get_ids().to_vec())
-                        .map_err(|e| candle_peft::Error::Unsupported(format!("tokenizer: {e}")))
-                };
+                let encode = move |s: &str| candle_peft::tokenizer::encode(&tokenizer, s);
                 (model, Box::new(encode), decode, eos, eos.unwrap_or(0), vec![])
             }
         };

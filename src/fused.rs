@@ -24,7 +24,8 @@ use crate::Result;
 /// needs none.
 type Backward = Box<dyn Fn(&[&Tensor], &Tensor, &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync>;
 
-/// A graph node whose forward hands over a precomputed output.
+/// A graph node whose forward hands over a precomputed output (one copy of the output buffer:
+/// candle offers no way to move a tensor's storage into a new graph node).
 struct Fused {
     name: &'static str,
     out: Mutex<Option<Tensor>>,

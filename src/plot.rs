@@ -417,6 +417,17 @@ fn encode_png(path: &Path, rgb: &[u8]) -> Result<()> {
     backend.present().map_err(|e| Error::Plot(format!("cannot write {}: {e}", path.display())))
 }
 
+/// The trailing mean of `ys` over up to `window` values (fewer at the start), for smoothing
+/// noisy per-step curves.
+pub fn moving_average(ys: &[f64], window: usize) -> Vec<f64> {
+    (0..ys.len())
+        .map(|i| {
+            let from = (i + 1).saturating_sub(window.max(1));
+            ys[from..=i].iter().sum::<f64>() / (i + 1 - from) as f64
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

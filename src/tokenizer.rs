@@ -28,6 +28,18 @@ fn bytes_to_unicode() -> HashMap<u8, char> {
     printable.into_iter().zip(chars).map(|(b, c)| (b, char::from_u32(c).expect("valid code point"))).collect()
 }
 
+/// Text to token ids as the model sees it in training (no special tokens added around it;
+/// special tokens written in the text, such as a chat template's, are recognised).
+pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tokenizer.encode(text, false).map_err(|e| Error::Unsupported(format!("tokenizer: {e}")))?.get_ids().to_vec())
+}
+
+/// The token that ends a turn or a sequence: the first of `<|im_end|>`, `<|endoftext|>`, `</s>`
+/// and `<|eot_id|>` that the vocabulary has.
+pub fn end_token(tokenizer: &Tokenizer) -> Option<u32> {
+    ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"].iter().find_map(|t| tokenizer.token_to_id(t))
+}
+
 /// Reads an HF `tokenizer.json`.
 pub fn from_file(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path)

@@ -391,14 +391,8 @@ impl Sweep {
             (Llama::random(config, c.seed, &self.device)?, Box::new(bytes), None)
         } else {
             let (model, tokenizer) = crate::models::load(Path::new(&c.model), &self.device, DType::F32)?;
-            let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("</s>"));
-            let encode = move |s: &str| {
-                tokenizer
-                    .encode(s, false)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| Error::Unsupported(format!("tokenizer: {e}")))
-            };
-            (model, Box::new(encode), eos)
+            let eos = crate::tokenizer::end_token(&tokenizer);
+            (model, Box::new(move |s: &str| crate::tokenizer::encode(&tokenizer, s)), eos)
         };
         let records = if c.data == "builtin" {
             // Enough facts for about two epochs over the steps of a cell, plus the eval split.

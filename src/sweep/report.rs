@@ -120,7 +120,7 @@ pub fn write_reports(dir: &Path, cells: &[CellResult]) -> Result<()> {
 
 #[cfg(feature = "plot")]
 fn plots(dir: &Path, cells: &[CellResult], steps: &[StepRecord]) -> Result<()> {
-    use crate::plot::{LineChart, Scale, Series};
+    use crate::plot::{moving_average, LineChart, Scale, Series};
     use std::collections::BTreeMap;
     if cells.is_empty() {
         return Ok(());
@@ -145,12 +145,7 @@ fn plots(dir: &Path, cells: &[CellResult], steps: &[StepRecord]) -> Result<()> {
             .iter()
             .map(|c| {
                 let ys: Vec<f64> = steps.iter().filter(|s| s.cell == c.key).map(f).collect();
-                let points = (0..ys.len())
-                    .map(|i| {
-                        let from = (i + 1).saturating_sub(window);
-                        ((i + 1) as f64, ys[from..=i].iter().sum::<f64>() / (i + 1 - from) as f64)
-                    })
-                    .collect();
+                let points = (1..=ys.len()).map(|s| s as f64).zip(moving_average(&ys, window)).collect();
                 Series { name: format!("r={} {}", c.rank, c.scaling), points }
             })
             .filter(|s| !s.points.is_empty())

@@ -355,15 +355,11 @@ impl<M: CausalLm> Trainer<M> {
     /// evaluation loss) into a PNG; `train` does it at every checkpoint, as `loss.png`.
     #[cfg(feature = "plot")]
     pub fn plot_loss(&self, path: &Path) -> Result<()> {
-        use crate::plot::{LineChart, Scale, Series};
+        use crate::plot::{moving_average, LineChart, Scale, Series};
         let h = &self.history;
         let raw: Vec<(f64, f64)> = h.iter().map(|l| (l.step as f64, l.loss)).collect();
-        let smooth = (0..h.len())
-            .map(|i| {
-                let from = (i + 1).saturating_sub(10);
-                (h[i].step as f64, h[from..=i].iter().map(|l| l.loss).sum::<f64>() / (i + 1 - from) as f64)
-            })
-            .collect();
+        let losses: Vec<f64> = h.iter().map(|l| l.loss).collect();
+        let smooth = h.iter().map(|l| l.step as f64).zip(moving_average(&losses, 10)).collect();
         let eval = h.iter().filter_map(|l| l.eval_loss.map(|e| (l.step as f64, e))).collect();
         let series = [
             Series { name: "train".into(), points: raw },

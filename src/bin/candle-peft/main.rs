@@ -10,6 +10,7 @@ use candle_peft::chat::{ChatTemplate, Message};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
 use candle_peft::sweep::{Sweep, SweepConfig};
+use candle_peft::tokenizer::{encode, end_token};
 use candle_peft::train::data::{read_jsonl, Example, Record};
 use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
@@ -324,14 +325,6 @@ fn load_with_adapter(
     Ok((lm, tokenizer))
 }
 
-fn encode(tokenizer: &Tokenizer, text: &str) -> anyhow_like::Result<Vec<u32>> {
-    Ok(tokenizer.encode(text, false).map_err(|e| e.to_string())?.get_ids().to_vec())
-}
-
-fn end_token(tokenizer: &Tokenizer) -> Option<u32> {
-    ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"].iter().find_map(|t| tokenizer.token_to_id(t))
-}
-
 /// Token-weighted mean next-token loss over every record's tokens (labels = input ids).
 fn eval_loss(
     lm: &Llama,
@@ -404,12 +397,7 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
     let (device, dtype) = args.run.open()?;
     let (model, tokenizer) = models::load(&args.model, &device, dtype)?;
     let eos = end_token(&tokenizer);
-    let enc = |s: &str| {
-        tokenizer
-            .encode(s, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| candle_peft::Error::Unsupported(format!("tokenizer: {e}")))
-    };
+    let enc = |s: &str| encode(&tokenizer, s);
     let template = match args.chat_template.as_str() {
         "auto" => ChatTemplate::from_model(&args.model)?,
         "none" => None,
