@@ -6,7 +6,7 @@
 //! starts from dL/dy = 1 (a contiguous tensor, as in training), with `x` requiring a gradient.
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_peft::{AdaptedLinear, BaseLayer, Lora, LoraInit, Standard};
+use candle_peft::{AdaptedLinear, BaseLayer, Lora, LoraInit, LoraParams};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::SeedableRng;
 
@@ -15,7 +15,13 @@ const TOKENS: usize = 512;
 fn lora_layer(w: &Tensor, r: usize, merged: bool) -> AdaptedLinear {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let base = BaseLayer { weight: w, bias: None };
-    let (lora, _) = Lora::new(base, r, 2.0 * r as f64, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng).unwrap();
+    let (lora, _) = Lora::new(
+        base,
+        &LoraParams { r, alpha: 2.0 * r as f64, init: LoraInit::Random, ..Default::default() },
+        DType::F32,
+        &mut rng,
+    )
+    .unwrap();
     let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();
     layer.set_adapter(Box::new(lora), None).unwrap();
     if merged {

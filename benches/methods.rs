@@ -5,6 +5,7 @@
 //! `cargo bench --bench methods`
 
 use candle_core::{DType, Device, Tensor, Var};
+use candle_peft::method::BuildContext;
 use candle_peft::{
     AdaptedLinear, AdapterConfig, BaseLayer, LoraConfig, LoraInit, MeloraConfig, RandLoraConfig, VeraConfig,
 };
@@ -25,7 +26,7 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
         ("DoRA", AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora() })),
         ("BoRA", AdapterConfig::Bora(lora())),
         ("LoRA-XS", AdapterConfig::LoraXs(lora())),
-        ("EDoRA", AdapterConfig::Edora(lora())),
+        ("EDoRA", AdapterConfig::EDora(lora())),
         ("MELoRA n=4", AdapterConfig::Melora(MeloraConfig { n: 4, lora: lora() })),
         // VeRA and RandLoRA at their PEFT default ranks (VeRA needs a large shared rank).
         ("VeRA r=256", AdapterConfig::Vera(VeraConfig { init_weights: false, ..VeraConfig::new(256, &["proj"]) })),
@@ -39,7 +40,9 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
 fn layer(w: &Tensor, config: &AdapterConfig) -> AdaptedLinear {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let shared = config.shared_tensors(&[(DIM, DIM)], DType::F32, w.device()).unwrap();
-    let built = config.build("proj", BaseLayer { weight: w, bias: None }, DType::F32, &mut rng, &shared).unwrap();
+    let base = BaseLayer { weight: w, bias: None };
+    let ctx = BuildContext { path: "proj", base, dtype: DType::F32, rng: &mut rng, shared: &shared };
+    let built = config.build(ctx).unwrap();
     let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();
     layer.set_adapter(built.adapter, built.base_weight).unwrap();
     layer.set_train(true);
@@ -47,7 +50,7 @@ fn layer(w: &Tensor, config: &AdapterConfig) -> AdaptedLinear {
 }
 
 fn step(layer: &AdaptedLinear, x: &Var) {
-    let grads = layer.forward_t(x.as_tensor()).unwrap().backward().unwrap();
+    let grads = layer.forward_checked(x.as_tensor()).unwrap().backward().unwrap();
     drop(grads);
 }
 
@@ -68,7 +71,7 @@ fn main() {
         let live = || candle_peft::alloc::live().expect("the counting allocator is installed");
         let rest = live();
         candle_peft::alloc::reset_peak();
-        let y = l.forward_t(x.as_tensor()).unwrap();
+        let y = l.forward_checked(x.as_tensor()).unwrap();
         let kept = live() - rest;
         drop(y.backward().unwrap());
         drop(y);

@@ -81,9 +81,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
 
     // One step taken apart (the profile) and the check that no frozen weight gets a gradient.
-    let vars = peft.trainable_vars();
+    let vars = peft.trainable_vars()?;
     let mut opt = AdamW::new(
-        peft.named_trainable_vars().into_iter().map(|(k, v)| (k, v, true)).collect(),
+        peft.named_trainable_vars()?.into_iter().map(|(k, v)| (k, v, true)).collect(),
         AdamWConfig::default(),
     )?;
     let batch = collate(&data[..BATCH].iter().collect::<Vec<_>>(), 0, &device)?;

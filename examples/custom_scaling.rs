@@ -54,7 +54,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let peft = PeftModel::new(base, AdapterConfig::Lora(config), InitOptions { seed: 42, dtype: DType::F32 })?;
     println!("{}", peft.parameter_count());
 
-    let mut opt = AdamW::new(peft.trainable_vars(), ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt =
+        AdamW::new(peft.trainable_vars()?, ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() })?;
     for step in 0..=200 {
         let x = Tensor::randn(0f32, 1., (32, 64), &device)?;
         let mut loss = Tensor::zeros((), DType::F32, &device)?;

@@ -1,6 +1,9 @@
 //! The [`Adapter`] trait: the whole contract between an adapter method and the rest of the
 //! crate.
 //!
+//! [`AdapterCore`] is what every adapter exposes (type, shape, dtype, tensors); [`Adapter`] adds
+//! the math.
+//!
 //! An adapter wraps one frozen linear layer `y = x W0^T + b`. It sees the layer's input `x`, the
 //! base output and the frozen weights, and returns the adapted output: additive methods (LoRA)
 //! add an update to the base output, weight-decomposed methods (DoRA) rescale it. It can fold
@@ -31,8 +34,10 @@ impl BaseLayer<'_> {
     }
 }
 
-/// An adapter method's per-layer state and math. Object safe: layers hold `Box<dyn Adapter>`.
-pub trait Adapter: Debug + Send + Sync {
+/// What every adapter layer exposes, whether it is a whole [`Adapter`] or a
+/// [`crate::adapters::LowRankUpdate`] that gets its `Adapter` from the blanket impl: its
+/// identity, its shape and dtype, and its tensors under PEFT's key suffixes.
+pub trait AdapterCore: Debug + Send + Sync {
     /// The method's name as PEFT writes `peft_type` (`"LORA"`, ...).
     fn peft_type(&self) -> &'static str;
 
@@ -42,12 +47,42 @@ pub trait Adapter: Debug + Send + Sync {
     /// The dtype the adapter computes in (its parameters' dtype).
     fn dtype(&self) -> DType;
 
+    /// The trainable parameters, each with its PEFT key suffix (e.g. `lora_A.weight`).
+    fn trainable_vars(&self) -> Vec<(String, Var)>;
+
+    /// Every tensor this layer writes to an adapter file, with its PEFT key suffix. By default the
+    /// trainable parameters.
+    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        var_tensors(self.trainable_vars())
+    }
+
+    /// Replaces the saved tensor `suffix` by `value`; its shape has been checked against
+    /// [`AdapterCore::saved_tensors`] and its dtype converted to [`AdapterCore::dtype`]. By
+    /// default sets the trainable parameter of that name.
+    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
+        set_var(self.trainable_vars(), self.peft_type(), suffix, value)
+    }
+
+    /// Frozen tensors the adapter holds besides the base layer (LoRA-XS's SVD factors, VeRA's
+    /// views of the shared projections), for memory accounting. Empty by default.
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
+    /// The number of trainable scalars.
+    fn num_trainable(&self) -> usize {
+        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// An adapter method's per-layer math. Object safe: layers hold `Box<dyn Adapter>`.
+pub trait Adapter: AdapterCore {
     /// The adapted output of the layer for its input `x: (..., in)`, in the base dtype. `train`
     /// switches dropout on.
     ///
     /// The adapter computes the frozen part itself ([`BaseLayer::forward`], or fused with its own
     /// math, as DoRA does), so no method pays for a base output it does not use. The adapter
-    /// branch runs in [`Adapter::dtype`] and is cast back to the base dtype.
+    /// branch runs in [`AdapterCore::dtype`] and is cast back to the base dtype.
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor>;
 
     /// The additive update `dW` such that the merged weight is `w0 + dW`, in the adapter's
@@ -68,32 +103,22 @@ pub trait Adapter: Debug + Send + Sync {
     fn unmerge(&mut self, merged: &Tensor) -> Result<Tensor> {
         add_in_f32(merged, &self.delta_weight(merged)?, -1.0)
     }
+}
 
-    /// The trainable parameters, each with its PEFT key suffix (e.g. `lora_A.weight`).
-    fn trainable_vars(&self) -> Vec<(String, Var)>;
+/// A freshly built adapter, and the base weight that must replace the layer's (PiSSA-style
+/// inits rewrite the base), if any.
+#[derive(Debug)]
+pub struct BuiltAdapter {
+    /// The adapter.
+    pub adapter: Box<dyn Adapter>,
+    /// The new frozen base weight, when the init changed it.
+    pub base_weight: Option<Tensor>,
+}
 
-    /// Every tensor this layer writes to an adapter file, with its PEFT key suffix. By default the
-    /// trainable parameters.
-    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        var_tensors(self.trainable_vars())
-    }
-
-    /// Replaces the saved tensor `suffix` by `value`; its shape has been checked against
-    /// [`Adapter::saved_tensors`] and its dtype converted to [`Adapter::dtype`]. By default
-    /// sets the trainable parameter of that name.
-    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        set_var(self.trainable_vars(), self.peft_type(), suffix, value)
-    }
-
-    /// Frozen tensors the adapter holds besides the base layer (LoRA-XS's SVD factors, VeRA's
-    /// views of the shared projections), for memory accounting. Empty by default.
-    fn frozen_tensors(&self) -> Vec<Tensor> {
-        Vec::new()
-    }
-
-    /// The number of trainable scalars.
-    fn num_trainable(&self) -> usize {
-        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+impl BuiltAdapter {
+    /// An adapter that leaves the base weight as it is.
+    pub fn new(adapter: impl Adapter + 'static) -> Self {
+        Self { adapter: Box::new(adapter), base_weight: None }
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 /// Errors raised by candle-peft.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An error from candle itself (a shape mismatch inside an op, a device error, ...).
     #[error(transparent)]
@@ -76,6 +77,10 @@ pub enum Error {
         /// What was wrong with it.
         reason: String,
     },
+
+    /// A value could not be converted to or from JSON.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
 
     /// A feature of a config that candle-peft does not implement.
     #[error("unsupported: {0}")]

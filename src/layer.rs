@@ -193,8 +193,9 @@ impl AdaptedLinear {
         }
     }
 
-    /// The forward pass with this crate's error type; checks the input's last dimension.
-    pub fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+    /// The forward pass ([`Module::forward`]) with this crate's error type: checks the input's
+    /// last dimension, and runs the adapter in the mode set by [`Self::set_train`].
+    pub fn forward_checked(&self, x: &Tensor) -> Result<Tensor> {
         let (in_f, _) = self.features();
         if x.dims().last() != Some(&in_f) {
             let mut expected = x.dims().to_vec();
@@ -212,6 +213,6 @@ impl AdaptedLinear {
 
 impl Module for AdaptedLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_t(x).map_err(candle_core::Error::wrap)
+        self.forward_checked(x).map_err(candle_core::Error::wrap)
     }
 }

@@ -24,7 +24,7 @@
 //! let config = AdapterConfig::Lora(LoraConfig::rslora(16, 32.0, &["q_proj", "v_proj"]));
 //! let peft = PeftModel::new(base, config, InitOptions::default())?;
 //! println!("{}", peft.parameter_count());
-//! let vars = peft.trainable_vars(); // hand these to an optimizer
+//! let vars = peft.trainable_vars()?; // hand these to an optimizer
 //! # let _ = vars;
 //! peft.save_pretrained("my-adapter".as_ref())?;
 //! # Ok(()) }
@@ -43,26 +43,27 @@ pub mod frozen;
 pub mod fused;
 pub mod layer;
 pub mod linalg;
+pub mod method;
 pub mod models;
 pub mod peft_model;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod scaling;
 pub mod sweep;
+pub mod target;
 pub mod tokenizer;
 pub mod train;
 
-pub use adapter::{Adapter, BaseLayer};
-pub use adapters::{
-    Bora, Dora, EDora, Lora, LoraConfig, LoraInit, LoraXs, LowRankUpdate, Melora, MeloraConfig, RandLora,
-    RandLoraConfig, Vera, VeraConfig,
-};
-pub use config::{AdapterConfig, TargetConfig, TargetModules};
+pub use adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
+pub use adapters::exports::*;
+pub use adapters::{AdapterConfig, Dora, LowRankUpdate};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
 pub use layer::AdaptedLinear;
+pub use method::{Method, MethodConfig, MethodParams};
 pub use peft_model::{InitOptions, LinearHost, NamedLinears, ParameterCount, PeftModel};
 pub use scaling::{Fixed, RandLoraPaper, RankStabilized, ScalingStrategy, Standard};
+pub use target::{TargetConfig, TargetModules};
 
 /// The README's code blocks, compiled (and run where not `no_run`) by `cargo test`.
 #[cfg(doctest)]

@@ -12,9 +12,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 
-use crate::config::{AdapterConfig, SharedTensors};
+use crate::adapter::Adapter;
+use crate::config::AdapterConfig;
 use crate::format::{self, peft_key, CONFIG_FILE, WEIGHTS_FILE};
 use crate::layer::AdaptedLinear;
+use crate::method::{BuildContext, SharedTensors};
 use crate::{Error, Result};
 
 /// A model whose linear layers can be adapted, each named by its module path
@@ -191,7 +193,9 @@ impl<M: LinearHost> PeftModel<M> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
         for (path, layer) in model.linears_mut() {
             if wanted.contains(&path) {
-                let built = config.build(&path, layer.base(), opts.dtype, &mut rng, &shared)?;
+                let ctx =
+                    BuildContext { path: &path, base: layer.base(), dtype: opts.dtype, rng: &mut rng, shared: &shared };
+                let built = config.build(ctx)?;
                 layer.set_adapter(built.adapter, built.base_weight)?;
             }
         }
@@ -225,7 +229,7 @@ impl<M: LinearHost> PeftModel<M> {
     }
 
     fn set_tensors(&mut self, mut tensors: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-        let expected = self.saved_tensors();
+        let expected = self.saved_tensors()?;
         let expected_keys: BTreeSet<&String> = expected.iter().map(|(k, _)| k).collect();
         let missing: Vec<String> =
             expected_keys.iter().filter(|k| !tensors.contains_key(**k)).map(|k| k.to_string()).collect();
@@ -244,7 +248,7 @@ impl<M: LinearHost> PeftModel<M> {
             }
         }
         for (name, ours) in &self.shared {
-            let theirs = tensors.remove(&format!("{SHARED_PREFIX}{name}")).expect("keys checked above");
+            let theirs = take_checked(&mut tensors, &format!("{SHARED_PREFIX}{name}"), path)?;
             let diff =
                 (theirs.to_dtype(DType::F32)? - ours.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
             if diff != 0.0 {
@@ -254,30 +258,25 @@ impl<M: LinearHost> PeftModel<M> {
                 )));
             }
         }
-        let adapted: BTreeSet<&String> = self.adapted.iter().collect();
-        for (layer_path, layer) in self.model.linears_mut() {
-            if !adapted.contains(&layer_path) {
-                continue;
-            }
-            let adapter = layer.adapter_mut().expect("adapted layers hold an adapter");
+        self.for_each_adapted(|layer_path, layer| {
+            let adapter = layer.adapter_mut().ok_or_else(|| adapter_removed(layer_path))?;
             for (suffix, _) in adapter.saved_tensors() {
-                let value = tensors.remove(&peft_key(&layer_path, &suffix)).expect("keys checked above");
+                let value = take_checked(&mut tensors, &peft_key(layer_path, &suffix), path)?;
                 adapter.load_tensor(&suffix, &value.to_dtype(adapter.dtype())?)?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
-    /// Every tensor that [`PeftModel::save_pretrained`] writes, keyed as PEFT keys it.
-    pub fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        let shared = self.shared.iter().map(|(k, t)| (format!("{SHARED_PREFIX}{k}"), t.clone()));
-        self.adapted_layers()
-            .flat_map(|(path, l)| {
-                let a = l.adapter().expect("adapted layers hold an adapter");
-                a.saved_tensors().into_iter().map(move |(s, t)| (peft_key(&path, &s), t))
-            })
-            .chain(shared)
-            .collect()
+    /// Every tensor that [`PeftModel::save_pretrained`] writes, keyed as PEFT keys it. Errors
+    /// when an adapter was taken out of a layer behind the model's back ([`PeftModel::model_mut`]).
+    pub fn saved_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (path, adapter) in self.adapters()? {
+            out.extend(adapter.saved_tensors().into_iter().map(|(s, t)| (peft_key(&path, &s), t)));
+        }
+        out.extend(self.shared.iter().map(|(k, t)| (format!("{SHARED_PREFIX}{k}"), t.clone())));
+        Ok(out)
     }
 
     /// The tensors all adapted layers share (VeRA's projections), without key prefix.
@@ -289,47 +288,63 @@ impl<M: LinearHost> PeftModel<M> {
     /// needed), in HF PEFT's format, each file atomically.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        format::write_safetensors(&dir.join(WEIGHTS_FILE), &self.saved_tensors())?;
-        let json = serde_json::to_string_pretty(&self.config.to_peft_json()?)
-            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        format::write_safetensors(&dir.join(WEIGHTS_FILE), &self.saved_tensors()?)?;
+        let json = serde_json::to_string_pretty(&self.config.to_peft_json()?)?;
         format::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
     }
 
-    fn adapted_layers(&self) -> impl Iterator<Item = (String, &AdaptedLinear)> {
+    /// The adapter of every adapted layer, with the layer's path. Errors when one was taken out
+    /// behind the model's back ([`PeftModel::model_mut`]).
+    fn adapters(&self) -> Result<Vec<(String, &dyn Adapter)>> {
         let adapted: BTreeSet<&String> = self.adapted.iter().collect();
-        self.model.linears().into_iter().filter(move |(p, _)| adapted.contains(p))
+        self.model
+            .linears()
+            .into_iter()
+            .filter(|(p, _)| adapted.contains(p))
+            .map(|(p, l)| match l.adapter() {
+                Some(a) => Ok((p, a)),
+                None => Err(adapter_removed(&p)),
+            })
+            .collect()
     }
 
-    fn for_each_adapted(&mut self, mut f: impl FnMut(&mut AdaptedLinear) -> Result<()>) -> Result<()> {
+    fn for_each_adapted(&mut self, mut f: impl FnMut(&str, &mut AdaptedLinear) -> Result<()>) -> Result<()> {
         let adapted: BTreeSet<String> = self.adapted.iter().cloned().collect();
         for (path, layer) in self.model.linears_mut() {
             if adapted.contains(&path) {
-                f(layer)?;
+                f(&path, layer)?;
             }
         }
         Ok(())
     }
 
-    /// The trainable variables with their PEFT keys, for an optimizer or a report.
-    pub fn named_trainable_vars(&self) -> Vec<(String, Var)> {
-        self.adapted_layers()
-            .flat_map(|(path, l)| {
-                let a = l.adapter().expect("adapted layers hold an adapter");
-                a.trainable_vars().into_iter().map(move |(s, v)| (peft_key(&path, &s), v))
-            })
-            .collect()
+    /// The trainable variables with their PEFT keys, for an optimizer or a report. Errors when
+    /// an adapter was taken out behind the model's back ([`PeftModel::model_mut`]).
+    pub fn named_trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        let mut out = Vec::new();
+        for (path, adapter) in self.adapters()? {
+            out.extend(adapter.trainable_vars().into_iter().map(|(s, v)| (peft_key(&path, &s), v)));
+        }
+        Ok(out)
     }
 
-    /// The trainable variables, for an optimizer.
-    pub fn trainable_vars(&self) -> Vec<Var> {
-        self.named_trainable_vars().into_iter().map(|(_, v)| v).collect()
+    /// The trainable variables, for an optimizer (see [`PeftModel::named_trainable_vars`]).
+    pub fn trainable_vars(&self) -> Result<Vec<Var>> {
+        Ok(self.named_trainable_vars()?.into_iter().map(|(_, v)| v).collect())
     }
 
     /// Trainable and total parameter counts, as PEFT's `print_trainable_parameters` gives them:
     /// the total counts the whole model ([`LinearHost::other_params`] included), the adapters
     /// and the shared frozen projections (once).
     pub fn parameter_count(&self) -> ParameterCount {
-        let trainable: usize = self.adapted_layers().map(|(_, l)| l.adapter().map_or(0, |a| a.num_trainable())).sum();
+        let adapted: BTreeSet<&String> = self.adapted.iter().collect();
+        let trainable: usize = self
+            .model
+            .linears()
+            .iter()
+            .filter(|(p, _)| adapted.contains(p))
+            .filter_map(|(_, l)| l.adapter().map(|a| a.num_trainable()))
+            .sum();
         let frozen: usize = self
             .model
             .linears()
@@ -342,25 +357,24 @@ impl<M: LinearHost> PeftModel<M> {
 
     /// Folds every adapter into its layer's weight.
     pub fn merge(&mut self) -> Result<()> {
-        self.for_each_adapted(|l| l.merge())
+        self.for_each_adapted(|_, l| l.merge())
     }
 
     /// Takes every merged adapter out again.
     pub fn unmerge(&mut self) -> Result<()> {
-        self.for_each_adapted(|l| l.unmerge())
+        self.for_each_adapted(|_, l| l.unmerge())
     }
 
     /// Training mode (dropout on) or evaluation mode, for every adapted layer.
     pub fn set_train(&mut self, train: bool) {
-        let _ = self.for_each_adapted(|l| {
+        for (_, l) in self.model.linears_mut() {
             l.set_train(train);
-            Ok(())
-        });
+        }
     }
 
     /// Switches every adapter on or off (see [`AdaptedLinear::set_enabled`]).
     pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
-        self.for_each_adapted(|l| l.set_enabled(enabled))
+        self.for_each_adapted(|_, l| l.set_enabled(enabled))
     }
 
     /// The module paths that received an adapter.
@@ -392,7 +406,23 @@ impl<M: LinearHost> PeftModel<M> {
     /// `unload()`: the model can take a fresh adapter, e.g. the next cell of a sweep. A base
     /// weight that the adapter's init rewrote (PiSSA's residual) stays rewritten.
     pub fn unload(mut self) -> Result<M> {
-        self.for_each_adapted(|l| l.take_adapter().map(drop))?;
+        self.for_each_adapted(|_, l| l.take_adapter().map(drop))?;
         Ok(self.model)
     }
+}
+
+/// The error for an adapted layer whose adapter is gone.
+fn adapter_removed(path: &str) -> Error {
+    Error::MergeState(format!(
+        "the adapter of {path} was removed through model_mut(); use PeftModel::unload() to take adapters out"
+    ))
+}
+
+/// Removes `key` from `tensors`, which was checked to hold it; an error naming the file if not.
+fn take_checked(tensors: &mut BTreeMap<String, Tensor>, key: &str, path: &Path) -> Result<Tensor> {
+    tensors.remove(key).ok_or_else(|| Error::KeyMismatch {
+        path: path.to_path_buf(),
+        missing: vec![key.to_string()],
+        unexpected: vec![],
+    })
 }

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::adapters::edora::edora;
 use candle_peft::format::{CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{
-    AdaptedLinear, Adapter, AdapterConfig, BaseLayer, Bora, Error, InitOptions, LinearHost, Lora, LoraConfig, LoraXs,
-    PeftModel, Standard,
+    AdaptedLinear, Adapter, AdapterConfig, AdapterCore, BaseLayer, Bora, Error, InitOptions, LinearHost, Lora,
+    LoraConfig, LoraParams, LoraXs, PeftModel,
 };
 use common::{assert_close, fixture, load, tiny_llama};
 use serde::Deserialize;
@@ -54,7 +54,7 @@ fn bora_lora_xs_and_edora_match_the_pytorch_reference() -> candle_peft::Result<(
         assert_eq!(sorted, c.trainable, "{}: trainable tensors", c.name);
 
         let x = Var::from_tensor(&get("x"))?;
-        let y = layer.forward_t(x.as_tensor())?;
+        let y = layer.forward_checked(x.as_tensor())?;
         assert_close(&y, &get("y"), 1e-5, &format!("{} forward", c.name));
         let grads = (&y * get("g"))?.sum_all()?.backward()?;
         for (key, var) in layer.adapter().unwrap().trainable_vars() {
@@ -70,7 +70,7 @@ fn bora_lora_xs_and_edora_match_the_pytorch_reference() -> candle_peft::Result<(
         assert_close(&layer.merged_weight()?, &get("merged"), 1e-5, &format!("{} merged_weight", c.name));
         layer.merge()?;
         assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{} merge", c.name));
-        assert_close(&layer.forward_t(&get("x"))?, &y, 1e-5, &format!("{} merged vs unmerged", c.name));
+        assert_close(&layer.forward_checked(&get("x"))?, &y, 1e-5, &format!("{} merged vs unmerged", c.name));
         layer.unmerge()?;
         assert_close(layer.weight(), &get("w"), 1e-6, &format!("{} unmerge", c.name));
     }
@@ -85,7 +85,12 @@ fn lora_xs_svd_init_is_the_rank_r_truncation() -> candle_peft::Result<()> {
         let get = |k: &str| t[&format!("{name}.{k}")].clone();
         let w = get("w");
         let r = get("lora_R.weight").dim(0)?;
-        let xs = LoraXs::new(BaseLayer { weight: &w, bias: None }, r, 16.0, &Standard, 0.0, DType::F32, &mut rng)?;
+        let xs = LoraXs::new(
+            BaseLayer { weight: &w, bias: None },
+            &LoraParams { r, alpha: 16.0, ..Default::default() },
+            DType::F32,
+            &mut rng,
+        )?;
         let truncation = xs.lora_b().matmul(xs.lora_a())?;
         let frob = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         let rel = frob(&(&truncation - get("truncation"))?) / frob(&get("truncation"));
@@ -108,7 +113,7 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         ("dora", AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora() })),
         ("bora", AdapterConfig::Bora(lora())),
         ("lora_xs", AdapterConfig::LoraXs(lora())),
-        ("edora", AdapterConfig::Edora(lora())),
+        ("edora", AdapterConfig::EDora(lora())),
         ("melora", AdapterConfig::Melora(candle_peft::MeloraConfig { n: 2, lora: lora() })),
         (
             "vera",
@@ -136,8 +141,8 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
             serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(json["peft_type"], peft.config().peft_type(), "{name}");
         let back = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32)?;
-        let theirs: BTreeMap<String, Tensor> = back.saved_tensors().into_iter().collect();
-        for (k, t) in peft.saved_tensors() {
+        let theirs: BTreeMap<String, Tensor> = back.saved_tensors()?.into_iter().collect();
+        for (k, t) in peft.saved_tensors()? {
             assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, theirs[&k].flatten_all()?.to_vec1::<f32>()?, "{name} {k}");
         }
         // The adapter changes the output, merged outputs equal unmerged ones, and merge then
@@ -145,7 +150,7 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
         let path = "model.layers.1.self_attn.q_proj";
         let layer = peft.model().get(path).unwrap();
-        let before = layer.forward_t(&x)?;
+        let before = layer.forward_checked(&x)?;
         let base = x.matmul(&layer.weight().t()?)?;
         // (LoRA-XS and EDoRA start with R ~ N(0, 1e-5^2): a near-zero update by design.)
         if !matches!(name, "lora_xs" | "edora") {
@@ -153,7 +158,12 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         }
         let w0: Vec<Tensor> = peft.model().linears().iter().map(|(_, l)| l.weight().clone()).collect();
         peft.merge()?;
-        assert_close(&peft.model().get(path).unwrap().forward_t(&x)?, &before, 1e-5, &format!("{name} merged forward"));
+        assert_close(
+            &peft.model().get(path).unwrap().forward_checked(&x)?,
+            &before,
+            1e-5,
+            &format!("{name} merged forward"),
+        );
         peft.unmerge()?;
         for ((p, l), w) in peft.model().linears().iter().zip(&w0) {
             assert_close(l.weight(), w, 1e-6, &format!("{name} {p} unmerge"));
@@ -165,7 +175,7 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
 
 #[test]
 fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::Result<()> {
-    for make in [AdapterConfig::LoraXs, AdapterConfig::Edora] {
+    for make in [AdapterConfig::LoraXs, AdapterConfig::EDora] {
         // v_proj is 32 -> 16: rank 17 cannot be an SVD truncation.
         let config = make(LoraConfig::lora(17, 8.0, &["v_proj"]));
         let e = PeftModel::new(tiny_llama(), config, InitOptions::default()).unwrap_err();
@@ -174,11 +184,21 @@ fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::
     let w = Tensor::randn(0f32, 1., (8, 6), &Device::Cpu)?;
     let nan = w.broadcast_mul(&Tensor::new(&[f32::NAN, 1., 1., 1., 1., 1.], &Device::Cpu)?)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-    let e =
-        LoraXs::new(BaseLayer { weight: &nan, bias: None }, 2, 4.0, &Standard, 0.0, DType::F32, &mut rng).unwrap_err();
+    let e = LoraXs::new(
+        BaseLayer { weight: &nan, bias: None },
+        &LoraParams { r: 2, alpha: 4.0, ..Default::default() },
+        DType::F32,
+        &mut rng,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::LinAlg(_)), "{e}");
 
-    let xs = LoraXs::new(BaseLayer { weight: &w, bias: None }, 2, 4.0, &Standard, 0.0, DType::F32, &mut rng)?;
+    let xs = LoraXs::new(
+        BaseLayer { weight: &w, bias: None },
+        &LoraParams { r: 2, alpha: 4.0, ..Default::default() },
+        DType::F32,
+        &mut rng,
+    )?;
     let mut e = edora(xs, &w)?;
     let wrong = Tensor::ones(7, DType::F32, &Device::Cpu)?;
     assert!(matches!(e.load_tensor("lora_magnitude_vector", &wrong), Err(Error::ShapeMismatch { .. })));

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_peft::scaling::from_use_rslora;
-use candle_peft::{AdaptedLinear, Adapter, BaseLayer, Dora, Lora, LoraInit, Standard};
+use candle_peft::{AdaptedLinear, Adapter, AdapterCore, BaseLayer, Dora, Lora, LoraInit, LoraParams};
 use common::{assert_close, fixture, load};
 use serde::Deserialize;
 
@@ -98,8 +98,12 @@ fn pissa_init_matches_peft() -> candle_peft::Result<()> {
     let t = load("pissa.safetensors");
     let w = &t["w"];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-    let (lora, residual) =
-        Lora::new(BaseLayer { weight: w, bias: None }, 4, 8.0, &Standard, 0.0, LoraInit::Pissa, DType::F32, &mut rng)?;
+    let (lora, residual) = Lora::new(
+        BaseLayer { weight: w, bias: None },
+        &LoraParams { r: 4, alpha: 8.0, init: LoraInit::Pissa, ..Default::default() },
+        DType::F32,
+        &mut rng,
+    )?;
     // Singular vectors are defined up to sign, so compare s * B A and the residual.
     assert_close(&lora.delta_weight(w)?, &t["scaled_ba"], 1e-4, "PiSSA s B A");
     assert_close(&residual.unwrap(), &t["residual"], 1e-4, "PiSSA residual base");
@@ -171,11 +175,7 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
         let mut l = AdaptedLinear::new(w.clone(), None)?;
         let (lora, _) = Lora::new(
             BaseLayer { weight: &w, bias: None },
-            4,
-            8.0,
-            &Standard,
-            0.0,
-            LoraInit::Random,
+            &LoraParams { r: 4, alpha: 8.0, init: LoraInit::Random, ..Default::default() },
             DType::F32,
             &mut rng,
         )?;
@@ -211,7 +211,7 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     layer.merge()?;
     assert!(matches!(layer.merge(), Err(candle_peft::Error::MergeState(_))), "merging twice");
     assert!(layer.set_enabled(false).is_err(), "disabling a merged adapter");
-    let bad = layer.forward_t(&Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?).unwrap_err();
+    let bad = layer.forward_checked(&Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?).unwrap_err();
     assert!(matches!(bad, candle_peft::Error::ShapeMismatch { .. }), "{bad}");
     // An adapter built for another shape is refused.
     let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?, None)?;

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
+use candle_peft::method::BuildContext;
 use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, MeloraConfig, PeftModel, VeraConfig};
-use common::{assert_close, check_adapter_dir, fixture, load, tiny_llama};
+use common::{assert_close, check_adapter_dir, check_saved_files, fixture, load, tiny_llama};
 
 /// PEFT's trainable parameter count for a fixture adapter.
 fn peft_trainable(name: &str) -> usize {
@@ -67,36 +68,6 @@ fn vera_and_randlora_save_peft_keys_shapes_and_config() -> candle_peft::Result<(
     Ok(())
 }
 
-fn check_saved_files(name: &str) -> candle_peft::Result<()> {
-    let dir = fixture(&format!("tiny_llama/{name}"));
-    let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
-    let peft = PeftModel::new(tiny_llama(), config, InitOptions::default())?;
-    let out = tempfile::tempdir().unwrap();
-    peft.save_pretrained(out.path())?;
-    let shapes = |p: &std::path::Path| -> BTreeMap<String, Vec<usize>> {
-        read_safetensors(p, &Device::Cpu).unwrap().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
-    };
-    assert_eq!(shapes(&out.path().join(WEIGHTS_FILE)), shapes(&dir.join(WEIGHTS_FILE)));
-    let read = |p: &std::path::Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    };
-    let (ours, theirs) = (read(&out.path().join(CONFIG_FILE)), read(&dir.join(CONFIG_FILE)));
-    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<BTreeSet<_>>();
-    assert_eq!(keys(&ours), keys(&theirs));
-    for (k, v) in theirs.as_object().unwrap() {
-        if k != "target_modules" {
-            assert_eq!(&ours[k], v, "{name}: {k}");
-        }
-    }
-    // Our own file loads back bit-exact, projections included.
-    let back = PeftModel::from_pretrained(tiny_llama(), out.path(), DType::F32)?;
-    let theirs: BTreeMap<String, Tensor> = back.saved_tensors().into_iter().collect();
-    for (k, t) in peft.saved_tensors() {
-        assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, theirs[&k].flatten_all()?.to_vec1::<f32>()?, "{k}");
-    }
-    Ok(())
-}
-
 #[test]
 fn vera_bad_input() -> candle_peft::Result<()> {
     // save_projection: false cannot be reproduced.
@@ -144,7 +115,7 @@ fn fresh_vera_starts_as_the_base_and_trains_only_vectors() -> candle_peft::Resul
         if layer.adapter().is_some() {
             let x = Tensor::randn(0f32, 1., (2, layer.features().0), &Device::Cpu)?;
             let base = x.matmul(&layer.weight().t()?)?;
-            assert_close(&layer.forward_t(&x)?, &base, 1e-6, &path);
+            assert_close(&layer.forward_checked(&x)?, &base, 1e-6, &path);
         }
     }
     assert_eq!(peft.shared_tensors()["vera_A"].dims(), [16, 48]);
@@ -174,7 +145,7 @@ fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
         chunks.push((xi.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?);
     }
     let want = (x.matmul(&layer.weight().t()?)? + Tensor::cat(&chunks, 1)?)?;
-    assert_close(&layer.forward_t(&x)?, &want, 1e-5, "MELoRA forward");
+    assert_close(&layer.forward_checked(&x)?, &want, 1e-5, "MELoRA forward");
     // n times fewer parameters than a LoRA of the equivalent rank: 8 * (32 + 32) / 4 per layer.
     assert_eq!(peft.parameter_count().trainable, 2 * 8 * 64 / 4);
 
@@ -187,7 +158,7 @@ fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
     peft.save_pretrained(dir.path())?;
     let back = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32)?;
     let l2 = back.model().get("model.layers.0.self_attn.q_proj").unwrap();
-    assert_close(&l2.forward_t(&x)?, &want, 1e-6, "MELoRA reloaded");
+    assert_close(&l2.forward_checked(&x)?, &want, 1e-6, "MELoRA reloaded");
     Ok(())
 }
 
@@ -271,7 +242,9 @@ fn melora_matches_the_pytorch_reference() -> candle_peft::Result<()> {
         });
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
         let base = candle_peft::BaseLayer { weight: &w, bias: None };
-        let built = config.build("proj", base, DType::F32, &mut rng, &Default::default())?;
+        let shared = Default::default();
+        let ctx = BuildContext { path: "proj", base, dtype: DType::F32, rng: &mut rng, shared: &shared };
+        let built = config.build(ctx)?;
         let mut layer = candle_peft::AdaptedLinear::new(w.clone(), c.bias.then(|| get("b")))?;
         layer.set_adapter(built.adapter, None)?;
         let keys: Vec<String> = layer.adapter().unwrap().trainable_vars().into_iter().map(|(k, _)| k).collect();
@@ -279,7 +252,7 @@ fn melora_matches_the_pytorch_reference() -> candle_peft::Result<()> {
             layer.adapter_mut().unwrap().load_tensor(k, &get(k))?;
         }
         let x = Var::from_tensor(&get("x"))?;
-        let y = layer.forward_t(x.as_tensor())?;
+        let y = layer.forward_checked(x.as_tensor())?;
         assert_close(&y, &get("y"), 1e-5, &format!("{} forward", c.name));
         let grads = (&y * get("g"))?.sum_all()?.backward()?;
         for (k, v) in layer.adapter().unwrap().trainable_vars() {

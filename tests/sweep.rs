@@ -131,7 +131,9 @@ fn bad_sweep_configs_are_clear_errors() {
     };
     assert!(err(|c| c.ranks = vec![0]).contains("at least 1"));
     assert!(err(|c| c.scalings = vec!["alpha-cube".into()]).contains("alpha-sqrt-r"));
-    assert!(err(|c| c.methods = vec!["vera".into()]).contains("unknown or unswept method"));
+    assert!(err(|c| c.methods = vec!["vera".into()]).contains("vera has no alpha and no rank-dependent scaling factor"));
+    let e = err(|c| c.methods = vec!["lorra".into()]);
+    assert!(e.contains("unknown method `lorra`") && e.contains("lora, rslora, rora, dora"), "{e}");
     assert!(err(|c| c.learning_rates = vec![-1.0]).contains("positive"));
     assert!(err(|c| c.prune = Some(1.5)).contains("[0, 1)"));
     let dir = tempfile::tempdir().unwrap();

@@ -25,11 +25,10 @@ use super::common::{branch_dropout, var};
 use super::dora::{low_rank_row_norms, squared_row_norms};
 use super::lora::{Lora, LoraConfig};
 use super::update::LowRankUpdate;
-use crate::adapter::{Adapter, BaseLayer};
-use crate::config::BuiltAdapter;
+use crate::adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
 use crate::frozen::frozen_linear;
+use crate::method::{BuildContext, Method, MethodConfig, MethodParams, Variant};
 use crate::{Error, Result};
-use rand::Rng;
 
 /// The row-magnitude key suffix.
 pub const ROW_KEY: &str = "bora_magnitude_row";
@@ -50,7 +49,7 @@ impl Bora {
     /// Decomposes `lora` over `w0`: `m_r = rownorm(V)`, `m_c = colnorm(V)` with `V = w0 + dW`.
     pub fn new(lora: Lora, w0: &Tensor) -> Result<Self> {
         let v = (w0.to_dtype(DType::F32)? + lora.delta()?.to_dtype(DType::F32)?)?;
-        let dtype = LowRankUpdate::dtype(&lora);
+        let dtype = lora.dtype();
         let m_row = v.sqr()?.sum(1)?.sqrt()?.to_dtype(dtype)?;
         let m_col = v.sqr()?.sum(0)?.sqrt()?.to_dtype(dtype)?;
         Ok(Self { lora, m_row: var(m_row)?, m_col: var(m_col)?, w0_sq: squared_row_norms(w0)?, merged_scales: None })
@@ -97,18 +96,6 @@ impl Bora {
 }
 
 impl Adapter for Bora {
-    fn peft_type(&self) -> &'static str {
-        "BORA"
-    }
-
-    fn features(&self) -> (usize, usize) {
-        LowRankUpdate::features(&self.lora)
-    }
-
-    fn dtype(&self) -> DType {
-        LowRankUpdate::dtype(&self.lora)
-    }
-
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let (g, c) = self.scales(base.weight)?;
         let x = x.to_dtype(self.dtype())?;
@@ -141,20 +128,34 @@ impl Adapter for Bora {
         let v = merged.to_dtype(DType::F32)?.broadcast_div(&g.unsqueeze(1)?)?.broadcast_div(&c.unsqueeze(0)?)?;
         Ok((v - self.lora.delta()?.to_dtype(DType::F32)?)?.to_dtype(merged.dtype())?)
     }
+}
+
+impl AdapterCore for Bora {
+    fn peft_type(&self) -> &'static str {
+        Self::PEFT_TYPE
+    }
+
+    fn features(&self) -> (usize, usize) {
+        self.lora.features()
+    }
+
+    fn dtype(&self) -> DType {
+        self.lora.dtype()
+    }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
-        let mut v = LowRankUpdate::trainable_vars(&self.lora);
+        let mut v = self.lora.trainable_vars();
         v.push((ROW_KEY.into(), self.m_row.clone()));
         v.push((COL_KEY.into(), self.m_col.clone()));
         v
     }
 
     fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        let (inp, out) = LowRankUpdate::features(&self.lora);
+        let (inp, out) = self.lora.features();
         let (target, len) = match suffix {
             ROW_KEY => (&self.m_row, out),
             COL_KEY => (&self.m_col, inp),
-            _ => return LowRankUpdate::load_tensor(&mut self.lora, suffix, value),
+            _ => return self.lora.load_tensor(suffix, value),
         };
         if value.dims() != [len] {
             return Err(Error::ShapeMismatch {
@@ -167,24 +168,35 @@ impl Adapter for Bora {
     }
 }
 
-/// Builds the BoRA of the module at `path` from LoRA's fields (`config`).
-pub fn build(
-    config: &LoraConfig,
-    path: &str,
-    base: BaseLayer<'_>,
-    dtype: DType,
-    rng: &mut impl Rng,
-) -> Result<BuiltAdapter> {
-    let (lora, residual) = config.new_lora(path, base, dtype, rng)?;
-    let bora = Bora::new(lora, residual.as_ref().unwrap_or(base.weight))?;
-    Ok(BuiltAdapter { adapter: Box::new(bora), base_weight: residual })
+impl Method for Bora {
+    const PEFT_TYPE: &'static str = "BORA";
+    const VARIANTS: &'static [Variant] = &[Variant {
+        name: "bora",
+        peft: "BORA",
+        summary: "BoRA (Wang et al. 2024): DoRA's decomposition on rows and columns",
+    }];
+    type Config = LoraConfig;
+
+    fn config(_name: &str, params: &MethodParams) -> Result<LoraConfig> {
+        Ok(LoraConfig::from_params(params))
+    }
+
+    fn validate(config: &LoraConfig) -> Result<()> {
+        config.validate()?;
+        config.refuse_dora(Self::PEFT_TYPE)
+    }
+
+    fn build(config: &LoraConfig, mut ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        let (lora, residual) = config.new_lora(&mut ctx)?;
+        let bora = Bora::new(lora, residual.as_ref().unwrap_or(ctx.base.weight))?;
+        Ok(BuiltAdapter { adapter: Box::new(bora), base_weight: residual })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::LoraInit;
-    use crate::scaling::Standard;
+    use crate::adapters::lora::LoraParams;
     use candle_core::Device;
     use rand::SeedableRng;
 
@@ -193,7 +205,7 @@ mod tests {
         let w0 = Tensor::randn(0f32, 1., (6, 9), &Device::Cpu)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let base = BaseLayer { weight: &w0, bias: None };
-        let (lora, _) = Lora::new(base, 3, 6.0, &Standard, 0.0, LoraInit::Kaiming, DType::F32, &mut rng)?;
+        let (lora, _) = Lora::new(base, &LoraParams { r: 3, alpha: 6.0, ..Default::default() }, DType::F32, &mut rng)?;
         let bora = Bora::new(lora, &w0)?;
         let x = Tensor::randn(0f32, 1., (4, 9), &Device::Cpu)?;
         let base_out = x.matmul(&w0.t()?)?;

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 
 /// Draws a tensor of `shape` from `dist` on the host, then moves it to `device` as `dtype`.
 fn sample(
-    rng: &mut impl Rng,
+    rng: &mut (impl Rng + ?Sized),
     shape: Shape,
     dist: impl Distribution<f32>,
     dtype: DType,
@@ -23,7 +23,7 @@ fn sample(
 
 /// Samples `U(-bound, bound)` of `shape`.
 pub(crate) fn uniform(
-    rng: &mut impl Rng,
+    rng: &mut (impl Rng + ?Sized),
     shape: impl Into<Shape>,
     bound: f64,
     dtype: DType,
@@ -35,7 +35,7 @@ pub(crate) fn uniform(
 
 /// Samples `N(0, std^2)` of `shape`.
 pub(crate) fn normal(
-    rng: &mut impl Rng,
+    rng: &mut (impl Rng + ?Sized),
     shape: impl Into<Shape>,
     std: f64,
     dtype: DType,
@@ -48,7 +48,7 @@ pub(crate) fn normal(
 /// torch's `kaiming_uniform_(w, a=sqrt(5))` for a `(rows, fan_in)` weight, the default init of
 /// `nn.Linear`: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
 pub(crate) fn kaiming_uniform(
-    rng: &mut impl Rng,
+    rng: &mut (impl Rng + ?Sized),
     rows: usize,
     fan_in: usize,
     dtype: DType,

@@ -29,7 +29,7 @@ use candle_core::{
 
 use super::common::{branch_dropout, var};
 use super::update::{matmul_t, LowRankUpdate};
-use crate::adapter::{Adapter, BaseLayer};
+use crate::adapter::{Adapter, AdapterCore, BaseLayer};
 use crate::frozen::{frozen_linear, reshape};
 use crate::{Error, Result};
 
@@ -248,7 +248,7 @@ impl<U: LowRankUpdate> Dora<U> {
     }
 }
 
-impl<U: LowRankUpdate> Adapter for Dora<U> {
+impl<U: LowRankUpdate> AdapterCore for Dora<U> {
     fn peft_type(&self) -> &'static str {
         self.peft_type
     }
@@ -261,6 +261,36 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
         self.update.dtype()
     }
 
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut v = self.update.trainable_vars();
+        v.push((MAGNITUDE_KEY.into(), self.magnitude.clone()));
+        v
+    }
+
+    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = self.update.saved_tensors();
+        v.push((MAGNITUDE_KEY.into(), self.magnitude.as_tensor().clone()));
+        v
+    }
+
+    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
+        if suffix == MAGNITUDE_KEY {
+            let out = self.update.features().1;
+            if value.dims() != [out] {
+                return Err(Error::ShapeMismatch {
+                    what: MAGNITUDE_KEY.into(),
+                    expected: vec![out],
+                    actual: value.dims().to_vec(),
+                });
+            }
+            Ok(self.magnitude.set(value)?)
+        } else {
+            self.update.load_tensor(suffix, value)
+        }
+    }
+}
+
+impl<U: LowRankUpdate> Adapter for Dora<U> {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let dtype = self.update.dtype();
         let g = self.column_scale(base.weight)?;
@@ -312,41 +342,12 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
         let v = merged.to_dtype(DType::F32)?.broadcast_div(&self.factor(&n)?)?;
         Ok((v - self.update.delta()?.to_dtype(DType::F32)?)?.to_dtype(merged.dtype())?)
     }
-
-    fn trainable_vars(&self) -> Vec<(String, Var)> {
-        let mut v = self.update.trainable_vars();
-        v.push((MAGNITUDE_KEY.into(), self.magnitude.clone()));
-        v
-    }
-
-    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v = self.update.saved_tensors();
-        v.push((MAGNITUDE_KEY.into(), self.magnitude.as_tensor().clone()));
-        v
-    }
-
-    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        if suffix == MAGNITUDE_KEY {
-            let out = self.update.features().1;
-            if value.dims() != [out] {
-                return Err(Error::ShapeMismatch {
-                    what: MAGNITUDE_KEY.into(),
-                    expected: vec![out],
-                    actual: value.dims().to_vec(),
-                });
-            }
-            Ok(self.magnitude.set(value)?)
-        } else {
-            self.update.load_tensor(suffix, value)
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::{Lora, LoraInit};
-    use crate::scaling::Standard;
+    use crate::adapters::lora::{Lora, LoraInit, LoraParams};
     use candle_core::{Device, Var};
     use rand::SeedableRng;
 
@@ -375,7 +376,12 @@ mod tests {
         let bias = Tensor::randn(0f32, 1., out, &dev)?;
         let base = BaseLayer { weight: &w0, bias: Some(&bias) };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (lora, _) = Lora::new(base, 2, 4.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        let (lora, _) = Lora::new(
+            base,
+            &LoraParams { r: 2, alpha: 4.0, init: LoraInit::Random, ..Default::default() },
+            DType::F32,
+            &mut rng,
+        )?;
         let dora = Dora::new(lora, &w0, "LORA")?;
         for zero_entry in [false, true] {
             if zero_entry {
@@ -419,7 +425,12 @@ mod tests {
         let bias = Tensor::randn(0f32, 1., 8, &dev)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let base = BaseLayer { weight: &w0, bias: Some(&bias) };
-        let (lora, _) = Lora::new(base, 2, 4.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        let (lora, _) = Lora::new(
+            base,
+            &LoraParams { r: 2, alpha: 4.0, init: LoraInit::Random, ..Default::default() },
+            DType::F32,
+            &mut rng,
+        )?;
         let dora = Dora::new(lora, &w0, "LORA")?;
         let x = Tensor::randn(0f32, 1., (3, 6), &dev)?;
         let want = dora.forward(&x, base, false)?;
@@ -437,7 +448,12 @@ mod tests {
         let w0 = Tensor::randn(0f32, 1., (6, 5), &Device::Cpu)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let base = BaseLayer { weight: &w0, bias: None };
-        let (lora, _) = Lora::new(base, 2, 4.0, &Standard, 0.0, LoraInit::Random, DType::F32, &mut rng)?;
+        let (lora, _) = Lora::new(
+            base,
+            &LoraParams { r: 2, alpha: 4.0, init: LoraInit::Random, ..Default::default() },
+            DType::F32,
+            &mut rng,
+        )?;
         let delta = lora.delta()?;
         let dora = Dora::new(lora, &w0, "LORA")?;
         let err = (dora.delta_weight(&w0)? - delta)?.abs()?.max_all()?.to_scalar::<f32>()?;

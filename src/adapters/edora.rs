@@ -11,14 +11,13 @@
 //! file only pairs it with LoRA-XS. File format: `peft_type: "EDORA"`, LoRA-XS keys plus
 //! `lora_magnitude_vector`.
 
-use candle_core::{DType, Tensor};
-use rand::Rng;
+use candle_core::Tensor;
 
 use super::dora::Dora;
 use super::lora::LoraConfig;
 use super::lora_xs::LoraXs;
-use crate::adapter::BaseLayer;
-use crate::config::BuiltAdapter;
+use crate::adapter::BuiltAdapter;
+use crate::method::{BuildContext, Method, MethodConfig, MethodParams, Variant};
 use crate::Result;
 
 /// EDoRA: [`Dora`] over a [`LoraXs`] update.
@@ -26,17 +25,29 @@ pub type EDora = Dora<LoraXs>;
 
 /// Decomposes a LoRA-XS update over the frozen weight `w0` (see the module docs).
 pub fn edora(update: LoraXs, w0: &Tensor) -> Result<EDora> {
-    Dora::new(update, w0, "EDORA")
+    Dora::new(update, w0, EDora::PEFT_TYPE)
 }
 
-/// Builds the EDoRA of the module at `path` from LoRA's fields (`config`).
-pub fn build(
-    config: &LoraConfig,
-    path: &str,
-    base: BaseLayer<'_>,
-    dtype: DType,
-    rng: &mut impl Rng,
-) -> Result<BuiltAdapter> {
-    let xs = super::lora_xs::from_config(config, path, base, dtype, rng)?;
-    Ok(BuiltAdapter { adapter: Box::new(edora(xs, base.weight)?), base_weight: None })
+impl Method for EDora {
+    const PEFT_TYPE: &'static str = "EDORA";
+    const VARIANTS: &'static [Variant] = &[Variant {
+        name: "edora",
+        peft: "EDORA",
+        summary: "EDoRA (Nasiri & Garraghan 2025): DoRA's magnitude over LoRA-XS's update",
+    }];
+    type Config = LoraConfig;
+
+    fn config(_name: &str, params: &MethodParams) -> Result<LoraConfig> {
+        Ok(LoraConfig::from_params(params))
+    }
+
+    fn validate(config: &LoraConfig) -> Result<()> {
+        config.validate()?;
+        config.refuse_dora(Self::PEFT_TYPE)
+    }
+
+    fn build(config: &LoraConfig, mut ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        let xs = LoraXs::from_config(config, &mut ctx)?;
+        Ok(BuiltAdapter::new(edora(xs, ctx.base.weight)?))
+    }
 }

@@ -24,10 +24,11 @@ use serde::{Deserialize, Serialize};
 use super::common::{check_dropout, check_rank, check_scaling, kaiming_uniform, normal, var};
 use super::dora::Dora;
 use super::update::{matmul_t, LowRankUpdate};
-use crate::adapter::{Adapter, BaseLayer};
-use crate::config::{pattern_value, serde_alpha, BuiltAdapter, TargetConfig};
+use crate::adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
 use crate::linalg::truncated_svd;
-use crate::scaling::{self, Scaling, ScalingStrategy, Standard};
+use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, Variant};
+use crate::scaling::{self, RankStabilized, Scaling, ScalingStrategy, Standard};
+use crate::target::{pattern_value, TargetConfig};
 use crate::{Error, Result};
 
 /// How LoRA's `A` and `B` start (PEFT's `init_lora_weights`).
@@ -177,46 +178,41 @@ impl LoraConfig {
         Ok((r, alpha))
     }
 
-    /// Checks the hyper-parameters that do not depend on a layer.
-    pub fn validate(&self) -> Result<()> {
-        check_rank(self.r)?;
-        for (k, &r) in &self.rank_pattern {
-            check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
-        }
-        for (_, &a) in std::iter::once((&String::new(), &self.lora_alpha)).chain(&self.alpha_pattern) {
-            check_scaling(a, 0.0)?;
-        }
-        check_dropout(self.lora_dropout)?;
-        self.target.validate()
-    }
-
-    /// The LoRA of the module at `path` (its rank and alpha after the patterns), and for PiSSA
-    /// the residual base weight.
-    pub fn new_lora(
-        &self,
-        path: &str,
-        base: BaseLayer<'_>,
-        dtype: DType,
-        rng: &mut impl Rng,
-    ) -> Result<(Lora, Option<Tensor>)> {
+    /// The hyper-parameters of the LoRA of the module at `path` (its rank and alpha after the
+    /// patterns).
+    pub fn layer_params(&self, path: &str) -> Result<LoraParams> {
         let (r, alpha) = self.rank_and_alpha(path)?;
-        Lora::new(base, r, alpha, self.strategy().as_ref(), self.lora_dropout, self.init_lora_weights, dtype, rng)
+        Ok(LoraParams {
+            r,
+            alpha,
+            strategy: self.strategy(),
+            dropout: self.lora_dropout,
+            init: self.init_lora_weights,
+        })
     }
 
-    /// Builds the adapter of the module at `path` wrapping `base`, drawing its init from `rng`.
-    pub fn build(&self, path: &str, base: BaseLayer<'_>, dtype: DType, rng: &mut impl Rng) -> Result<BuiltAdapter> {
-        let (lora, residual) = self.new_lora(path, base, dtype, rng)?;
-        let adapter: Box<dyn Adapter> = if self.use_dora {
-            Box::new(Dora::new(lora, residual.as_ref().unwrap_or(base.weight), "LORA")?)
-        } else {
-            Box::new(lora)
-        };
-        Ok(BuiltAdapter { adapter, base_weight: residual })
+    /// The LoRA of the layer in `ctx`, and for PiSSA the residual base weight.
+    pub fn new_lora(&self, ctx: &mut BuildContext<'_>) -> Result<(Lora, Option<Tensor>)> {
+        Lora::new(ctx.base, &self.layer_params(ctx.path)?, ctx.dtype, &mut *ctx.rng)
+    }
+
+    /// LoRA's fields from the CLI's and the sweep's common parameters: rank, alpha (default
+    /// `2 r`), targets. Used by every method whose config is LoRA's.
+    pub fn from_params(params: &MethodParams) -> Self {
+        Self { target: params.target.clone(), ..Self::lora(params.rank, params.alpha_or(2.0 * params.rank as f64), &[]) }
+    }
+
+    /// Refuses `use_dora` for a method that shares LoRA's config but is not DoRA.
+    pub fn refuse_dora(&self, peft_type: &str) -> Result<()> {
+        if self.use_dora {
+            return Err(Error::Unsupported(format!("use_dora with peft_type {peft_type} (DoRA is LORA + use_dora)")));
+        }
+        Ok(())
     }
 
     /// This config as PEFT must read it: a strategy PEFT does not know is written as the
     /// `lora_alpha` (and `alpha_pattern` entries) that give the same factor under `alpha / r`.
-    pub fn to_peft(&self) -> Self {
+    pub fn peft_equivalent(&self) -> Self {
         let strategy = self.strategy();
         let mut out = self.clone();
         out.scaling = None;
@@ -238,6 +234,145 @@ impl LoraConfig {
     }
 }
 
+/// The fields of peft 0.21.2's LoRA `adapter_config.json` that live in [`TargetConfig::other`]
+/// (besides [`crate::method::COMMON_PEFT_FIELDS`]).
+const LORA_PEFT_FIELDS: &[PeftField] = peft_fields! {
+    "alora_invocation_tokens" => null, false;
+    "arrow_config" => null, false;
+    "bias" => "none", false;
+    "corda_config" => null, true;
+    "ensure_weight_tying" => false, true;
+    "eva_config" => null, true;
+    "exclude_modules" => null, false;
+    "fan_in_fan_out" => false, false;
+    "kasa_config" => null, false;
+    "layer_replication" => null, false;
+    "loftq_config" => {}, true;
+    "lora_bias" => false, false;
+    "lora_ga_config" => null, true;
+    "megatron_config" => null, false;
+    "megatron_core" => "megatron.core", true;
+    "monteclora_config" => null, false;
+    "qalora_group_size" => 16, true;
+    "target_parameters" => null, false;
+    "trainable_token_indices" => null, false;
+    "use_bdlora" => null, false;
+    "use_qalora" => false, false;
+    "velora_config" => null, false;
+};
+
+impl MethodConfig for LoraConfig {
+    const PEFT_FIELDS: &'static [PeftField] = LORA_PEFT_FIELDS;
+
+    fn target(&self) -> &TargetConfig {
+        &self.target
+    }
+
+    fn target_mut(&mut self) -> &mut TargetConfig {
+        &mut self.target
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_rank(self.r)?;
+        for (k, &r) in &self.rank_pattern {
+            check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
+        }
+        for (_, &a) in std::iter::once((&String::new(), &self.lora_alpha)).chain(&self.alpha_pattern) {
+            check_scaling(a, 0.0)?;
+        }
+        check_dropout(self.lora_dropout)?;
+        self.target.validate()
+    }
+
+    fn set_scaling(&mut self, strategy: Scaling) -> Result<()> {
+        self.use_rslora = strategy.is_rank_stabilized();
+        self.scaling = Some(strategy);
+        Ok(())
+    }
+
+    fn to_peft(&self) -> Result<Self> {
+        Ok(self.peft_equivalent())
+    }
+}
+
+/// The hyper-parameters of one layer's LoRA (after `rank_pattern` / `alpha_pattern`).
+#[derive(Debug, Clone)]
+pub struct LoraParams {
+    /// The rank `r`.
+    pub r: usize,
+    /// `alpha` of the scaling factor.
+    pub alpha: f64,
+    /// The scaling strategy: `s = strategy.scale(alpha, r)`.
+    pub strategy: Scaling,
+    /// Dropout probability on the branch input, in `[0, 1)`.
+    pub dropout: f64,
+    /// The init of `A` and `B`.
+    pub init: LoraInit,
+}
+
+impl Default for LoraParams {
+    /// PEFT's defaults: `r = 8`, `alpha = 8`, `s = alpha / r`, no dropout, kaiming `A`, zero `B`.
+    fn default() -> Self {
+        Self { r: 8, alpha: 8.0, strategy: Arc::new(Standard), dropout: 0.0, init: LoraInit::Kaiming }
+    }
+}
+
+/// `lora`, `rslora`, `rora` and `dora` are all PEFT's `LORA`; DoRA's layer is [`Dora`] over a
+/// [`Lora`].
+impl Method for Lora {
+    const PEFT_TYPE: &'static str = "LORA";
+    const VARIANTS: &'static [Variant] = &[
+        Variant { name: "lora", peft: "LORA", summary: "LoRA (Hu et al. 2021): s = alpha / r" },
+        Variant {
+            name: "rslora",
+            peft: "LORA + use_rslora",
+            summary: "rsLoRA (Kalajdzievski 2023): LoRA with s = alpha / sqrt(r)",
+        },
+        Variant {
+            name: "rora",
+            peft: "LORA + use_rslora",
+            summary: "RoRA (Liu et al. 2025): LoRA with rsLoRA's s = alpha / sqrt(r)",
+        },
+        Variant {
+            name: "dora",
+            peft: "LORA + use_dora",
+            summary: "DoRA (Liu et al. 2024): LoRA's direction with a trained magnitude per row",
+        },
+    ];
+    type Config = LoraConfig;
+
+    fn config(name: &str, params: &MethodParams) -> Result<LoraConfig> {
+        let lora = LoraConfig::from_params(params);
+        Ok(match name {
+            "rslora" | "rora" => LoraConfig { scaling: Some(Arc::new(RankStabilized)), use_rslora: true, ..lora },
+            "dora" => LoraConfig { use_dora: true, ..lora },
+            _ => lora,
+        })
+    }
+
+    /// `dora` for `use_dora`, `rslora` for `use_rslora` (a file cannot tell RoRA from rsLoRA: both
+    /// write `use_rslora`), else `lora`.
+    fn variant(config: &LoraConfig) -> &'static str {
+        if config.use_dora {
+            "dora"
+        } else if config.strategy().is_rank_stabilized() {
+            "rslora"
+        } else {
+            "lora"
+        }
+    }
+
+    fn build(config: &LoraConfig, mut ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        let (lora, residual) = config.new_lora(&mut ctx)?;
+        let adapter: Box<dyn Adapter> = if config.use_dora {
+            Box::new(Dora::new(lora, residual.as_ref().unwrap_or(ctx.base.weight), "LORA")?)
+        } else {
+            Box::new(lora)
+        };
+        Ok(BuiltAdapter { adapter, base_weight: residual })
+    }
+}
+
 /// One layer's LoRA: `y = base_out + s * (drop(x) A^T) B^T`.
 #[derive(Debug)]
 pub struct Lora {
@@ -245,29 +380,27 @@ pub struct Lora {
     lora_b: Var,
     scaling: f64,
     dropout: f32,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl Lora {
-    /// A LoRA of rank `r` for `base` with factor `strategy.scale(alpha, r)`.
+    /// A LoRA for `base` with `params` (factor `params.strategy.scale(alpha, r)`).
     ///
     /// Returns the adapter and, for PiSSA, the residual base weight that must replace `W0`.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         base: BaseLayer<'_>,
-        r: usize,
-        alpha: f64,
-        strategy: &dyn ScalingStrategy,
-        dropout: f64,
-        init: LoraInit,
+        params: &LoraParams,
         dtype: DType,
-        rng: &mut impl Rng,
+        rng: &mut (impl Rng + ?Sized),
     ) -> Result<(Self, Option<Tensor>)> {
+        let r = params.r;
         check_rank(r)?;
-        let dropout = check_dropout(dropout)?;
-        let scaling = check_scaling(alpha, strategy.scale(alpha, r))?;
+        check_dropout(params.dropout)?;
+        let scaling = check_scaling(params.alpha, params.strategy.scale(params.alpha, r))?;
         let (out_f, in_f) = base.weight.dims2()?;
         let dev = base.weight.device();
-        let (a, b, residual) = match init {
+        let (a, b, residual) = match params.init {
             LoraInit::Kaiming => {
                 (kaiming_uniform(rng, r, in_f, dtype, dev)?, Tensor::zeros((out_f, r), dtype, dev)?, None)
             }
@@ -290,18 +423,18 @@ impl Lora {
                 (a.to_dtype(dtype)?, b.to_dtype(dtype)?, Some(residual))
             }
         };
-        Ok((Self { lora_a: var(a)?, lora_b: var(b)?, scaling, dropout }, residual))
+        Ok((Self::from_weights(a, b, scaling, params.dropout)?, residual))
     }
 
     /// A LoRA from given `A: (r, in)` and `B: (out, r)`.
     pub fn from_weights(lora_a: Tensor, lora_b: Tensor, scaling: f64, dropout: f64) -> Result<Self> {
-        let (r, _) = lora_a.dims2()?;
-        let (_, r2) = lora_b.dims2()?;
+        let (r, in_features) = lora_a.dims2()?;
+        let (out_features, r2) = lora_b.dims2()?;
         check_rank(r)?;
         if r != r2 {
             return Err(Error::ShapeMismatch {
                 what: "lora_B.weight".into(),
-                expected: vec![lora_b.dim(0)?, r],
+                expected: vec![out_features, r],
                 actual: lora_b.dims().to_vec(),
             });
         }
@@ -310,6 +443,8 @@ impl Lora {
             lora_b: var(lora_b)?,
             scaling: check_scaling(0.0, scaling)?,
             dropout: check_dropout(dropout)?,
+            in_features,
+            out_features,
         })
     }
 
@@ -323,7 +458,7 @@ impl Lora {
     }
     /// The rank `r`.
     pub fn rank(&self) -> usize {
-        self.lora_a.dim(0).unwrap_or(0)
+        self.lora_a.dims()[0]
     }
     /// The factor `s`.
     pub fn scaling(&self) -> f64 {
@@ -331,19 +466,25 @@ impl Lora {
     }
 }
 
-impl LowRankUpdate for Lora {
+impl AdapterCore for Lora {
     fn peft_type(&self) -> &'static str {
-        "LORA"
+        Self::PEFT_TYPE
     }
 
     fn features(&self) -> (usize, usize) {
-        (self.lora_a.dim(1).unwrap_or(0), self.lora_b.dim(0).unwrap_or(0))
+        (self.in_features, self.out_features)
     }
 
     fn dtype(&self) -> DType {
         self.lora_a.dtype()
     }
 
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![("lora_A.weight".into(), self.lora_a.clone()), ("lora_B.weight".into(), self.lora_b.clone())]
+    }
+}
+
+impl LowRankUpdate for Lora {
     fn dropout(&self) -> f32 {
         self.dropout
     }
@@ -361,16 +502,11 @@ impl LowRankUpdate for Lora {
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
         Ok((self.lora_b.as_tensor().clone(), self.lora_a.as_tensor().clone(), self.scaling))
     }
-
-    fn trainable_vars(&self) -> Vec<(String, Var)> {
-        vec![("lora_A.weight".into(), self.lora_a.clone()), ("lora_B.weight".into(), self.lora_b.clone())]
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scaling::RankStabilized;
     use candle_core::Device;
     use rand::SeedableRng;
 
@@ -382,16 +518,7 @@ mod tests {
     fn default_init_is_a_zero_update_with_bounded_a() -> Result<()> {
         let w = base(6, 16);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (lora, res) = Lora::new(
-            BaseLayer { weight: &w, bias: None },
-            4,
-            8.0,
-            &Standard,
-            0.0,
-            LoraInit::Kaiming,
-            DType::F32,
-            &mut rng,
-        )?;
+        let (lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, &LoraParams { r: 4, alpha: 8.0, ..Default::default() }, DType::F32, &mut rng)?;
         assert!(res.is_none());
         assert_eq!(lora.scaling(), 2.0);
         let a_max = lora.lora_a().abs()?.max_all()?.to_scalar::<f32>()?;
@@ -405,7 +532,7 @@ mod tests {
         let w = base(8, 4096);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let base = BaseLayer { weight: &w, bias: None };
-        let (lora, _) = Lora::new(base, 4, 8.0, &Standard, 0.0, LoraInit::Gaussian, DType::F32, &mut rng)?;
+        let (lora, _) = Lora::new(base, &LoraParams { r: 4, alpha: 8.0, init: LoraInit::Gaussian, ..Default::default() }, DType::F32, &mut rng)?;
         let a = lora.lora_a().flatten_all()?.to_vec1::<f32>()?;
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         let std = (a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
@@ -418,16 +545,7 @@ mod tests {
     fn pissa_residual_plus_update_is_the_base() -> Result<()> {
         let w = base(6, 5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (mut lora, res) = Lora::new(
-            BaseLayer { weight: &w, bias: None },
-            2,
-            4.0,
-            &RankStabilized,
-            0.0,
-            LoraInit::Pissa,
-            DType::F32,
-            &mut rng,
-        )?;
+        let (mut lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, &LoraParams { r: 2, alpha: 4.0, strategy: std::sync::Arc::new(RankStabilized), init: LoraInit::Pissa, ..Default::default() }, DType::F32, &mut rng)?;
         let res = res.expect("PiSSA rewrites the base");
         let back = lora.merge(&res)?;
         let err = (back - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -441,7 +559,7 @@ mod tests {
         let b = BaseLayer { weight: &w, bias: None };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let mut new =
-            |r, alpha, p| Lora::new(b, r, alpha, &Standard, p, LoraInit::Kaiming, DType::F32, &mut rng).map(|_| ());
+            |r, alpha, p| Lora::new(b, &LoraParams { r, alpha, dropout: p, ..Default::default() }, DType::F32, &mut rng).map(|_| ());
         assert!(matches!(new(0, 8.0, 0.0), Err(Error::InvalidConfig { name: "r", .. })));
         assert!(matches!(new(2, f64::NAN, 0.0), Err(Error::InvalidConfig { name: "lora_alpha", .. })));
         assert!(matches!(new(2, 8.0, 1.0), Err(Error::InvalidConfig { name: "dropout", .. })));

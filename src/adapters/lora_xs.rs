@@ -16,12 +16,11 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 
 use super::common::{check_dropout, check_rank, check_scaling, normal, var};
-use super::lora::LoraConfig;
+use super::lora::{LoraConfig, LoraParams};
 use super::update::{matmul_t, LowRankUpdate};
-use crate::adapter::BaseLayer;
-use crate::config::BuiltAdapter;
+use crate::adapter::{AdapterCore, BaseLayer, BuiltAdapter};
 use crate::linalg::truncated_svd;
-use crate::scaling::ScalingStrategy;
+use crate::method::{BuildContext, Method, MethodConfig, MethodParams, Variant};
 use crate::{Error, Result};
 
 /// One layer's LoRA-XS: a trainable `r x r` matrix between frozen SVD factors.
@@ -32,21 +31,16 @@ pub struct LoraXs {
     lora_r: Var,
     scaling: f64,
     dropout: f32,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl LoraXs {
-    /// A LoRA-XS of rank `r` for `base`: `A`, `B` from the rank-`r` SVD of `W0`, `R` drawn from
-    /// `N(0, 1e-5^2)`. Errors when `r` exceeds `min(out, in)` or `W0` has no SVD.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        base: BaseLayer<'_>,
-        r: usize,
-        alpha: f64,
-        strategy: &dyn ScalingStrategy,
-        dropout: f64,
-        dtype: DType,
-        rng: &mut impl Rng,
-    ) -> Result<Self> {
+    /// A LoRA-XS for `base` with `params` (`params.init` is unused: the init is an SVD): `A`,
+    /// `B` from the rank-`r` SVD of `W0`, `R` drawn from `N(0, 1e-5^2)`. Errors when `r` exceeds
+    /// `min(out, in)` or `W0` has no SVD.
+    pub fn new(base: BaseLayer<'_>, params: &LoraParams, dtype: DType, rng: &mut (impl Rng + ?Sized)) -> Result<Self> {
+        let r = params.r;
         check_rank(r)?;
         let (out, inp) = base.weight.dims2()?;
         if r > out.min(inp) {
@@ -56,14 +50,16 @@ impl LoraXs {
         let a = svd.vt.broadcast_mul(&svd.s.unsqueeze(1)?)?.to_dtype(dtype)?;
         let b = svd.u.to_dtype(dtype)?;
         let lora_r = normal(rng, (r, r), 1e-5, dtype, base.weight.device())?;
-        Self::from_weights(a, b, lora_r, check_scaling(alpha, strategy.scale(alpha, r))?, dropout)
+        let scaling = check_scaling(params.alpha, params.strategy.scale(params.alpha, r))?;
+        Self::from_weights(a, b, lora_r, scaling, params.dropout)
     }
 
     /// A LoRA-XS from given `A: (r, in)`, `B: (out, r)` and `R: (r, r)`.
     pub fn from_weights(lora_a: Tensor, lora_b: Tensor, lora_r: Tensor, scaling: f64, dropout: f64) -> Result<Self> {
-        let r = lora_a.dim(0)?;
+        let (r, in_features) = lora_a.dims2()?;
+        let out_features = lora_b.dim(0)?;
         check_rank(r)?;
-        for (what, t, want) in [("lora_B.weight", &lora_b, [lora_b.dim(0)?, r]), ("lora_R.weight", &lora_r, [r, r])] {
+        for (what, t, want) in [("lora_B.weight", &lora_b, [out_features, r]), ("lora_R.weight", &lora_r, [r, r])] {
             if t.dims() != want {
                 return Err(Error::ShapeMismatch {
                     what: what.into(),
@@ -78,7 +74,14 @@ impl LoraXs {
             lora_r: var(lora_r)?,
             scaling: check_scaling(0.0, scaling)?,
             dropout: check_dropout(dropout)?,
+            in_features,
+            out_features,
         })
+    }
+
+    /// The LoRA-XS of the layer in `ctx` from LoRA's fields (`config`).
+    pub fn from_config(config: &LoraConfig, ctx: &mut BuildContext<'_>) -> Result<Self> {
+        Self::new(ctx.base, &config.layer_params(ctx.path)?, ctx.dtype, &mut *ctx.rng)
     }
 
     /// The frozen `A = S_r V_r^T: (r, in)`.
@@ -97,56 +100,40 @@ impl LoraXs {
     }
 }
 
-/// The LoRA-XS of the module at `path` from LoRA's fields (`config`).
-pub fn from_config(
-    config: &LoraConfig,
-    path: &str,
-    base: BaseLayer<'_>,
-    dtype: DType,
-    rng: &mut impl Rng,
-) -> Result<LoraXs> {
-    let (r, alpha) = config.rank_and_alpha(path)?;
-    LoraXs::new(base, r, alpha, config.strategy().as_ref(), config.lora_dropout, dtype, rng)
+impl Method for LoraXs {
+    const PEFT_TYPE: &'static str = "LORA_XS";
+    const VARIANTS: &'static [Variant] = &[Variant {
+        name: "lora-xs",
+        peft: "LORA_XS",
+        summary: "LoRA-XS (Balazy et al. 2024): a trained r x r matrix between frozen SVD factors of W0",
+    }];
+    type Config = LoraConfig;
+
+    fn config(_name: &str, params: &MethodParams) -> Result<LoraConfig> {
+        Ok(LoraConfig::from_params(params))
+    }
+
+    fn validate(config: &LoraConfig) -> Result<()> {
+        config.validate()?;
+        config.refuse_dora(Self::PEFT_TYPE)
+    }
+
+    fn build(config: &LoraConfig, mut ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        Ok(BuiltAdapter::new(Self::from_config(config, &mut ctx)?))
+    }
 }
 
-/// Builds the LoRA-XS of the module at `path` from LoRA's fields (`config`).
-pub fn build(
-    config: &LoraConfig,
-    path: &str,
-    base: BaseLayer<'_>,
-    dtype: DType,
-    rng: &mut impl Rng,
-) -> Result<BuiltAdapter> {
-    Ok(BuiltAdapter { adapter: Box::new(from_config(config, path, base, dtype, rng)?), base_weight: None })
-}
-
-impl LowRankUpdate for LoraXs {
+impl AdapterCore for LoraXs {
     fn peft_type(&self) -> &'static str {
-        "LORA_XS"
+        Self::PEFT_TYPE
     }
 
     fn features(&self) -> (usize, usize) {
-        (self.lora_a.dim(1).unwrap_or(0), self.lora_b.dim(0).unwrap_or(0))
+        (self.in_features, self.out_features)
     }
 
     fn dtype(&self) -> DType {
         self.lora_r.dtype()
-    }
-
-    fn dropout(&self) -> f32 {
-        self.dropout
-    }
-
-    fn head(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_t(&(matmul_t(x, &self.lora_a)? * self.scaling)?, &self.lora_r)
-    }
-
-    fn tail(&self) -> Result<Tensor> {
-        Ok(self.lora_b.clone())
-    }
-
-    fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
-        Ok((self.lora_b.matmul(self.lora_r.as_tensor())?, self.lora_a.clone(), self.scaling))
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
@@ -173,5 +160,23 @@ impl LowRankUpdate for LoraXs {
             other => return Err(Error::Unsupported(format!("LORA_XS has no tensor `{other}`"))),
         }
         Ok(())
+    }
+}
+
+impl LowRankUpdate for LoraXs {
+    fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        matmul_t(&(matmul_t(x, &self.lora_a)? * self.scaling)?, &self.lora_r)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        Ok(self.lora_b.clone())
+    }
+
+    fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
+        Ok((self.lora_b.matmul(self.lora_r.as_tensor())?, self.lora_a.clone(), self.scaling))
     }
 }

@@ -18,14 +18,15 @@
 //! the minis in every call): the flops of a rank-`r` LoRA, the parameters of the minis.
 
 use candle_core::{DType, Tensor, Var};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::common::{check_dropout, check_rank, check_scaling, kaiming_uniform, var};
 use super::lora::{LoraConfig, LoraInit};
 use super::update::{matmul_t, LowRankUpdate};
-use crate::adapter::BaseLayer;
-use crate::config::BuiltAdapter;
+use crate::adapter::{AdapterCore, BuiltAdapter};
+use crate::method::{BuildContext, Method, MethodConfig, MethodParams, PeftField, Variant};
+use crate::scaling::Scaling;
+use crate::target::TargetConfig;
 use crate::{Error, Result};
 
 /// MELoRA's config: LoRA's fields (with `r` the equivalent rank) plus the number of minis `n`.
@@ -38,14 +39,28 @@ pub struct MeloraConfig {
     pub lora: LoraConfig,
 }
 
+/// The number of minis when none is given (the CLI's and the sweep's default).
+pub const DEFAULT_N: usize = 4;
+
 impl MeloraConfig {
     /// `n` minis of equivalent rank `r` (each of rank `r / n`) on `target_modules`.
     pub fn new(n: usize, r: usize, alpha: f64, target_modules: &[&str]) -> Self {
         Self { n, lora: LoraConfig::lora(r, alpha, target_modules) }
     }
+}
 
-    /// Checks the hyper-parameters that do not depend on a layer.
-    pub fn validate(&self) -> Result<()> {
+impl MethodConfig for MeloraConfig {
+    const PEFT_FIELDS: &'static [PeftField] = <LoraConfig as MethodConfig>::PEFT_FIELDS;
+
+    fn target(&self) -> &TargetConfig {
+        &self.lora.target
+    }
+
+    fn target_mut(&mut self) -> &mut TargetConfig {
+        &mut self.lora.target
+    }
+
+    fn validate(&self) -> Result<()> {
         self.lora.validate()?;
         if self.n == 0 {
             return Err(Error::config("n", "MELoRA needs at least one mini LoRA"));
@@ -56,11 +71,33 @@ impl MeloraConfig {
         Ok(())
     }
 
-    /// Builds the MELoRA of the module at `path`.
-    pub fn build(&self, path: &str, base: BaseLayer<'_>, dtype: DType, rng: &mut impl Rng) -> Result<BuiltAdapter> {
-        let (r, alpha) = self.lora.rank_and_alpha(path)?;
-        let (out, inp) = base.weight.dims2()?;
-        let n = self.n;
+    fn set_scaling(&mut self, strategy: Scaling) -> Result<()> {
+        self.lora.set_scaling(strategy)
+    }
+
+    fn to_peft(&self) -> Result<Self> {
+        Ok(Self { n: self.n, lora: self.lora.peft_equivalent() })
+    }
+}
+
+impl Method for Melora {
+    const PEFT_TYPE: &'static str = "MELORA";
+    const VARIANTS: &'static [Variant] = &[Variant {
+        name: "melora",
+        peft: "MELORA",
+        summary: "MELoRA (Ren et al. 2024): n mini LoRAs on the block diagonal (n: --set n=4)",
+    }];
+    type Config = MeloraConfig;
+
+    fn config(_name: &str, params: &MethodParams) -> Result<MeloraConfig> {
+        Ok(MeloraConfig { n: DEFAULT_N, lora: LoraConfig::from_params(params) })
+    }
+
+    fn build(config: &MeloraConfig, ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        let path = ctx.path;
+        let (r, alpha) = config.lora.rank_and_alpha(path)?;
+        let (out, inp) = ctx.base.weight.dims2()?;
+        let n = config.n;
         check_rank(r)?;
         for (what, d) in [("in_features", inp), ("out_features", out), ("r", r)] {
             if d % n != 0 {
@@ -71,19 +108,25 @@ impl MeloraConfig {
             }
         }
         let ri = r / n;
-        let s = check_scaling(alpha, self.lora.strategy().scale(alpha, ri))?;
-        let dev = base.weight.device();
+        let s = check_scaling(alpha, config.lora.strategy().scale(alpha, ri))?;
+        let (dev, dtype) = (ctx.base.weight.device(), ctx.dtype);
         let mut minis = Vec::with_capacity(n);
         for _ in 0..n {
-            let a = kaiming_uniform(rng, ri, inp / n, dtype, dev)?;
-            let b = match self.lora.init_lora_weights {
-                LoraInit::Random => kaiming_uniform(rng, out / n, ri, dtype, dev)?,
+            let a = kaiming_uniform(&mut *ctx.rng, ri, inp / n, dtype, dev)?;
+            let b = match config.lora.init_lora_weights {
+                LoraInit::Random => kaiming_uniform(&mut *ctx.rng, out / n, ri, dtype, dev)?,
                 _ => Tensor::zeros((out / n, ri), dtype, dev)?,
             };
             minis.push((var(a)?, var(b)?));
         }
-        let melora = Melora { minis, scaling: s, dropout: check_dropout(self.lora.lora_dropout)? };
-        Ok(BuiltAdapter { adapter: Box::new(melora), base_weight: None })
+        let melora = Melora {
+            minis,
+            scaling: s,
+            dropout: check_dropout(config.lora.lora_dropout)?,
+            in_features: inp,
+            out_features: out,
+        };
+        Ok(BuiltAdapter::new(melora))
     }
 }
 
@@ -93,6 +136,8 @@ pub struct Melora {
     minis: Vec<(Var, Var)>,
     scaling: f64,
     dropout: f32,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl Melora {
@@ -117,21 +162,27 @@ impl Melora {
     }
 }
 
-impl LowRankUpdate for Melora {
+impl AdapterCore for Melora {
     fn peft_type(&self) -> &'static str {
-        "MELORA"
+        Self::PEFT_TYPE
     }
 
     fn features(&self) -> (usize, usize) {
-        let n = self.minis.len();
-        let (a, b) = &self.minis[0];
-        (a.dim(1).unwrap_or(0) * n, b.dim(0).unwrap_or(0) * n)
+        (self.in_features, self.out_features)
     }
 
     fn dtype(&self) -> DType {
         self.minis[0].0.dtype()
     }
 
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let a = self.minis.iter().enumerate().map(|(i, m)| (format!("melora_A.{i}.weight"), m.0.clone()));
+        let b = self.minis.iter().enumerate().map(|(i, m)| (format!("melora_B.{i}.weight"), m.1.clone()));
+        a.chain(b).collect()
+    }
+}
+
+impl LowRankUpdate for Melora {
     fn dropout(&self) -> f32 {
         self.dropout
     }
@@ -146,11 +197,5 @@ impl LowRankUpdate for Melora {
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
         Ok((self.block_diag(1)?, self.block_diag(0)?, self.scaling))
-    }
-
-    fn trainable_vars(&self) -> Vec<(String, Var)> {
-        let a = self.minis.iter().enumerate().map(|(i, m)| (format!("melora_A.{i}.weight"), m.0.clone()));
-        let b = self.minis.iter().enumerate().map(|(i, m)| (format!("melora_B.{i}.weight"), m.1.clone()));
-        a.chain(b).collect()
     }
 }

@@ -19,8 +19,6 @@
 //! Scaling: `strategy.scale_bases(randlora_alpha, r, nb)`; PEFT's `alpha / r` by default
 //! (`randlora_alpha = 640`), the paper's `2 / sqrt(nb)` with [`crate::scaling::RandLoraPaper`].
 
-use std::collections::BTreeMap;
-
 use candle_core::backend::BackendStorage;
 use candle_core::op::Mul;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, MetalStorage, Shape, Tensor, Var};
@@ -29,10 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{check_dropout, check_rank, check_scaling, normal, shared_pair, uniform, var};
 use super::update::{matmul_t, LowRankUpdate};
-use crate::adapter::BaseLayer;
-use crate::config::{serde_alpha, BuiltAdapter, TargetConfig};
+use crate::adapter::{AdapterCore, BuiltAdapter};
 use crate::frozen::frozen_linear;
-use crate::scaling::{Scaling, Standard};
+use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, SharedTensors, Variant};
+use crate::scaling::{Scaling, ScalingStrategy, Standard};
+use crate::target::TargetConfig;
 use crate::{Error, Result};
 
 /// The shared basis keys (saved as `base_model.<key>` and under every layer).
@@ -104,23 +103,70 @@ impl RandLoraConfig {
             scaling: None,
         }
     }
+}
 
-    /// Checks the hyper-parameters.
-    pub fn validate(&self) -> Result<()> {
+impl MethodConfig for RandLoraConfig {
+    const PEFT_FIELDS: &'static [PeftField] = peft_fields! {
+        "bias" => "none", false;
+        "fan_in_fan_out" => false, false;
+    };
+
+    fn target(&self) -> &TargetConfig {
+        &self.target
+    }
+
+    fn target_mut(&mut self) -> &mut TargetConfig {
+        &mut self.target
+    }
+
+    fn validate(&self) -> Result<()> {
         check_rank(self.r)?;
         check_dropout(self.randlora_dropout)?;
         check_scaling(self.randlora_alpha, 0.0)?;
         self.target.validate()
     }
 
+    fn set_scaling(&mut self, strategy: Scaling) -> Result<()> {
+        self.scaling = Some(strategy);
+        Ok(())
+    }
+
+    fn to_peft(&self) -> Result<Self> {
+        if self.scaling.as_ref().is_some_and(|s| s.name() != Standard.name()) {
+            return Err(Error::Unsupported(
+                "saving RandLoRA with a custom scaling strategy: PEFT's format has only alpha / r".into(),
+            ));
+        }
+        Ok(Self { save_projection: true, scaling: None, ..self.clone() })
+    }
+}
+
+impl Method for RandLora {
+    const PEFT_TYPE: &'static str = "RANDLORA";
+    const VARIANTS: &'static [Variant] = &[Variant {
+        name: "randlora",
+        peft: "RANDLORA",
+        summary: "RandLoRA (Albert et al. 2025): full-rank updates from shared random bases (alpha default 640)",
+    }];
+    const SHARED_KEYS: &'static [&'static str] = &SHARED_KEYS;
+    type Config = RandLoraConfig;
+
+    fn config(_name: &str, params: &MethodParams) -> Result<RandLoraConfig> {
+        Ok(RandLoraConfig {
+            target: params.target.clone(),
+            randlora_alpha: params.alpha_or(default_alpha()),
+            ..RandLoraConfig::new(params.rank, &[])
+        })
+    }
+
     /// Draws the shared bases for layers of the given `(in, out)` shapes.
-    pub fn shared_tensors(
-        &self,
+    fn shared_tensors(
+        config: &RandLoraConfig,
         shapes: &[(usize, usize)],
         dtype: DType,
         device: &Device,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        if self.sparse || self.very_sparse {
+    ) -> Result<SharedTensors> {
+        if config.sparse || config.very_sparse {
             return Err(Error::Unsupported(
                 "new RandLoRA adapters with sparse bases; sparse bases are read from files only".into(),
             ));
@@ -128,8 +174,8 @@ impl RandLoraConfig {
         let max_in = shapes.iter().map(|s| s.0).max().unwrap_or(0);
         let max_out = shapes.iter().map(|s| s.1).max().unwrap_or(0);
         let (min_dim, max_dim) = (max_in.min(max_out), max_in.max(max_out));
-        let nb = num_bases(min_dim, self.r);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.projection_prng_key);
+        let nb = num_bases(min_dim, config.r);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(config.projection_prng_key);
         let normalized = |t: Tensor| -> Result<Tensor> {
             let n = t.elem_count() as f64;
             let mean = t.mean_all()?.to_scalar::<f32>()? as f64;
@@ -137,26 +183,24 @@ impl RandLoraConfig {
             Ok((t / var.sqrt())?.to_dtype(dtype)?)
         };
         let a =
-            normalized(uniform(&mut rng, (self.r, 1, min_dim), (6.0 / min_dim as f64).sqrt(), DType::F32, device)?)?;
+            normalized(uniform(&mut rng, (config.r, 1, min_dim), (6.0 / min_dim as f64).sqrt(), DType::F32, device)?)?;
         let b =
-            normalized(uniform(&mut rng, (max_dim, nb, self.r), (6.0 / self.r as f64).sqrt(), DType::F32, device)?)?;
-        Ok(BTreeMap::from([(SHARED_KEYS[0].to_string(), a), (SHARED_KEYS[1].to_string(), b)]))
+            normalized(uniform(&mut rng, (max_dim, nb, config.r), (6.0 / config.r as f64).sqrt(), DType::F32, device)?)?;
+        Ok(SharedTensors::from([(SHARED_KEYS[0].to_string(), a), (SHARED_KEYS[1].to_string(), b)]))
+    }
+
+    fn shared_saved(config: &RandLoraConfig) -> bool {
+        config.save_projection
     }
 
     /// Builds the RandLoRA of a layer over views of the shared bases.
-    pub fn build(
-        &self,
-        base: BaseLayer<'_>,
-        dtype: DType,
-        rng: &mut impl rand::Rng,
-        shared: &BTreeMap<String, Tensor>,
-    ) -> Result<BuiltAdapter> {
-        let (out, inp) = base.weight.dims2()?;
+    fn build(config: &RandLoraConfig, ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        let (out, inp) = ctx.base.weight.dims2()?;
         let (min_l, max_l) = (inp.min(out), inp.max(out));
-        let (a, b) = shared_pair(shared, SHARED_KEYS, "RandLoRA")?;
+        let (a, b) = shared_pair(ctx.shared, SHARED_KEYS, "RandLoRA")?;
         let (ra, _, min_dim) = a.dims3()?;
         let (max_dim, nb_shared, rb) = b.dims3()?;
-        let r = self.r;
+        let r = config.r;
         if r > min_l {
             return Err(Error::config("r", format!("RandLoRA rank {r} exceeds min(in, out) = min({inp}, {out})")));
         }
@@ -175,15 +219,15 @@ impl RandLoraConfig {
                 actual: vec![min_dim, max_dim, nb_shared],
             });
         }
-        let dev = base.weight.device();
-        let lambda = if self.init_weights {
-            Tensor::zeros((r, nb), dtype, dev)?
+        let dev = ctx.base.weight.device();
+        let lambda = if config.init_weights {
+            Tensor::zeros((r, nb), ctx.dtype, dev)?
         } else {
-            normal(rng, (r, nb), 1.0, dtype, dev)?
+            normal(&mut *ctx.rng, (r, nb), 1.0, ctx.dtype, dev)?
         };
-        let gamma = Tensor::full(1.0 / nb.max(min_l) as f32, (nb, min_l), dev)?.to_dtype(dtype)?;
-        let strategy = self.scaling.clone().unwrap_or_else(|| std::sync::Arc::new(Standard));
-        let scaling = check_scaling(self.randlora_alpha, strategy.scale_bases(self.randlora_alpha, r, nb))?;
+        let gamma = Tensor::full(1.0 / nb.max(min_l) as f32, (nb, min_l), dev)?.to_dtype(ctx.dtype)?;
+        let strategy = config.scaling.clone().unwrap_or_else(|| std::sync::Arc::new(Standard));
+        let scaling = check_scaling(config.randlora_alpha, strategy.scale_bases(config.randlora_alpha, r, nb))?;
         let layer = RandLora {
             basis_a: a.narrow(2, 0, min_l)?,
             basis_b: b.narrow(0, 0, max_l)?.narrow(1, 0, nb)?,
@@ -191,10 +235,11 @@ impl RandLoraConfig {
             lambda: var(lambda)?,
             gamma: var(gamma)?,
             scaling,
-            dropout: check_dropout(self.randlora_dropout)?,
-            in_is_min: inp <= out,
+            dropout: check_dropout(config.randlora_dropout)?,
+            in_features: inp,
+            out_features: out,
         };
-        Ok(BuiltAdapter { adapter: Box::new(layer), base_weight: None })
+        Ok(BuiltAdapter::new(layer))
     }
 }
 
@@ -295,10 +340,16 @@ pub struct RandLora {
     gamma: Var,
     scaling: f64,
     dropout: f32,
-    in_is_min: bool,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl RandLora {
+    /// Whether `in <= out` (which side of the layer the bases' `min_dim` is).
+    fn in_is_min(&self) -> bool {
+        self.in_features <= self.out_features
+    }
+
     /// `(A_s: (r*nb, min), B_f: (max, nb*r))`, PEFT's `get_scaled_bases` before orientation.
     fn scaled_bases(&self) -> Result<(Tensor, Tensor)> {
         let dtype = self.lambda.dtype();
@@ -313,51 +364,17 @@ impl RandLora {
     }
 }
 
-impl LowRankUpdate for RandLora {
+impl AdapterCore for RandLora {
     fn peft_type(&self) -> &'static str {
-        "RANDLORA"
+        Self::PEFT_TYPE
     }
 
     fn features(&self) -> (usize, usize) {
-        let (min_l, max_l) = (self.gamma.dim(1).unwrap_or(0), self.basis_b.dim(0).unwrap_or(0));
-        if self.in_is_min {
-            (min_l, max_l)
-        } else {
-            (max_l, min_l)
-        }
+        (self.in_features, self.out_features)
     }
 
     fn dtype(&self) -> DType {
         self.lambda.dtype()
-    }
-
-    fn dropout(&self) -> f32 {
-        self.dropout
-    }
-
-    fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, a, s) = self.factors()?;
-        Ok((matmul_t(x, &a)? * s)?)
-    }
-
-    fn tail(&self) -> Result<Tensor> {
-        Ok(self.factors()?.0)
-    }
-
-    fn head_tail(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        // One call to the scaled bases (they are large) for both factors; the frozen random
-        // basis goes through the frozen-weight op, so no basis-sized gradient is computed.
-        let (a_s, b_f) = self.scaled_bases()?;
-        Ok(if self.in_is_min {
-            ((matmul_t(x, &a_s)? * self.scaling)?, b_f)
-        } else {
-            ((frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, a_s.t()?)
-        })
-    }
-
-    fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
-        let (a_s, b_f) = self.scaled_bases()?;
-        Ok(if self.in_is_min { (b_f, a_s, self.scaling) } else { (a_s.t()?, b_f.t()?, self.scaling) })
     }
 
     fn frozen_tensors(&self) -> Vec<Tensor> {
@@ -393,5 +410,36 @@ impl LowRankUpdate for RandLora {
             }
             other => Err(Error::Unsupported(format!("RANDLORA has no tensor `{other}`"))),
         }
+    }
+}
+
+impl LowRankUpdate for RandLora {
+    fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, a, s) = self.factors()?;
+        Ok((matmul_t(x, &a)? * s)?)
+    }
+
+    fn tail(&self) -> Result<Tensor> {
+        Ok(self.factors()?.0)
+    }
+
+    fn head_tail(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        // One call to the scaled bases (they are large) for both factors; the frozen random
+        // basis goes through the frozen-weight op, so no basis-sized gradient is computed.
+        let (a_s, b_f) = self.scaled_bases()?;
+        Ok(if self.in_is_min() {
+            ((matmul_t(x, &a_s)? * self.scaling)?, b_f)
+        } else {
+            ((frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, a_s.t()?)
+        })
+    }
+
+    fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
+        let (a_s, b_f) = self.scaled_bases()?;
+        Ok(if self.in_is_min() { (b_f, a_s, self.scaling) } else { (a_s.t()?, b_f.t()?, self.scaling) })
     }
 }

@@ -10,32 +10,21 @@
 //! Weight-decomposed methods (DoRA, EDoRA) wrap an update instead of copying it
 //! (see [`super::dora`]).
 
-use std::fmt::Debug;
-
-use candle_core::{DType, Tensor, Var};
+use candle_core::Tensor;
 
 use super::common::branch_dropout;
-use crate::adapter::{add_branch, set_var, var_tensors, Adapter, BaseLayer};
+use crate::adapter::{add_branch, Adapter, AdapterCore, BaseLayer};
 use crate::frozen::{frozen_linear, low_rank_linear, reshape};
 use crate::Result;
 
 /// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
-/// LoRA-XS's `B R`).
-pub trait LowRankUpdate: Debug + Send + Sync {
-    /// PEFT's `peft_type` for the plain method.
-    fn peft_type(&self) -> &'static str;
-
-    /// `(in_features, out_features)`.
-    fn features(&self) -> (usize, usize);
-
-    /// The dtype the update computes in.
-    fn dtype(&self) -> DType;
-
+/// LoRA-XS's `B R`). Its identity and tensors come from [`AdapterCore`].
+pub trait LowRankUpdate: AdapterCore {
     /// The dropout probability on the branch input.
     fn dropout(&self) -> f32;
 
     /// The rank-sized activation `h` of the branch (`s * x A^T` for LoRA), for an input that is
-    /// already in [`LowRankUpdate::dtype`] and dropped out.
+    /// already in [`AdapterCore::dtype`] and dropped out.
     fn head(&self, x: &Tensor) -> Result<Tensor>;
 
     /// The factor `B: (out, k)` that maps the head to the output: `branch(x) = head(x) B^T`.
@@ -60,25 +49,6 @@ pub trait LowRankUpdate: Debug + Send + Sync {
     /// `(B, A, s)` with `dW = s * B A`, `B: (out, k)`, `A: (k, in)`.
     fn factors(&self) -> Result<(Tensor, Tensor, f64)>;
 
-    /// The trainable parameters with their PEFT key suffixes.
-    fn trainable_vars(&self) -> Vec<(String, Var)>;
-
-    /// Every tensor the update saves, with its key suffix. By default the trainable parameters.
-    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        var_tensors(self.trainable_vars())
-    }
-
-    /// Replaces saved tensor `suffix` (shape already checked). By default sets the trainable
-    /// parameter of that name.
-    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        set_var(self.trainable_vars(), self.peft_type(), suffix, value)
-    }
-
-    /// Frozen tensors the update holds (see [`Adapter::frozen_tensors`]).
-    fn frozen_tensors(&self) -> Vec<Tensor> {
-        Vec::new()
-    }
-
     /// `dW = s * B A`, `(out, in)`, in the update's dtype.
     fn delta(&self) -> Result<Tensor> {
         let (b, a, s) = self.factors()?;
@@ -87,20 +57,8 @@ pub trait LowRankUpdate: Debug + Send + Sync {
 }
 
 impl<U: LowRankUpdate> Adapter for U {
-    fn peft_type(&self) -> &'static str {
-        LowRankUpdate::peft_type(self)
-    }
-
-    fn features(&self) -> (usize, usize) {
-        LowRankUpdate::features(self)
-    }
-
-    fn dtype(&self) -> DType {
-        LowRankUpdate::dtype(self)
-    }
-
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
-        let dtype = LowRankUpdate::dtype(self);
+        let dtype = self.dtype();
         let xd = branch_dropout(&x.to_dtype(dtype)?, self.dropout(), train)?;
         if x.dtype() == dtype && base.weight.dtype() == dtype {
             // One node for the frozen layer and the branch (see `low_rank_linear`).
@@ -112,22 +70,6 @@ impl<U: LowRankUpdate> Adapter for U {
 
     fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
         self.delta()
-    }
-
-    fn trainable_vars(&self) -> Vec<(String, Var)> {
-        LowRankUpdate::trainable_vars(self)
-    }
-
-    fn saved_tensors(&self) -> Vec<(String, Tensor)> {
-        LowRankUpdate::saved_tensors(self)
-    }
-
-    fn load_tensor(&mut self, suffix: &str, value: &Tensor) -> Result<()> {
-        LowRankUpdate::load_tensor(self, suffix, value)
-    }
-
-    fn frozen_tensors(&self) -> Vec<Tensor> {
-        LowRankUpdate::frozen_tensors(self)
     }
 }
 

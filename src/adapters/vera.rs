@@ -13,16 +13,15 @@
 //! from torch's generator, which cannot be reproduced here: adapters are exchanged with the
 //! projections saved in the file, `base_model.vera_A` / `base_model.vera_B`).
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::common::{check_dropout, check_rank, normal, shared_pair, uniform, var};
 use super::update::{matmul_t, LowRankUpdate};
-use crate::adapter::BaseLayer;
-use crate::config::{BuiltAdapter, TargetConfig};
+use crate::adapter::{AdapterCore, BuiltAdapter};
+use crate::method::{peft_fields, BuildContext, Method, MethodConfig, MethodParams, PeftField, SharedTensors, Variant};
+use crate::target::TargetConfig;
 use crate::{Error, Result};
 
 /// The shared projection keys (saved as `base_model.<key>`).
@@ -78,9 +77,23 @@ impl VeraConfig {
             target: TargetConfig::list(target_modules),
         }
     }
+}
 
-    /// Checks the hyper-parameters.
-    pub fn validate(&self) -> Result<()> {
+impl MethodConfig for VeraConfig {
+    const PEFT_FIELDS: &'static [PeftField] = peft_fields! {
+        "bias" => "none", false;
+        "fan_in_fan_out" => false, false;
+    };
+
+    fn target(&self) -> &TargetConfig {
+        &self.target
+    }
+
+    fn target_mut(&mut self) -> &mut TargetConfig {
+        &mut self.target
+    }
+
+    fn validate(&self) -> Result<()> {
         check_rank(self.r)?;
         check_dropout(self.vera_dropout)?;
         if !self.d_initial.is_finite() {
@@ -89,37 +102,55 @@ impl VeraConfig {
         self.target.validate()
     }
 
+    fn to_peft(&self) -> Result<Self> {
+        Ok(Self { save_projection: true, ..self.clone() })
+    }
+}
+
+impl Method for Vera {
+    const PEFT_TYPE: &'static str = "VERA";
+    const VARIANTS: &'static [Variant] = &[Variant {
+        name: "vera",
+        peft: "VERA",
+        summary: "VeRA (Kopiczko et al. 2024): trained vectors around one shared frozen random pair",
+    }];
+    const SHARED_KEYS: &'static [&'static str] = &SHARED_KEYS;
+    type Config = VeraConfig;
+
+    fn config(name: &str, params: &MethodParams) -> Result<VeraConfig> {
+        params.no_alpha(name)?;
+        Ok(VeraConfig { target: params.target.clone(), ..VeraConfig::new(params.rank, &[]) })
+    }
+
     /// Draws the shared pair for layers of the given `(in, out)` shapes.
-    pub fn shared_tensors(
-        &self,
+    fn shared_tensors(
+        config: &VeraConfig,
         shapes: &[(usize, usize)],
         dtype: DType,
         device: &Device,
-    ) -> Result<BTreeMap<String, Tensor>> {
+    ) -> Result<SharedTensors> {
         let max_in = shapes.iter().map(|s| s.0).max().unwrap_or(0);
         let max_out = shapes.iter().map(|s| s.1).max().unwrap_or(0);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.projection_prng_key);
-        let a = uniform(&mut rng, (self.r, max_in), (6.0 / max_in as f64).sqrt(), dtype, device)?;
-        let b = uniform(&mut rng, (max_out, self.r), (6.0 / self.r as f64).sqrt(), dtype, device)?;
-        Ok(BTreeMap::from([(SHARED_KEYS[0].to_string(), a), (SHARED_KEYS[1].to_string(), b)]))
+        let mut rng = rand::rngs::StdRng::seed_from_u64(config.projection_prng_key);
+        let a = uniform(&mut rng, (config.r, max_in), (6.0 / max_in as f64).sqrt(), dtype, device)?;
+        let b = uniform(&mut rng, (max_out, config.r), (6.0 / config.r as f64).sqrt(), dtype, device)?;
+        Ok(SharedTensors::from([(SHARED_KEYS[0].to_string(), a), (SHARED_KEYS[1].to_string(), b)]))
+    }
+
+    fn shared_saved(config: &VeraConfig) -> bool {
+        config.save_projection
     }
 
     /// Builds the VeRA of a layer over views of the shared pair.
-    pub fn build(
-        &self,
-        base: BaseLayer<'_>,
-        dtype: DType,
-        rng: &mut impl rand::Rng,
-        shared: &BTreeMap<String, Tensor>,
-    ) -> Result<BuiltAdapter> {
-        let (out, inp) = base.weight.dims2()?;
-        let (a, b) = shared_pair(shared, SHARED_KEYS, "VeRA")?;
+    fn build(config: &VeraConfig, ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
+        let (out, inp) = ctx.base.weight.dims2()?;
+        let (a, b) = shared_pair(ctx.shared, SHARED_KEYS, "VeRA")?;
         let (ra, max_in) = a.dims2()?;
         let (max_out, rb) = b.dims2()?;
-        if self.r > ra || self.r > rb {
+        if config.r > ra || config.r > rb {
             return Err(Error::config(
                 "r",
-                format!("VeRA rank {} exceeds the shared projections' rank {}", self.r, ra.min(rb)),
+                format!("VeRA rank {} exceeds the shared projections' rank {}", config.r, ra.min(rb)),
             ));
         }
         if inp > max_in || out > max_out {
@@ -129,20 +160,22 @@ impl VeraConfig {
                 actual: vec![max_in, max_out],
             });
         }
-        let dev = base.weight.device();
-        let (lambda_b, lambda_d) = if self.init_weights {
-            (Tensor::zeros(out, dtype, dev)?, Tensor::full(self.d_initial as f32, self.r, dev)?.to_dtype(dtype)?)
+        let dev = ctx.base.weight.device();
+        let (lambda_b, lambda_d) = if config.init_weights {
+            (Tensor::zeros(out, ctx.dtype, dev)?, Tensor::full(config.d_initial as f32, config.r, dev)?.to_dtype(ctx.dtype)?)
         } else {
-            (Tensor::ones(out, dtype, dev)?, normal(rng, self.r, 1.0, dtype, dev)?)
+            (Tensor::ones(out, ctx.dtype, dev)?, normal(&mut *ctx.rng, config.r, 1.0, ctx.dtype, dev)?)
         };
         let vera = Vera {
-            vera_a: a.narrow(0, 0, self.r)?.narrow(1, 0, inp)?,
-            vera_b: b.narrow(0, 0, out)?.narrow(1, 0, self.r)?,
+            vera_a: a.narrow(0, 0, config.r)?.narrow(1, 0, inp)?,
+            vera_b: b.narrow(0, 0, out)?.narrow(1, 0, config.r)?,
             lambda_b: var(lambda_b)?,
             lambda_d: var(lambda_d)?,
-            dropout: check_dropout(self.vera_dropout)?,
+            dropout: check_dropout(config.vera_dropout)?,
+            in_features: inp,
+            out_features: out,
         };
-        Ok(BuiltAdapter { adapter: Box::new(vera), base_weight: None })
+        Ok(BuiltAdapter::new(vera))
     }
 }
 
@@ -154,6 +187,8 @@ pub struct Vera {
     lambda_b: Var,
     lambda_d: Var,
     dropout: f32,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl Vera {
@@ -174,19 +209,29 @@ impl Vera {
     }
 }
 
-impl LowRankUpdate for Vera {
+impl AdapterCore for Vera {
     fn peft_type(&self) -> &'static str {
-        "VERA"
+        Self::PEFT_TYPE
     }
 
     fn features(&self) -> (usize, usize) {
-        (self.vera_a.dim(1).unwrap_or(0), self.vera_b.dim(0).unwrap_or(0))
+        (self.in_features, self.out_features)
     }
 
     fn dtype(&self) -> DType {
         self.lambda_d.dtype()
     }
 
+    fn frozen_tensors(&self) -> Vec<Tensor> {
+        vec![self.vera_a.clone(), self.vera_b.clone()]
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![("vera_lambda_b".into(), self.lambda_b.clone()), ("vera_lambda_d".into(), self.lambda_d.clone())]
+    }
+}
+
+impl LowRankUpdate for Vera {
     fn dropout(&self) -> f32 {
         self.dropout
     }
@@ -205,13 +250,5 @@ impl LowRankUpdate for Vera {
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
         let b = self.scaled_b()?.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(0)?)?;
         Ok((b, self.vera_a.to_dtype(self.dtype())?, 1.0))
-    }
-
-    fn frozen_tensors(&self) -> Vec<Tensor> {
-        vec![self.vera_a.clone(), self.vera_b.clone()]
-    }
-
-    fn trainable_vars(&self) -> Vec<(String, Var)> {
-        vec![("vera_lambda_b".into(), self.lambda_b.clone()), ("vera_lambda_d".into(), self.lambda_d.clone())]
     }
 }

@@ -392,25 +392,25 @@ impl Llama {
             let x = rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
             let l = &layer.linears;
             let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-            let q = rope(&heads_first(l[Q].forward_t(&x)?, heads)?, &cos, &sin)?;
-            let mut k = rope(&heads_first(l[K].forward_t(&x)?, kv)?, &cos, &sin)?;
-            let mut v = heads_first(l[V].forward_t(&x)?, kv)?;
+            let q = rope(&heads_first(l[Q].forward_checked(&x)?, heads)?, &cos, &sin)?;
+            let mut k = rope(&heads_first(l[K].forward_checked(&x)?, kv)?, &cos, &sin)?;
+            let mut v = heads_first(l[V].forward_checked(&x)?, kv)?;
             if let Some((k0, v0)) = cached.as_ref() {
                 (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
             }
             // Kept for the next call (views of the same storage: no copy).
             *cached = Some((k.detach(), v.detach()));
             let attn = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-            h = (h + l[O].forward_t(&attn)?)?;
+            h = (h + l[O].forward_checked(&attn)?)?;
 
             let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let act = swiglu(&l[GATE].forward_t(&x)?, &l[UP].forward_t(&x)?)?;
-            h = (h + l[DOWN].forward_t(&act)?)?;
+            let act = swiglu(&l[GATE].forward_checked(&x)?, &l[UP].forward_checked(&x)?)?;
+            h = (h + l[DOWN].forward_checked(&act)?)?;
         }
         cache.len = offset + t;
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
         match &self.lm_head {
-            Some(head) => head.forward_t(&h),
+            Some(head) => head.forward_checked(&h),
             // Tied: the frozen embedding as the output projection, with no gradient of its own.
             None => crate::frozen::frozen_linear(&h, &self.embed_tokens, None),
         }

@@ -29,12 +29,14 @@ pub use report::{read_cells, summary_table, write_reports};
 
 use crate::config::AdapterConfig;
 use crate::format::write_atomic;
+use crate::method::MethodParams;
 use crate::models::{Llama, LlamaConfig};
 use crate::peft_model::{InitOptions, LinearHost, PeftModel};
 use crate::scaling::{Fixed, RankStabilized, Scaling, ScalingStrategy, Standard};
+use crate::target::TargetConfig;
 use crate::train::data::{pack, read_jsonl, Example, Record};
 use crate::train::{LrSchedule, TrainConfig, Trainer};
-use crate::{Error, LoraConfig, MeloraConfig, Result};
+use crate::{Error, Result};
 
 /// The embedded default sweep (`configs/sweep-default.json`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../configs/sweep-default.json");
@@ -52,8 +54,9 @@ pub struct SweepConfig {
     /// `"builtin"` (the synthetic facts of [`builtin::corpus`]) or a JSONL file of `{"text"}` or
     /// `{"prompt", "completion"}` records.
     pub data: String,
-    /// Adapter methods: `lora`, `dora`, `bora`, `lora-xs`, `edora`, `melora` (the methods whose
-    /// factor is `alpha` over a function of the rank).
+    /// Adapter methods, by the names of [`crate::adapters::variants`]: any method whose factor is
+    /// `alpha` over a function of the rank (`lora`, `dora`, `lora-xs`, ...); one without such a
+    /// factor (`vera`) is refused.
     pub methods: Vec<String>,
     /// Adapter ranks.
     pub ranks: Vec<usize>,
@@ -173,27 +176,15 @@ impl ScalingStrategy for AlphaOverRankPower {
     }
 }
 
+/// The adapter config of one cell: the registry's method `method` with rank `r`, `alpha` and
+/// the cell's scaling strategy (a method without a rank-dependent factor is refused).
 fn method_config(method: &str, r: usize, alpha: f64, targets: &[&str], scaling: Scaling) -> Result<AdapterConfig> {
-    let lora = LoraConfig {
-        use_rslora: scaling.is_rank_stabilized(),
+    let params = MethodParams {
+        alpha: Some(alpha),
         scaling: Some(scaling),
-        lora_dropout: 0.0,
-        ..LoraConfig::lora(r, alpha, targets)
+        ..MethodParams::new(r, TargetConfig::list(targets))
     };
-    Ok(match method {
-        "lora" => AdapterConfig::Lora(lora),
-        "dora" => AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora }),
-        "bora" => AdapterConfig::Bora(lora),
-        "lora-xs" => AdapterConfig::LoraXs(lora),
-        "edora" => AdapterConfig::Edora(lora),
-        "melora" => AdapterConfig::Melora(MeloraConfig { n: 4, lora }),
-        other => {
-            return Err(Error::config(
-                "methods",
-                format!("unknown or unswept method {other:?} (lora, dora, bora, lora-xs, edora, melora)"),
-            ))
-        }
-    })
+    AdapterConfig::for_method(method, &params).map_err(|e| Error::config("methods", e.to_string()))
 }
 
 /// One cell's result (a line of `cells.jsonl`).

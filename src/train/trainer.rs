@@ -129,7 +129,7 @@ impl<M: CausalLm> Trainer<M> {
             return Err(Error::config("batch_size", "batch_size and grad_accum must be at least 1"));
         }
         peft.set_train(true);
-        let named = peft.named_trainable_vars();
+        let named = peft.named_trainable_vars()?;
         let vars = named.iter().map(|(_, v)| v.clone()).collect();
         let groups = named.into_iter().map(|(k, v)| (k, v.clone(), v.rank() >= 2)).collect();
         let opt = AdamW::new(groups, config.adamw)?;

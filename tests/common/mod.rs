@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::format::read_safetensors;
-use candle_peft::{LinearHost, NamedLinears, PeftModel};
+use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
+use candle_peft::{AdapterConfig, InitOptions, LinearHost, NamedLinears, PeftModel};
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -60,7 +60,7 @@ pub fn check_adapter_dir(name: &str) -> candle_peft::Result<PeftModel<candle_pef
         }
         let get = |k: &str| reference[&format!("{path}.{k}")].clone();
         let x = Var::from_tensor(&get("x"))?;
-        let y = layer.forward_t(x.as_tensor())?;
+        let y = layer.forward_checked(x.as_tensor())?;
         assert_close(&y, &get("y"), 1e-5, &format!("{name} {path} forward"));
         assert_close(&layer.merged_weight()?, &get("merged"), 1e-5, &format!("{name} {path} merge"));
         if !reference.contains_key(&format!("{path}.g")) {
@@ -74,4 +74,37 @@ pub fn check_adapter_dir(name: &str) -> candle_peft::Result<PeftModel<candle_pef
         assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{name} {path} grad x"));
     }
     Ok(peft)
+}
+
+/// Checks what candle-peft saves for the config of `tiny_llama/<name>` against PEFT's files:
+/// the same keys and shapes, the same `adapter_config.json` fields (target_modules' order aside),
+/// and a file that loads back bit-exact.
+pub fn check_saved_files(name: &str) -> candle_peft::Result<()> {
+    let dir = fixture(&format!("tiny_llama/{name}"));
+    let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let peft = PeftModel::new(tiny_llama(), config, InitOptions::default())?;
+    let out = tempfile::tempdir().unwrap();
+    peft.save_pretrained(out.path())?;
+    let shapes = |p: &std::path::Path| -> BTreeMap<String, Vec<usize>> {
+        read_safetensors(p, &Device::Cpu).unwrap().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
+    };
+    assert_eq!(shapes(&out.path().join(WEIGHTS_FILE)), shapes(&dir.join(WEIGHTS_FILE)));
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (ours, theirs) = (read(&out.path().join(CONFIG_FILE)), read(&dir.join(CONFIG_FILE)));
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(keys(&ours), keys(&theirs));
+    for (k, v) in theirs.as_object().unwrap() {
+        if k != "target_modules" {
+            assert_eq!(&ours[k], v, "{name}: {k}");
+        }
+    }
+    // Our own file loads back bit-exact, projections included.
+    let back = PeftModel::from_pretrained(tiny_llama(), out.path(), DType::F32)?;
+    let theirs: BTreeMap<String, Tensor> = back.saved_tensors()?.into_iter().collect();
+    for (k, t) in peft.saved_tensors()? {
+        assert_eq!(t.flatten_all()?.to_vec1::<f32>()?, theirs[&k].flatten_all()?.to_vec1::<f32>()?, "{k}");
+    }
+    Ok(())
 }

@@ -14,10 +14,10 @@ use candle_peft::tokenizer::{encode, end_token};
 use candle_peft::train::data::{read_jsonl, Example, Record};
 use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
-    AdapterConfig, Fixed, InitOptions, LoraConfig, MeloraConfig, PeftModel, RandLoraConfig, RankStabilized, Standard,
-    TargetModules, VeraConfig,
+    AdapterConfig, Fixed, InitOptions, MethodParams, PeftModel, RankStabilized, Standard, TargetConfig, TargetModules,
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::{Parser, Subcommand};
 use tokenizers::Tokenizer;
 
 #[derive(Parser)]
@@ -129,18 +129,21 @@ impl RunArgs {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Method {
-    Lora,
-    Rslora,
-    Rora,
-    Dora,
-    Bora,
-    LoraXs,
-    Edora,
-    Melora,
-    Vera,
-    Randlora,
+/// `--method`'s values: every method of the registry, with what it writes in PEFT's format.
+fn methods() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        candle_peft::adapters::variants()
+            .into_iter()
+            .map(|v| PossibleValue::new(v.name).help(format!("{} [PEFT: {}]", v.summary, v.peft))),
+    )
+}
+
+/// A `--set FIELD=VALUE` pair; the value is read as JSON when it parses (`4`, `true`,
+/// `"x"`), else as a string (`gaussian`).
+fn field_value(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected FIELD=VALUE, e.g. n=4"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
 }
 
 #[derive(clap::Args)]
@@ -158,8 +161,8 @@ struct TrainArgs {
     #[arg(long)]
     output: PathBuf,
     /// The adapter method.
-    #[arg(long, value_enum, default_value = "lora")]
-    method: Method,
+    #[arg(long, default_value = "lora", value_parser = methods())]
+    method: String,
     /// Rank (VeRA: the shared rank; MELoRA: the equivalent rank).
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -172,9 +175,10 @@ struct TrainArgs {
     /// Comma-separated target modules, or all-linear.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
     targets: String,
-    /// MELoRA's number of minis.
-    #[arg(long, default_value_t = 4)]
-    melora_n: usize,
+    /// Any other field of the method's PEFT config, by its PEFT name: `--set lora_dropout=0.05`,
+    /// `--set n=8` (MELoRA's minis), `--set init_lora_weights=gaussian`. Repeatable.
+    #[arg(long = "set", value_name = "FIELD=VALUE", value_parser = field_value)]
+    set: Vec<(String, serde_json::Value)>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
@@ -357,40 +361,30 @@ fn eval_loss(
 }
 
 fn adapter_config(args: &TrainArgs) -> anyhow_like::Result<AdapterConfig> {
-    let names: Vec<&str> = args.targets.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    let alpha = args.alpha.unwrap_or(2.0 * args.rank as f64);
-    let mut lora = LoraConfig::lora(args.rank, alpha, &names);
-    if args.targets.trim() == "all-linear" {
-        lora.target.target_modules = Some(TargetModules::Regex("all-linear".into()));
-    }
-    lora = match args.scaling.as_deref() {
-        None => lora,
-        Some("alpha-r") => lora.with_scaling(Standard),
-        Some("alpha-sqrt-r") => lora.with_scaling(RankStabilized),
+    let target_modules = if args.targets.trim() == "all-linear" {
+        TargetModules::Regex("all-linear".into())
+    } else {
+        TargetModules::List(
+            args.targets.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        )
+    };
+    let target = TargetConfig { target_modules: Some(target_modules), ..Default::default() };
+    let scaling: Option<candle_peft::scaling::Scaling> = match args.scaling.as_deref() {
+        None => None,
+        Some("alpha-r") => Some(Arc::new(Standard)),
+        Some("alpha-sqrt-r") => Some(Arc::new(RankStabilized)),
         Some(s) => match s.strip_prefix("fixed:").map(str::parse::<f64>) {
-            Some(Ok(v)) => lora.with_scaling(Fixed(v)),
+            Some(Ok(v)) => Some(Arc::new(Fixed(v))),
             _ => return Err(format!("unknown --scaling {s} (alpha-r, alpha-sqrt-r, fixed:<s>)").into()),
         },
     };
-    let target = lora.target.clone();
-    Ok(match args.method {
-        Method::Lora => AdapterConfig::Lora(lora),
-        Method::Rslora | Method::Rora => {
-            let scaling = lora.scaling.clone().unwrap_or_else(|| Arc::new(RankStabilized));
-            AdapterConfig::Lora(LoraConfig { use_rslora: scaling.is_rank_stabilized(), scaling: Some(scaling), ..lora })
-        }
-        Method::Dora => AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora }),
-        Method::Bora => AdapterConfig::Bora(lora),
-        Method::LoraXs => AdapterConfig::LoraXs(lora),
-        Method::Edora => AdapterConfig::Edora(lora),
-        Method::Melora => AdapterConfig::Melora(MeloraConfig { n: args.melora_n, lora }),
-        Method::Vera => AdapterConfig::Vera(VeraConfig { target, ..VeraConfig::new(args.rank, &[]) }),
-        Method::Randlora => AdapterConfig::RandLora(RandLoraConfig {
-            target,
-            randlora_alpha: args.alpha.unwrap_or(640.0),
-            ..RandLoraConfig::new(args.rank, &[])
-        }),
-    })
+    let params = MethodParams {
+        alpha: args.alpha,
+        scaling,
+        options: args.set.iter().cloned().collect(),
+        ..MethodParams::new(args.rank, target)
+    };
+    Ok(AdapterConfig::for_method(&args.method, &params)?)
 }
 
 fn train(args: TrainArgs) -> anyhow_like::Result<()> {
@@ -459,18 +453,26 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
 fn inspect(dir: &Path) -> anyhow_like::Result<()> {
     let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
     let tensors = read_safetensors(&dir.join(WEIGHTS_FILE), &Device::Cpu)?;
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE))?)?;
+    // An adapted module's path is the longest key prefix that the config targets.
+    let output = Some("lm_head");
     let mut modules = BTreeMap::<String, usize>::new();
     for (k, t) in &tensors {
-        if let Some(rest) = k.strip_prefix("base_model.model.") {
-            let module = rest.rsplit_once(".lora_").or_else(|| rest.rsplit_once('.')).map(|(m, _)| m).unwrap_or(rest);
-            *modules.entry(module.to_string()).or_default() += t.elem_count();
+        let Some(rest) = k.strip_prefix("base_model.model.") else { continue };
+        let mut module = None;
+        for (i, _) in rest.match_indices('.') {
+            if config.target().matches(&rest[..i], output)? {
+                module = Some(&rest[..i]);
+            }
         }
+        *modules.entry(module.unwrap_or(rest).to_string()).or_default() += t.elem_count();
     }
-    println!("method: {}", config.peft_type());
-    for field in ["r", "lora_alpha", "use_rslora", "use_dora", "randlora_alpha", "d_initial", "n"] {
-        if let Some(v) = json.get(field) {
-            println!("{field}: {v}");
+    println!("method: {} ({})", config.peft_type(), config.method_name());
+    let json = serde_json::to_value(&config)?;
+    let targeting = serde_json::to_value(config.target())?;
+    for (field, value) in json.as_object().into_iter().flatten() {
+        let own = field != "peft_type" && targeting.get(field).is_none();
+        if own && !value.is_null() && value != &serde_json::json!({}) {
+            println!("{field}: {value}");
         }
     }
     println!("target_modules: {}", json["target_modules"]);
