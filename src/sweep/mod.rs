@@ -25,7 +25,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use report::{read_cells, summary_table, write_reports};
+pub use report::{read_cells, summary_table, write_reports, CellResult, StepRecord};
 
 use crate::config::AdapterConfig;
 use crate::format::write_atomic;
@@ -185,58 +185,6 @@ fn method_config(method: &str, r: usize, alpha: f64, targets: &[&str], scaling: 
         ..MethodParams::new(r, TargetConfig::list(targets))
     };
     AdapterConfig::for_method(method, &params).map_err(|e| Error::config("methods", e.to_string()))
-}
-
-/// One cell's result (a line of `cells.jsonl`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CellResult {
-    /// `method|r=..|scaling|lr=..`.
-    pub key: String,
-    /// The method.
-    pub method: String,
-    /// The rank.
-    pub rank: usize,
-    /// The scaling strategy's name.
-    pub scaling: String,
-    /// The factor `s` it gave.
-    pub scale: f64,
-    /// The learning rate.
-    pub lr: f64,
-    /// Steps completed.
-    pub steps: usize,
-    /// Mean training loss of the last 10% of steps (`None` if the cell diverged).
-    pub final_loss: Option<f64>,
-    /// Loss on the held-out sequences after training.
-    pub eval_loss: Option<f64>,
-    /// Mean adapter-gradient norm at step 1: every cell starts from the same base model and
-    /// data, so this compares the scalings at one state (rsLoRA's analysis).
-    pub first_grad_norm: Option<f64>,
-    /// Mean adapter-gradient norm over all steps.
-    pub mean_grad_norm: Option<f64>,
-    /// Trainable parameters.
-    pub trainable_params: usize,
-    /// Mean seconds per optimizer step.
-    pub step_time_s: f64,
-    /// Peak heap above the resting state during the cell, in bytes (needs the counting allocator).
-    pub peak_heap_bytes: Option<usize>,
-    /// Time outside training steps and evaluation (adapter setup, logging, files) as a fraction
-    /// of the training time.
-    pub harness_overhead: f64,
-    /// Why the cell stopped early (a non-finite loss), if it did.
-    pub diverged: Option<String>,
-}
-
-/// One step of one cell (a line of `steps.jsonl`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRecord {
-    /// The cell's key.
-    pub cell: String,
-    /// The step (1-based).
-    pub step: usize,
-    /// Training loss.
-    pub loss: f64,
-    /// Mean L2 norm of the adapter's gradient tensors.
-    pub mean_grad_norm: f64,
 }
 
 /// A sweep ready to run.
