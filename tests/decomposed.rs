@@ -1,4 +1,4 @@
-//! BoRA, LoRA-XS and EDoRA against PyTorch references of METHODS.md's formulas
+//! BoRA, LoRA-XS and EDoRA against PyTorch references of docs/METHODS.md's formulas
 //! (tests/fixtures/generate.py, `decomposed_cases`), plus file round trips of every method.
 
 mod common;

@@ -9,7 +9,7 @@
 //!      g = m_r / rownorm(V), c = m_c / colnorm(H)
 //! init: LoRA's, m_r = rownorm(V), m_c = colnorm(V)  (so W' = W0 when B = 0)
 //! ```
-//! No official code exists. Our decisions, as METHODS.md fixes them: rows first, then columns;
+//! No official code exists. Our decisions, as docs/METHODS.md fixes them: rows first, then columns;
 //! both norms detached (like DoRA's, section 4.3 of the DoRA paper). The input scaled by `c`
 //! replaces `x` in the base matmul, so BoRA runs the frozen matmul on `x * c` instead of `x`.
 //!

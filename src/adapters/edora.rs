@@ -7,7 +7,7 @@
 //! y  = x W'^T + b          (computed as in DoRA, without forming W')
 //! ```
 //! The magnitude starts at `rownorm(V)` (so `W' = V` at init; with `R ~ N(0, 1e-5^2)` this is
-//! `rownorm(W0)` up to 1e-5, METHODS.md's init). The math is DoRA's ([`super::dora::Dora`]); this
+//! `rownorm(W0)` up to 1e-5, docs/METHODS.md's init). The math is DoRA's ([`super::dora::Dora`]); this
 //! file only pairs it with LoRA-XS. File format: `peft_type: "EDORA"`, LoRA-XS keys plus
 //! `lora_magnitude_vector`.
 
