@@ -180,7 +180,7 @@ impl Graph {
                     statement.push_str(line);
                     if line.contains(';') {
                         let public = statement.trim_start().starts_with("pub use");
-                        let body = statement.trim_start().splitn(2, "use ").nth(1).unwrap().trim_end_matches(';');
+                        let body = statement.trim_start().split_once("use ").unwrap().1.trim_end_matches(';');
                         let body = body.split(';').next().unwrap().to_string();
                         for (path, name) in expand(&body) {
                             if let Some(abs) = absolute(&module, &path, &kids) {
