@@ -3,7 +3,7 @@
 //! Needs Python, so it is not part of `cargo test`. Run both halves by hand:
 //!
 //! ```text
-//! cargo test --test peft_interop -- --ignored     # writes target/peft-interop/{lora,dora,vera,randlora}
+//! cargo test --test peft_interop -- --ignored     # writes target/peft-interop/{lora,dora,vera,loha,randlora}
 //! ../venv/bin/python tests/fixtures/check_in_peft.py target/peft-interop/*
 //! ```
 //! The script loads each directory with `PeftModel.from_pretrained` onto the tiny LLaMA fixture
@@ -15,6 +15,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_peft::format::write_safetensors;
+use candle_peft::adapters::LohaConfig;
 use candle_peft::{
     AdapterConfig, InitOptions, LinearHost, LoraConfig, LoraInit, PeftModel, RandLoraConfig, VeraConfig,
 };
@@ -29,6 +30,11 @@ fn configs() -> Vec<(&'static str, AdapterConfig)> {
         ("lora", AdapterConfig::Lora(lora.clone())),
         ("dora", AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora })),
         ("vera", AdapterConfig::Vera(VeraConfig { init_weights: false, ..VeraConfig::new(8, &targets) })),
+        ("loha", {
+            let mut loha = LohaConfig { init_weights: false, ..LohaConfig::new(4, 6.0, &targets) };
+            loha.rank_pattern.insert("layers.1.mlp.down_proj".into(), 2);
+            AdapterConfig::Loha(loha)
+        }),
         (
             "randlora",
             AdapterConfig::RandLora(RandLoraConfig {

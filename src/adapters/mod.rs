@@ -177,6 +177,7 @@ methods! {
     melora => Melora, MeloraConfig;
     vera => Vera, VeraConfig;
     randlora => RandLora, RandLoraConfig;
+    loha => Loha, LohaConfig;
 }
 
 /// The names of [`variants`].
