@@ -3,8 +3,11 @@
 //! Parameter-efficient fine-tuning of LLMs with the LoRA family of adapters, on
 //! [candle](https://github.com/huggingface/candle), with adapter files in HF PEFT's format.
 //!
-//! - [`Adapter`]: the trait every method implements; [`AdaptedLinear`] wraps a frozen linear
-//!   layer with an adapter and is a candle `Module`.
+//! - [`Adapter`] (with [`AdapterCore`]): the trait every method implements; [`AdaptedLinear`]
+//!   wraps a frozen linear layer with an adapter and is a candle `Module`.
+//! - [`adapters`]: the methods, one file each (LoRA, rsLoRA, RoRA, DoRA, BoRA, LoRA-XS, EDoRA,
+//!   MELoRA, VeRA, RandLoRA, LoHa), and the registry that lists them once; [`AdapterConfig`],
+//!   the CLI's `--method` and the sweep's methods come from it ([`Method`], `CONTRIBUTING.md`).
 //! - [`scaling`]: the rank-dependent factor (`alpha/r`, `alpha/sqrt(r)`, fixed, your own) as a
 //!   pluggable [`ScalingStrategy`].
 //! - [`PeftModel`]: injects adapters by module path (`target_modules`, `rank_pattern`, ...),
