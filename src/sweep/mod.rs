@@ -489,7 +489,9 @@ impl Sweep {
             }
         }
         let t = Instant::now();
-        let eval_loss = if diverged.is_none() { Some(trainer.evaluate(&data.eval)?) } else { None };
+        // No held-out sequences (eval_examples = 0): no eval loss, rather than a made-up 0.
+        let eval_loss =
+            if diverged.is_none() && !data.eval.is_empty() { Some(trainer.evaluate(&data.eval)?) } else { None };
         let eval_time = t.elapsed().as_secs_f64();
         let peak_heap_bytes = crate::alloc::peak().zip(heap_at_start).map(|(p, s)| p.saturating_sub(s));
         let model = trainer.into_peft().unload()?;
@@ -550,7 +552,7 @@ fn to_examples(
             Record::PromptCompletion { .. } => sequences.push(Example::from_record(r, encode, eos, len)?),
         }
     }
-    sequences.extend(pack(&text, len));
+    sequences.extend(pack(&text, len)?);
     Ok(sequences)
 }
 
