@@ -70,7 +70,7 @@ impl ChatTemplate {
             };
             Self::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
         } else {
-            let meta = crate::models::GgufMetadata::read(path)?;
+            let meta = crate::gguf::GgufMetadata::read(path)?;
             let Ok(source) = meta.string("tokenizer.chat_template") else { return Ok(None) };
             let tokens = meta.strings("tokenizer.ggml.tokens")?;
             let token =

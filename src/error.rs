@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 
 /// Errors raised by candle-peft.
+///
+/// New variants may be added in minor releases: match with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -69,8 +71,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// A JSON file could not be parsed or does not describe a supported adapter.
-    #[error("invalid adapter config {path}: {reason}")]
+    /// A file (an adapter config, a training data set, a sweep config, a GGUF file, ...) could
+    /// not be parsed or holds a value that cannot be used.
+    #[error("invalid {path}: {reason}")]
     Config {
         /// The file (or `<memory>` for a string).
         path: PathBuf,
@@ -78,9 +81,26 @@ pub enum Error {
         reason: String,
     },
 
+    /// A model's shape (an HF `config.json`, a GGUF file's `llama.*` metadata, a sweep's
+    /// `builtin_model` or a [`crate::models::LlamaConfig`] built in code) describes no model that
+    /// can be built: a size of zero, or sizes that do not divide as attention needs.
+    #[error("invalid model config{}: {field} {reason}", in_file(path))]
+    ModelConfig {
+        /// The file the value was read from; `None` for a config built in code.
+        path: Option<PathBuf>,
+        /// The field as the file names it (`num_attention_heads`, `llama.attention.head_count`).
+        field: String,
+        /// What the value is and what was expected.
+        reason: String,
+    },
+
     /// A value could not be converted to or from JSON.
-    #[error("JSON: {0}")]
+    #[error("JSON (de)serialization failed: {0}")]
     Json(#[from] serde_json::Error),
+
+    /// The tokenizer failed (to encode a text, or to be built from a GGUF file's vocabulary).
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
 
     /// A feature of a config that candle-peft does not implement.
     #[error("unsupported: {0}")]
@@ -135,6 +155,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn in_file(path: &Option<PathBuf>) -> String {
+    path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
 }
 
 fn describe_key_mismatch(missing: &[String], unexpected: &[String]) -> String {

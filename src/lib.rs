@@ -44,6 +44,7 @@ pub mod error;
 pub mod format;
 pub mod frozen;
 pub mod fused;
+pub mod gguf;
 pub mod layer;
 pub mod linalg;
 pub mod method;

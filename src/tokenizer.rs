@@ -9,7 +9,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::models::GgufMetadata;
+use crate::gguf::GgufMetadata;
 use crate::{Error, Result};
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the others to code points
@@ -31,7 +31,9 @@ fn bytes_to_unicode() -> HashMap<u8, char> {
 /// Text to token ids as the model sees it in training (no special tokens added around it;
 /// special tokens written in the text, such as a chat template's, are recognised).
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tokenizer.encode(text, false).map_err(|e| Error::Unsupported(format!("tokenizer: {e}")))?.get_ids().to_vec())
+    let encoding =
+        tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(format!("cannot encode the text: {e}")))?;
+    Ok(encoding.get_ids().to_vec())
 }
 
 /// The token that ends a turn or a sequence: the first of `<|im_end|>`, `<|endoftext|>`, `</s>`
@@ -52,13 +54,15 @@ pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
     let kind = meta.string("tokenizer.ggml.model")?;
     if kind != "gpt2" {
         return Err(Error::Unsupported(format!(
-            "GGUF tokenizer model \"{kind}\" (only byte-level BPE, \"gpt2\", is supported; pass a tokenizer.json instead)"
+            "{}: GGUF tokenizer model \"{kind}\" (only byte-level BPE, \"gpt2\", is supported; pass a tokenizer.json instead)",
+            meta.path().display()
         )));
     }
     if let Ok(pre) = meta.string("tokenizer.ggml.pre") {
         if !["smollm", "gpt-2", "default"].contains(&pre.as_str()) {
             return Err(Error::Unsupported(format!(
-                "GGUF pre-tokenizer \"{pre}\" (supported: smollm, gpt-2; pass a tokenizer.json instead)"
+                "{}: GGUF pre-tokenizer \"{pre}\" (supported: smollm, gpt-2; pass a tokenizer.json instead)",
+                meta.path().display()
             )));
         }
     }
@@ -82,15 +86,17 @@ pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
     let merges: Vec<(String, String)> = merges
         .iter()
         .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| Error::Unsupported(format!("GGUF merge `{m}` is not two tokens")))
+            m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: merge `{m}` of tokenizer.ggml.merges is not two tokens separated by a space",
+                    meta.path().display()
+                ))
+            })
         })
         .collect::<Result<_>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| Error::Unsupported(format!("GGUF BPE tokenizer: {e}")))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| {
+        Error::Tokenizer(format!("{}: cannot build the BPE tokenizer of the GGUF file: {e}", meta.path().display()))
+    })?;
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tok.with_decoder(Some(ByteLevel::default()));
@@ -101,6 +107,8 @@ pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
         .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| alphabet.contains(&c)))
         .map(|(t, _)| AddedToken::from(t.clone(), true))
         .collect();
-    tok.add_special_tokens(special).map_err(|e| Error::Unsupported(format!("GGUF special tokens: {e}")))?;
+    tok.add_special_tokens(special).map_err(|e| {
+        Error::Tokenizer(format!("{}: cannot add the GGUF file's control tokens: {e}", meta.path().display()))
+    })?;
     Ok(tok)
 }

@@ -145,3 +145,50 @@ fn bad_input_is_reported_not_panicked() {
     ]);
     assert!(!ok && err.contains("qkv") && err.contains("model.layers.0.self_attn.q_proj"), "{err}");
 }
+
+/// `--every 0` (and the other zero counts) are refused by their flag's name before the model or
+/// the data is read: neither path exists here, and the error is about the flag.
+#[test]
+fn train_refuses_zero_counts_by_flag_before_loading_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model.gguf");
+    let data = dir.path().join("no-such-data.jsonl");
+    let out = dir.path().join("run");
+    for (flag, value, says) in [
+        ("--every", "0", "--every 0: expected at least 1"),
+        ("--batch-size", "0", "--batch-size 0: expected at least 1"),
+        ("--grad-accum", "0", "--grad-accum 0: expected at least 1"),
+        ("--max-len", "1", "--max-len 1: expected at least 2"),
+        ("--schedule", "linear", "unknown --schedule linear"),
+    ] {
+        let (ok, _, err) = cli(&[
+            "train",
+            "--model",
+            missing.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            flag,
+            value,
+        ]);
+        assert!(!ok && err.contains(says), "{flag} {value}: {err}");
+        assert!(!err.contains("no-such") && !err.contains("panicked"), "{flag} {value}: {err}");
+    }
+    assert!(!out.exists(), "nothing was written");
+    // With valid counts, the same command gets as far as the missing model.
+    let (ok, _, err) = cli(&[
+        "train",
+        "--model",
+        missing.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("no-such-model.gguf"), "{err}");
+}

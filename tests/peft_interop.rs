@@ -14,8 +14,8 @@ mod common;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use candle_peft::format::write_safetensors;
 use candle_peft::adapters::LohaConfig;
+use candle_peft::format::write_safetensors;
 use candle_peft::{
     AdapterConfig, InitOptions, LinearHost, LoraConfig, LoraInit, PeftModel, RandLoraConfig, VeraConfig,
 };

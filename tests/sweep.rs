@@ -142,3 +142,41 @@ fn bad_sweep_configs_are_clear_errors() {
     assert!(SweepConfig::from_file(&p).unwrap_err().to_string().contains("bad.json"));
     assert_eq!(SweepConfig::builtin_default().ranks, vec![4, 16, 64, 256]);
 }
+
+/// A built-in model with zero or inconsistent head counts is refused when the config is checked,
+/// naming the field (and the file, for a config file), instead of dividing by zero in the sweep.
+#[test]
+fn a_bad_builtin_model_shape_is_a_clear_error() {
+    let with = |field: &str, value: usize| {
+        let mut c = tiny(&[2], 1);
+        let mut model = serde_json::to_value(c.builtin_model.as_ref().unwrap()).unwrap();
+        model[field] = value.into();
+        c.builtin_model = Some(serde_json::from_value(model).unwrap());
+        c
+    };
+    for (field, value, says) in [
+        ("num_attention_heads", 0, "expected at least 1"),
+        ("num_key_value_heads", 0, "expected at least 1"),
+        ("num_key_value_heads", 3, "does not divide builtin_model.num_attention_heads (2)"),
+        ("num_attention_heads", 3, "does not divide builtin_model.hidden_size (32)"),
+        ("vocab_size", 0, "expected at least 1"),
+    ] {
+        let c = with(field, value);
+        let e = c.validate().unwrap_err();
+        let want = format!("builtin_model.{field}");
+        assert!(
+            matches!(&e, candle_peft::Error::ModelConfig { path: None, field: f, .. } if *f == want),
+            "{field} = {value}: {e}"
+        );
+        assert!(e.to_string().contains(says), "{field} = {value}: {e}");
+        assert!(Sweep::new(c.clone(), Device::Cpu).is_err());
+        // From a file, the error names the file.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sweep.json");
+        std::fs::write(&p, serde_json::to_string(&c).unwrap()).unwrap();
+        let e = SweepConfig::from_file(&p).unwrap_err();
+        assert!(matches!(&e, candle_peft::Error::ModelConfig { path: Some(f), .. } if *f == p), "{e}");
+        assert!(e.to_string().contains("sweep.json") && e.to_string().contains(&want), "{e}");
+    }
+    tiny(&[2], 1).validate().expect("the unmodified config is valid");
+}

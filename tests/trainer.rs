@@ -145,3 +145,52 @@ fn a_checkpoint_of_another_method_is_refused() -> candle_peft::Result<()> {
     assert!(e.to_string().contains("LORA") && e.to_string().contains("VERA"), "{e}");
     Ok(())
 }
+
+#[test]
+fn zero_sizes_and_intervals_are_refused_naming_their_own_field() {
+    type Spoil = fn(&mut TrainConfig);
+    let cases: [(&str, Spoil, &str); 5] = [
+        ("batch_size", |c| c.batch_size = 0, "expected at least 1"),
+        ("grad_accum", |c| c.grad_accum = 0, "expected at least 1"),
+        ("eval_every", |c| c.eval_every = Some(0), "expected at least 1"),
+        ("checkpoint_every", |c| c.checkpoint_every = Some(0), "expected at least 1"),
+        ("max_grad_norm", |c| c.max_grad_norm = Some(0.0), "expected a positive number"),
+    ];
+    for (field, spoil, says) in cases {
+        let mut c = config(4);
+        spoil(&mut c);
+        let e = Trainer::new(model(lora()), c.clone()).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { name, .. } if name == field), "{field}: {e}");
+        let text = e.to_string();
+        assert!(text.contains(field) && text.contains(says), "{text}");
+        for other in cases.iter().map(|(f, ..)| *f).filter(|f| *f != field) {
+            assert!(!text.contains(other), "the error about {field} names {other}: {text}");
+        }
+        // Resuming checks the config before it reads the checkpoint (which does not exist here).
+        let e = Trainer::resume(model(lora()), c, std::path::Path::new("no-such-checkpoint")).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { name, .. } if name == field), "{field}: {e}");
+    }
+    let c = TrainConfig { eval_every: None, checkpoint_every: None, max_grad_norm: None, ..config(4) };
+    Trainer::new(model(lora()), c).expect("None everywhere is valid");
+}
+
+#[test]
+fn empty_training_or_evaluation_data_is_an_error_not_a_panic() -> candle_peft::Result<()> {
+    let data = counting(8);
+    let mut t = Trainer::new(model(lora()), TrainConfig { eval_every: Some(1), ..config(2) })?;
+    let e = t.train(&[], None).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { name: "training data", .. }), "{e}");
+    assert!(e.to_string().contains("no examples"), "{e}");
+    let e = t.train_step(&[]).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { name: "training data", .. }), "{e}");
+    // Empty evaluation data is refused before the first step, not after it.
+    let e = t.train(&data, Some(&[])).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { name: "evaluation data", .. }), "{e}");
+    assert_eq!(t.step(), 0);
+    let e = t.evaluate(&[]).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { name: "evaluation data", .. }), "{e}");
+    t.train(&data, Some(&data))?;
+    assert_eq!(t.step(), 2);
+    assert!(t.history().iter().all(|s| s.eval_loss.is_some_and(f64::is_finite)));
+    Ok(())
+}

@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use crate::format::read_safetensors;
 use crate::fused::{causal_attention, rms_norm, rope, swiglu};
+use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::LinearHost;
 use crate::{Error, Result};
@@ -69,20 +70,124 @@ fn default_eps() -> f64 {
 }
 
 impl LlamaConfig {
-    /// Reads and checks a `config.json`.
+    /// Reads and checks a `config.json` (see [`LlamaConfig::validate`]); errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
-        let c: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        if let Some(t) = c.model_type.as_deref() {
-            if !["llama", "mistral", "qwen2"].contains(&t) {
-                return Err(err(format!(
-                    "model_type \"{t}\" is not a LLaMA-family model (supported: llama, mistral, qwen2)"
-                )));
+        let c: Self = serde_json::from_str(&text)
+            .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("not a LLaMA config.json: {e}") })?;
+        c.check(Some(path), &|field| field.to_string())?;
+        Ok(c)
+    }
+
+    /// Checks that the config describes a model that can be built: no size of zero, query heads
+    /// that split `hidden_size` evenly (unless `head_dim` is given) into heads of even width (RoPE
+    /// rotates pairs), key/value heads that divide the query heads, a positive `rms_norm_eps` and
+    /// RoPE base, a LLaMA-family `model_type`, and no RoPE scaling. Every constructor of
+    /// [`Llama`] calls it; the error is an [`Error::ModelConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        self.check(None, &|field| field.to_string())
+    }
+
+    /// [`LlamaConfig::validate`], with errors naming `path` and each field as `name` spells it
+    /// (a GGUF key, a field of a sweep config, ...).
+    pub(crate) fn check(&self, path: Option<&Path>, name: &dyn Fn(&str) -> String) -> Result<()> {
+        let fail = |field: &str, reason: String| {
+            Err(Error::ModelConfig { path: path.map(Path::to_path_buf), field: name(field), reason })
+        };
+        let sizes = [
+            ("hidden_size", self.hidden_size, "the model width"),
+            ("intermediate_size", self.intermediate_size, "the MLP width"),
+            ("num_hidden_layers", self.num_hidden_layers, "the number of decoder layers"),
+            ("num_attention_heads", self.num_attention_heads, "the number of query heads"),
+            ("vocab_size", self.vocab_size, "the number of tokens"),
+        ];
+        for (field, value, what) in sizes {
+            if value == 0 {
+                return fail(field, format!("is 0; expected at least 1 ({what})"));
             }
         }
-        c.rope_base().map_err(|e| err(e.to_string()))?;
-        Ok(c)
+        let (hidden, heads) = (self.hidden_size, self.num_attention_heads);
+        if self.num_key_value_heads == Some(0) {
+            return fail(
+                "num_key_value_heads",
+                format!(
+                    "is 0; expected at least 1 (the number of key/value heads), at most {} ({heads})",
+                    name("num_attention_heads")
+                ),
+            );
+        }
+        let kv = self.kv_heads();
+        if heads % kv != 0 {
+            return fail(
+                "num_key_value_heads",
+                format!(
+                    "is {kv}, which does not divide {} ({heads}); expected a divisor of it (each key/value \
+                     head serves a whole group of query heads)",
+                    name("num_attention_heads")
+                ),
+            );
+        }
+        match self.head_dim {
+            Some(d) if d == 0 || d % 2 == 1 => {
+                return fail(
+                    "head_dim",
+                    format!("is {d}; expected a positive even number (rotary embeddings rotate pairs of dimensions)"),
+                )
+            }
+            Some(_) => {}
+            None if hidden % heads != 0 => {
+                return fail(
+                    "num_attention_heads",
+                    format!(
+                        "is {heads}, which does not divide {} ({hidden}); expected a divisor of it (each head is \
+                         {} / {} wide)",
+                        name("hidden_size"),
+                        name("hidden_size"),
+                        name("num_attention_heads")
+                    ),
+                )
+            }
+            None if (hidden / heads) % 2 == 1 => {
+                return fail(
+                    "num_attention_heads",
+                    format!(
+                        "is {heads}, which makes heads {hidden} / {heads} = {} wide; expected heads of even width \
+                         (rotary embeddings rotate pairs of dimensions)",
+                        hidden / heads
+                    ),
+                )
+            }
+            None => {}
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return fail(
+                "rms_norm_eps",
+                format!("is {}; expected a small positive number such as 1e-6", self.rms_norm_eps),
+            );
+        }
+        if let Some(t) = self.model_type.as_deref() {
+            if !["llama", "mistral", "qwen2"].contains(&t) {
+                return fail(
+                    "model_type",
+                    format!("is \"{t}\", not a LLaMA-family model; expected llama, mistral or qwen2"),
+                );
+            }
+        }
+        if let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            return fail("rope_scaling", format!("is {s}; only null (no RoPE scaling) is supported"));
+        }
+        let parameters = self.rope_parameters.as_ref();
+        let kind = parameters.and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).unwrap_or("default");
+        if kind != "default" {
+            return fail("rope_parameters.rope_type", format!("is \"{kind}\"; only \"default\" RoPE is supported"));
+        }
+        let theta = self.rope_base()?;
+        if !(theta.is_finite() && theta > 0.0) {
+            let in_parameters = parameters.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()).is_some();
+            let field = if in_parameters { "rope_parameters.rope_theta" } else { "rope_theta" };
+            return fail(field, format!("is {theta}; expected a positive RoPE base such as 10000"));
+        }
+        Ok(())
     }
 
     /// Key/value heads.
@@ -90,9 +195,9 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Per-head width.
+    /// Per-head width (0 when `num_attention_heads` is 0, which [`LlamaConfig::validate`] refuses).
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or_else(|| self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
     }
 
     /// The RoPE base `theta`; errors on a RoPE scaling that is not implemented.
@@ -113,8 +218,24 @@ impl LlamaConfig {
     }
 }
 
+/// The GGUF key (or tensor) that a [`LlamaConfig`] field is read from, for error messages.
+fn gguf_field(field: &str) -> String {
+    match field {
+        "hidden_size" => "llama.embedding_length",
+        "intermediate_size" => "llama.feed_forward_length",
+        "num_hidden_layers" => "llama.block_count",
+        "num_attention_heads" => "llama.attention.head_count",
+        "num_key_value_heads" => "llama.attention.head_count_kv",
+        "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
+        "rope_theta" => "llama.rope.freq_base",
+        "vocab_size" => "the row count of token_embd.weight (the vocabulary size)",
+        other => other,
+    }
+    .to_string()
+}
+
 /// The linears of a decoder layer, by their HF names (relative to `model.layers.N`), in the
-/// order of [`Block::linears`].
+/// order of each decoder layer's `linears`.
 pub const LAYER_LINEARS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -174,7 +295,9 @@ pub struct Llama {
 
 impl Llama {
     /// Builds the model from HF tensor names (`model.embed_tokens.weight`, ...), cast to `dtype`.
+    /// Errors when the config does not pass [`LlamaConfig::validate`].
     pub fn from_tensors(config: LlamaConfig, tensors: &BTreeMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        config.validate()?;
         let get = |name: &str| -> Result<Tensor> {
             let t = tensors.get(name).ok_or_else(|| Error::KeyMismatch {
                 path: "model weights".into(),
@@ -214,8 +337,10 @@ impl Llama {
     }
 
     /// A randomly initialised model (weights `N(0, 0.02^2)`, norms 1) drawn from `seed`, for
-    /// examples and tests that need no checkpoint.
+    /// examples and tests that need no checkpoint. Errors when the config does not pass
+    /// [`LlamaConfig::validate`].
     pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -273,32 +398,41 @@ impl Llama {
     /// to f32 then cast to `dtype`, renamed to HF's names, with llama.cpp's q/k row permutation
     /// undone so that the weights are in HF layout (and PEFT adapters fit them).
     pub fn from_gguf(path: &Path, device: &Device, dtype: DType) -> Result<(Self, GgufMetadata)> {
-        use candle_core::quantized::gguf_file;
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
-        let content = gguf_file::Content::read(&mut file).map_err(|e| err(format!("not a readable GGUF file: {e}")))?;
-        let meta = GgufMetadata { values: content.metadata.clone() };
-        let arch = meta.string("general.architecture").map_err(|e| err(e.to_string()))?;
+        let content = crate::gguf::read_content(path, &mut file)?;
+        let meta = GgufMetadata::from_content(path, &content);
+        let arch = meta.string("general.architecture")?;
         if arch != "llama" {
             return Err(err(format!("general.architecture is \"{arch}\"; only llama GGUF files are supported")));
         }
-        let num = |k: &str| meta.u32(&format!("llama.{k}")).map(|v| v as usize).map_err(|e| err(e.to_string()));
+        let num = |k: &str| meta.u32(&format!("llama.{k}")).map(|v| v as usize);
         let heads = num("attention.head_count")?;
+        let kv_heads =
+            if meta.contains("llama.attention.head_count_kv") { num("attention.head_count_kv")? } else { heads };
+        let vocab_size = match content.tensor_infos.get("token_embd.weight") {
+            Some(t) => t.shape.dims().first().copied().unwrap_or(0),
+            None => return Err(err("the GGUF file has no `token_embd.weight` tensor (the token embeddings)".into())),
+        };
+        let rope_theta =
+            if meta.contains("llama.rope.freq_base") { meta.f32("llama.rope.freq_base")? } else { 10_000.0 };
         let config = LlamaConfig {
             hidden_size: num("embedding_length")?,
             intermediate_size: num("feed_forward_length")?,
             num_hidden_layers: num("block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: Some(num("attention.head_count_kv").unwrap_or(heads)),
+            num_key_value_heads: Some(kv_heads),
             head_dim: None,
-            rms_norm_eps: meta.f32("llama.attention.layer_norm_rms_epsilon").map_err(|e| err(e.to_string()))? as f64,
-            rope_theta: Some(meta.f32("llama.rope.freq_base").unwrap_or(10_000.0) as f64),
+            rms_norm_eps: meta.f32("llama.attention.layer_norm_rms_epsilon")? as f64,
+            rope_theta: Some(rope_theta as f64),
             rope_parameters: None,
             rope_scaling: None,
-            vocab_size: content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0),
+            vocab_size,
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             model_type: Some("llama".into()),
         };
+        // Before any tensor is read: the q/k row permutation divides by the head counts.
+        config.check(Some(path), &gguf_field)?;
         let kv = config.kv_heads();
         let mut tensors = BTreeMap::new();
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
@@ -340,7 +474,7 @@ impl Llama {
     /// `LlamaForCausalLM.from_pretrained` loads.
     pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut config = serde_json::to_value(&self.config).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut config = serde_json::to_value(&self.config)?;
         let map = config.as_object_mut().expect("an object");
         map.retain(|_, v| !v.is_null());
         map.insert("model_type".into(), "llama".into());
@@ -350,7 +484,7 @@ impl Llama {
         map.insert("rope_theta".into(), self.rope_theta.into());
         map.insert("hidden_act".into(), "silu".into());
         map.insert("torch_dtype".into(), "float32".into());
-        let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&config)?;
         crate::format::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         let tensors: Vec<(String, Tensor)> = self.tensors().into_iter().collect();
         crate::format::write_safetensors(&dir.join("model.safetensors"), &tensors)
@@ -481,53 +615,6 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / n_head;
     Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
-}
-
-/// The metadata of a GGUF file (tokenizer, chat template, ...).
-#[derive(Debug, Clone)]
-pub struct GgufMetadata {
-    values: std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
-}
-
-impl GgufMetadata {
-    /// Reads only the metadata of a GGUF file (not its tensors).
-    pub fn read(path: &Path) -> Result<Self> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            reason: format!("not a readable GGUF file: {e}"),
-        })?;
-        Ok(Self { values: content.metadata })
-    }
-
-    fn get(&self, key: &str) -> Result<&candle_core::quantized::gguf_file::Value> {
-        self.values.get(key).ok_or_else(|| Error::Unsupported(format!("GGUF metadata has no `{key}`")))
-    }
-
-    /// A string value.
-    pub fn string(&self, key: &str) -> Result<String> {
-        Ok(self.get(key)?.to_string()?.clone())
-    }
-
-    /// An integer value.
-    pub fn u32(&self, key: &str) -> Result<u32> {
-        Ok(self.get(key)?.to_u32()?)
-    }
-
-    /// A float value.
-    pub fn f32(&self, key: &str) -> Result<f32> {
-        Ok(self.get(key)?.to_f32()?)
-    }
-
-    /// An array of integers (e.g. `tokenizer.ggml.token_type`).
-    pub fn i32s(&self, key: &str) -> Result<Vec<i32>> {
-        self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_i32()?)).collect()
-    }
-
-    /// An array of strings (e.g. `tokenizer.ggml.tokens`).
-    pub fn strings(&self, key: &str) -> Result<Vec<String>> {
-        self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
-    }
 }
 
 impl LinearHost for Llama {

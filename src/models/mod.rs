@@ -2,7 +2,8 @@
 
 pub mod llama;
 
-pub use llama::{GgufMetadata, KvCache, Llama, LlamaConfig};
+pub use crate::gguf::GgufMetadata;
+pub use llama::{KvCache, Llama, LlamaConfig};
 
 use std::path::Path;
 

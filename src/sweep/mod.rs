@@ -111,13 +111,23 @@ impl SweepConfig {
     fn from_json(text: &str, path: &Path) -> Result<Self> {
         let c: Self = serde_json::from_str(text)
             .map_err(|e| Error::Config { path: path.to_path_buf(), reason: e.to_string() })?;
-        c.validate()?;
+        c.validate().map_err(|e| match e {
+            // The built-in model's shape came from this file: say so.
+            Error::ModelConfig { path: None, field, reason } => {
+                Error::ModelConfig { path: Some(path.to_path_buf()), field, reason }
+            }
+            e => e,
+        })?;
         Ok(c)
     }
 
-    /// Checks the grid and the training settings.
+    /// Checks the grid, the training settings and the shape of the built-in model (see
+    /// [`LlamaConfig::validate`]; its errors name the field as `builtin_model.<field>`).
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: &str| Err(Error::config(field, reason));
+        if let Some(model) = &self.builtin_model {
+            model.check(None, &|field| format!("builtin_model.{field}"))?;
+        }
         if self.methods.is_empty() || self.ranks.is_empty() || self.learning_rates.is_empty() {
             return bad("methods/ranks/learning_rates", "each axis of the grid needs at least one value");
         }
@@ -254,7 +264,7 @@ impl Sweep {
                     indicatif::ProgressStyle::with_template(
                         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
                     )
-                    .expect("valid template"),
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                 );
                 bar
             } else {
@@ -279,10 +289,10 @@ impl Sweep {
     /// Refuses to mix two different sweeps in one directory.
     fn check_same_sweep(&self, output: &Path) -> Result<()> {
         let path = output.join("sweep_config.json");
-        let mut recorded = serde_json::to_value(&self.config).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut recorded = serde_json::to_value(&self.config)?;
         let names: Vec<String> = self.strategies.iter().map(|s| s.name()).collect();
         recorded["strategy_names"] = serde_json::json!(names);
-        let json = serde_json::to_string_pretty(&recorded).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&recorded)?;
         if let Ok(existing) = std::fs::read_to_string(&path) {
             let existing: serde_json::Value = serde_json::from_str(&existing)
                 .map_err(|e| Error::Config { path: path.clone(), reason: e.to_string() })?;
@@ -418,7 +428,9 @@ impl Sweep {
             }
         }
         let t = Instant::now();
-        let eval_loss = if diverged.is_none() { Some(trainer.evaluate(&data.eval)?) } else { None };
+        // No held-out sequences (eval_examples = 0): no eval loss, rather than a made-up 0.
+        let eval_loss =
+            if diverged.is_none() && !data.eval.is_empty() { Some(trainer.evaluate(&data.eval)?) } else { None };
         let eval_time = t.elapsed().as_secs_f64();
         let peak_heap_bytes = crate::alloc::peak().zip(heap_at_start).map(|(p, s)| p.saturating_sub(s));
         let model = trainer.into_peft().unload()?;
@@ -479,7 +491,7 @@ fn to_examples(
             Record::PromptCompletion { .. } => sequences.push(Example::from_record(r, encode, eos, len)?),
         }
     }
-    sequences.extend(pack(&text, len));
+    sequences.extend(pack(&text, len)?);
     Ok(sequences)
 }
 

@@ -65,7 +65,7 @@ pub struct StepRecord {
 pub(super) fn append_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let mut text = String::new();
     for r in records {
-        text += &serde_json::to_string(r).map_err(|e| Error::Unsupported(e.to_string()))?;
+        text += &serde_json::to_string(r)?;
         text.push('\n');
     }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
@@ -114,7 +114,7 @@ pub(super) fn keep_steps_of(dir: &Path, finished: &BTreeSet<String>) -> Result<(
     }
     let mut text = String::new();
     for s in kept {
-        text += &serde_json::to_string(s).map_err(|e| Error::Unsupported(e.to_string()))?;
+        text += &serde_json::to_string(s)?;
         text.push('\n');
     }
     write_atomic(&path, text.as_bytes())

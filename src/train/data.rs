@@ -128,8 +128,19 @@ pub struct Batch {
 }
 
 /// Right-pads `examples` with `pad` into one batch (pads are ignored by the loss; causal
-/// attention keeps them from affecting the real tokens).
+/// attention keeps them from affecting the real tokens). Errors on an empty batch, on an example
+/// whose `ids` and `labels` differ in length, and when no example has two tokens.
 pub fn collate(examples: &[&Example], pad: u32, device: &Device) -> Result<Batch> {
+    if examples.is_empty() {
+        return Err(Error::config("data", "a batch needs at least one example"));
+    }
+    if let Some(e) = examples.iter().find(|e| e.ids.len() != e.labels.len()) {
+        return Err(Error::ShapeMismatch {
+            what: "an example's labels (one per token id)".into(),
+            expected: vec![e.ids.len()],
+            actual: vec![e.labels.len()],
+        });
+    }
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if t < 2 {
         return Err(Error::config("data", "examples need at least two tokens"));
@@ -152,24 +163,36 @@ pub fn collate(examples: &[&Example], pad: u32, device: &Device) -> Result<Batch
 }
 
 /// Concatenates examples into blocks of `block` tokens (the last partial block is dropped).
-pub fn pack(examples: &[Example], block: usize) -> Vec<Example> {
+/// Errors when `block` is 0.
+pub fn pack(examples: &[Example], block: usize) -> Result<Vec<Example>> {
+    if block == 0 {
+        return Err(Error::config("block", "blocks of 0 tokens; expected at least 1"));
+    }
     let ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
     let labels: Vec<i64> = examples.iter().flat_map(|e| e.labels.iter().copied()).collect();
-    ids.chunks_exact(block)
+    Ok(ids
+        .chunks_exact(block)
         .zip(labels.chunks_exact(block))
         .map(|(i, l)| Example { ids: i.to_vec(), labels: l.to_vec() })
-        .collect()
+        .collect())
 }
 
 /// The example indices of global batch `step` (0-based): epochs are permutations drawn from
-/// `seed` and the epoch number, so any step's batch can be recomputed (for resuming).
-pub fn batch_indices(n: usize, batch_size: usize, step: usize, seed: u64) -> Vec<usize> {
+/// `seed` and the epoch number, so any step's batch can be recomputed (for resuming). Errors when
+/// `n` (the number of examples) or `batch_size` is 0.
+pub fn batch_indices(n: usize, batch_size: usize, step: usize, seed: u64) -> Result<Vec<usize>> {
+    if n == 0 {
+        return Err(Error::config("data", "it has no examples; expected at least one to draw batches from"));
+    }
+    if batch_size == 0 {
+        return Err(Error::config("batch_size", "0 examples per batch; expected at least 1"));
+    }
     let per_epoch = (n / batch_size).max(1);
     let epoch = step / per_epoch;
     let offset = (step % per_epoch) * batch_size;
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-    (0..batch_size).map(|i| order[(offset + i) % n]).collect()
+    Ok((0..batch_size).map(|i| order[(offset + i) % n]).collect())
 }
 
 #[cfg(test)]
@@ -208,20 +231,39 @@ mod tests {
     }
 
     #[test]
-    fn batches_are_permutations_recomputable_from_the_step() {
-        let all: Vec<usize> = (0..5).flat_map(|s| batch_indices(10, 2, s, 3)).collect();
-        let mut sorted = all.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "one epoch visits every example once");
-        assert_eq!(batch_indices(10, 2, 3, 3), batch_indices(10, 2, 3, 3));
-        assert_ne!(batch_indices(10, 2, 5, 3), batch_indices(10, 2, 0, 3), "the next epoch is reshuffled");
+    fn batches_are_permutations_recomputable_from_the_step() -> Result<()> {
+        let mut all = Vec::new();
+        for s in 0..5 {
+            all.extend(batch_indices(10, 2, s, 3)?);
+        }
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>(), "one epoch visits every example once");
+        assert_eq!(batch_indices(10, 2, 3, 3)?, batch_indices(10, 2, 3, 3)?);
+        assert_ne!(batch_indices(10, 2, 5, 3)?, batch_indices(10, 2, 0, 3)?, "the next epoch is reshuffled");
+        Ok(())
     }
 
     #[test]
-    fn packing_cuts_fixed_blocks() {
+    fn no_examples_or_empty_batches_are_errors_not_panics() {
+        let e = batch_indices(0, 2, 0, 3).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { name: "data", .. }) && e.to_string().contains("no examples"), "{e}");
+        let e = batch_indices(10, 0, 0, 3).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { name: "batch_size", .. }), "{e}");
+        let e = pack(&[], 0).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { name: "block", .. }), "{e}");
+        let e = collate(&[], 0, &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("at least one example"), "{e}");
+        let odd = Example { ids: vec![1, 2, 3], labels: vec![1, 2, 3, 4, 5] };
+        let e = collate(&[&odd], 0, &Device::Cpu).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("labels"), "{e}");
+    }
+
+    #[test]
+    fn packing_cuts_fixed_blocks() -> Result<()> {
         let e = |n: u32| Example { ids: (0..n).collect(), labels: (0..n as i64).collect() };
-        let blocks = pack(&[e(3), e(4), e(2)], 4);
+        let blocks = pack(&[e(3), e(4), e(2)], 4)?;
         assert_eq!(blocks.len(), 2);
         assert_eq!(blocks[0].ids, vec![0, 1, 2, 0]);
+        Ok(())
     }
 }

@@ -79,6 +79,41 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Checks the settings: `batch_size`, `grad_accum`, `eval_every` and `checkpoint_every` of at
+    /// least 1 and a positive `max_grad_norm`. The error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", "0 examples per micro-batch; expected at least 1"));
+        }
+        if self.grad_accum == 0 {
+            return Err(Error::config(
+                "grad_accum",
+                "0 micro-batches per optimizer step; expected at least 1 (1 accumulates nothing)",
+            ));
+        }
+        if self.eval_every == Some(0) {
+            return Err(Error::config(
+                "eval_every",
+                "0 steps; expected at least 1 (evaluate every N steps), or None not to evaluate",
+            ));
+        }
+        if self.checkpoint_every == Some(0) {
+            return Err(Error::config(
+                "checkpoint_every",
+                "0 steps; expected at least 1 (checkpoint every N steps), or None to checkpoint only at the end",
+            ));
+        }
+        if let Some(max) = self.max_grad_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+            return Err(Error::config(
+                "max_grad_norm",
+                format!("{max}; expected a positive number to clip the gradient norm to, or None not to clip"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One optimizer step's record (a line of `metrics.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
@@ -123,11 +158,10 @@ pub struct Trainer<M: CausalLm> {
 }
 
 impl<M: CausalLm> Trainer<M> {
-    /// A trainer for `peft`'s trainable variables.
+    /// A trainer for `peft`'s trainable variables. Errors when `config` does not pass
+    /// [`TrainConfig::validate`].
     pub fn new(mut peft: PeftModel<M>, config: TrainConfig) -> Result<Self> {
-        if config.batch_size == 0 || config.grad_accum == 0 {
-            return Err(Error::config("batch_size", "batch_size and grad_accum must be at least 1"));
-        }
+        config.validate()?;
         peft.set_train(true);
         let named = peft.named_trainable_vars()?;
         let vars = named.iter().map(|(_, v)| v.clone()).collect();
@@ -199,14 +233,15 @@ impl<M: CausalLm> Trainer<M> {
         Ok((masked_cross_entropy(&logits, &batch.labels)?, b * t))
     }
 
-    /// One optimizer step over `grad_accum` micro-batches of `data`.
+    /// One optimizer step over `grad_accum` micro-batches of `data`. Errors when `data` is empty.
     pub fn train_step(&mut self, data: &[Example]) -> Result<StepLog> {
         let started = Instant::now();
+        check_not_empty("training data", data)?;
         let c = &self.config;
         let mut total: Option<GradStore> = None;
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for micro in 0..c.grad_accum {
-            let idx = batch_indices(data.len(), c.batch_size, self.step * c.grad_accum + micro, c.seed);
+            let idx = batch_indices(data.len(), c.batch_size, self.step * c.grad_accum + micro, c.seed)?;
             let examples: Vec<&Example> = idx.iter().map(|&i| &data[i]).collect();
             let (loss, n) = self.batch_loss(&examples)?;
             let value = loss.to_scalar::<f32>()? as f64;
@@ -229,7 +264,8 @@ impl<M: CausalLm> Trainer<M> {
                 }
             });
         }
-        let mut grads = total.expect("grad_accum >= 1");
+        let mut grads =
+            total.ok_or_else(|| Error::config("grad_accum", "0 micro-batches per step; expected at least 1"))?;
         let norms = grad_norms(&grads, &self.vars)?;
         let mean_grad_norm = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
         let grad_norm = clip_to(&mut grads, &self.vars, &norms, self.config.max_grad_norm.unwrap_or(f64::INFINITY))?;
@@ -263,8 +299,10 @@ impl<M: CausalLm> Trainer<M> {
         }
     }
 
-    /// The mean token loss over `data` (in batches of `batch_size`, evaluation mode).
+    /// The mean token loss over `data` (in batches of `batch_size`, evaluation mode). Errors when
+    /// `data` is empty.
     pub fn evaluate(&mut self, data: &[Example]) -> Result<f64> {
+        check_not_empty("evaluation data", data)?;
         self.peft.set_train(false);
         let result = (|| {
             let (mut sum, mut count) = (0f64, 0usize);
@@ -282,13 +320,19 @@ impl<M: CausalLm> Trainer<M> {
     }
 
     /// Trains until `steps` steps are done, evaluating, checkpointing and logging as configured.
+    /// Errors before the first step when `data` or `eval` is empty (pass `None` not to evaluate).
     pub fn train(&mut self, data: &[Example], eval: Option<&[Example]>) -> Result<()> {
+        check_not_empty("training data", data)?;
+        if let Some(eval) = eval {
+            check_not_empty("evaluation data", eval)?;
+        }
         let c = self.config.clone();
         let bar = if c.progress {
             let bar = indicatif::ProgressBar::new(c.steps as u64);
+            let template = "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             bar.set_position(self.step as u64);
             bar
@@ -305,7 +349,9 @@ impl<M: CausalLm> Trainer<M> {
             if let (Some(every), Some(eval)) = (c.eval_every, eval) {
                 if self.step % every == 0 || last {
                     log.eval_loss = Some(self.evaluate(eval)?);
-                    *self.history.last_mut().expect("just pushed") = log.clone();
+                    if let Some(recorded) = self.history.last_mut() {
+                        *recorded = log.clone();
+                    }
                 }
             }
             bar.set_message(format!("loss {:.4}  {:.0} tok/s", log.loss, log.tokens_per_s));
@@ -339,7 +385,7 @@ impl<M: CausalLm> Trainer<M> {
             peft_type: self.peft.config().peft_type().into(),
             history: self.history.clone(),
         };
-        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&state)?;
         write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -387,11 +433,19 @@ impl<M: CausalLm> Trainer<M> {
     }
 }
 
+/// An error naming `what` when `data` has no example.
+fn check_not_empty(what: &'static str, data: &[Example]) -> Result<()> {
+    if data.is_empty() {
+        return Err(Error::config(what, "it has no examples; expected at least one"));
+    }
+    Ok(())
+}
+
 fn append_jsonl(path: &Path, log: &StepLog) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
-    let line = serde_json::to_string(log).map_err(|e| Error::Unsupported(e.to_string()))?;
+    let line = serde_json::to_string(log)?;
     writeln!(f, "{line}").map_err(|e| Error::io(path, e))
 }

@@ -387,7 +387,41 @@ fn adapter_config(args: &TrainArgs) -> anyhow_like::Result<AdapterConfig> {
     Ok(AdapterConfig::for_method(&args.method, &params)?)
 }
 
+/// The flags of `train` that need no file, checked before anything is loaded: an error names the
+/// flag as the user typed it.
+fn check_train_args(args: &TrainArgs) -> anyhow_like::Result<()> {
+    let counts = [
+        ("--every", args.every, "evaluate and checkpoint every N steps"),
+        ("--batch-size", args.batch_size, "examples per micro-batch"),
+        ("--grad-accum", args.grad_accum, "micro-batches per optimizer step"),
+    ];
+    for (flag, value, what) in counts {
+        if value == 0 {
+            return Err(format!("{flag} 0: expected at least 1 ({what})").into());
+        }
+    }
+    if args.max_len < 2 {
+        return Err(format!(
+            "--max-len {}: expected at least 2 (a token and the next one that the model learns to predict)",
+            args.max_len
+        )
+        .into());
+    }
+    if !["auto", "none"].contains(&args.chat_template.as_str()) {
+        return Err(format!("unknown --chat-template {} (auto, none)", args.chat_template).into());
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> anyhow_like::Result<()> {
+    check_train_args(&args)?;
+    let schedule = match args.schedule.as_str() {
+        "constant" => LrSchedule::Constant { lr: args.lr },
+        "cosine" => {
+            LrSchedule::WarmupCosine { lr: args.lr, warmup: args.steps / 10, total: args.steps, min_lr: args.lr / 10.0 }
+        }
+        other => return Err(format!("unknown --schedule {other} (cosine, constant)").into()),
+    };
     let (device, dtype) = args.run.open()?;
     let (model, tokenizer) = models::load(&args.model, &device, dtype)?;
     let eos = end_token(&tokenizer);
@@ -419,13 +453,6 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
     let eval = args.eval_data.as_deref().map(to_examples).transpose()?;
     let peft = PeftModel::new(model, adapter_config(&args)?, InitOptions { seed: args.seed, dtype: DType::F32 })?;
     println!("{}", peft.parameter_count());
-    let schedule = match args.schedule.as_str() {
-        "constant" => LrSchedule::Constant { lr: args.lr },
-        "cosine" => {
-            LrSchedule::WarmupCosine { lr: args.lr, warmup: args.steps / 10, total: args.steps, min_lr: args.lr / 10.0 }
-        }
-        other => return Err(format!("unknown --schedule {other} (cosine, constant)").into()),
-    };
     let config = TrainConfig {
         steps: args.steps,
         batch_size: args.batch_size,
