@@ -110,7 +110,7 @@ mod tests {
         assert!(e.to_string().contains("layer_replication"), "{e}");
         let e = AdapterConfig::from_json(r#"{"peft_type": "LORA", "target_modules": ["q"], "lora_dropout": 1.5}"#, p)
             .unwrap_err();
-        assert!(matches!(e, Error::InvalidConfig { name: "dropout", .. }), "{e}");
+        assert!(matches!(e, Error::InvalidConfig { name: "lora_dropout", .. }), "{e}");
         // Unknown fields are ignored (with a warning), as PEFT does.
         AdapterConfig::from_json(r#"{"peft_type": "LORA", "target_modules": ["q"], "future_field": 1}"#, p).unwrap();
     }

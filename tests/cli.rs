@@ -160,6 +160,10 @@ fn train_refuses_zero_counts_by_flag_before_loading_anything() {
         ("--grad-accum", "0", "--grad-accum 0: expected at least 1"),
         ("--max-len", "1", "--max-len 1: expected at least 2"),
         ("--schedule", "linear", "unknown --schedule linear"),
+        ("--set", "nope=1", "lora has no config field `nope`"),
+        ("--set", "lora_dropout=1.5", "invalid lora_dropout: 1.5 is outside [0, 1)"),
+        ("--scaling", "alpha-cube", "unknown --scaling alpha-cube"),
+        ("--method", "lorra", "invalid value 'lorra' for '--method <METHOD>'"),
     ] {
         let (ok, _, err) = cli(&[
             "train",
@@ -191,4 +195,27 @@ fn train_refuses_zero_counts_by_flag_before_loading_anything() {
         "cpu",
     ]);
     assert!(!ok && err.contains("no-such-model.gguf"), "{err}");
+}
+
+/// `--method` takes every method of the registry, and says what each writes in PEFT's format;
+/// a method's own checks run before the model is loaded.
+#[test]
+fn train_methods_come_from_the_registry() {
+    let (ok, help, err) = cli(&["train", "--help"]);
+    assert!(ok, "{err}");
+    for v in candle_peft::adapters::variants() {
+        assert!(help.contains(&format!("- {}:", v.name)) && help.contains(v.peft), "{} missing from:\n{help}", v.name);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model.gguf");
+    for (args, says) in [
+        (&["--method", "loha", "--set", "rank_dropout=0.1"][..], "LoHa's rank_dropout = 0.1"),
+        (&["--method", "vera", "--alpha", "3"][..], "vera has no alpha"),
+        (&["--method", "melora", "--set", "n=0"][..], "MELoRA needs at least one mini LoRA"),
+    ] {
+        let mut all = vec!["train", "--model", missing.to_str().unwrap(), "--data", "x.jsonl", "--output", "out"];
+        all.extend_from_slice(args);
+        let (ok, _, err) = cli(&all);
+        assert!(!ok && err.contains(says) && !err.contains("no-such"), "{args:?}: {err}");
+    }
 }

@@ -96,7 +96,7 @@ fn options_set_peft_fields_by_name() -> candle_peft::Result<()> {
     assert!(AdapterConfig::for_method("vera", &p).unwrap_err().to_string().contains("options"));
     let mut p = params(8);
     p.options.insert("lora_dropout".into(), 1.5.into());
-    assert!(matches!(AdapterConfig::for_method("dora", &p), Err(Error::InvalidConfig { name: "dropout", .. })));
+    assert!(matches!(AdapterConfig::for_method("dora", &p), Err(Error::InvalidConfig { name: "lora_dropout", .. })));
     Ok(())
 }
 

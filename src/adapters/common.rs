@@ -72,12 +72,13 @@ pub(crate) fn branch_dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> 
     }
 }
 
-/// Checks a dropout probability: PEFT's `lora_dropout` must lie in `[0, 1)`.
-pub(crate) fn check_dropout(p: f64) -> Result<f32> {
+/// Checks the dropout probability of field `name` (`lora_dropout`, ...): it must lie in
+/// `[0, 1)`, as PEFT requires.
+pub(crate) fn check_dropout(name: &'static str, p: f64) -> Result<f32> {
     if (0.0..1.0).contains(&p) {
         Ok(p as f32)
     } else {
-        Err(Error::config("dropout", format!("{p} is outside [0, 1)")))
+        Err(Error::config(name, format!("{p} is outside [0, 1)")))
     }
 }
 
@@ -89,10 +90,11 @@ pub(crate) fn check_rank(r: usize) -> Result<()> {
     Ok(())
 }
 
-/// Checks a scaling factor produced by a strategy.
-pub(crate) fn check_scaling(alpha: f64, s: f64) -> Result<f64> {
+/// Checks the alpha of field `name` (`lora_alpha`, ...) and the scaling factor a strategy made
+/// of it.
+pub(crate) fn check_scaling(name: &'static str, alpha: f64, s: f64) -> Result<f64> {
     if !alpha.is_finite() {
-        return Err(Error::config("lora_alpha", format!("{alpha} is not finite")));
+        return Err(Error::config(name, format!("{alpha} is not finite")));
     }
     if !s.is_finite() {
         return Err(Error::config("scaling", format!("the strategy gave a non-finite factor {s}")));

@@ -119,7 +119,7 @@ impl MethodConfig for LohaConfig {
             check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
         }
         for &a in std::iter::once(&self.alpha).chain(self.alpha_pattern.values()) {
-            check_scaling(a, 0.0).map_err(|_| Error::config("alpha", format!("{a} is not finite")))?;
+            check_scaling("alpha", a, 0.0)?;
         }
         for (name, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
             if p != 0.0 {
@@ -164,7 +164,7 @@ impl Method for Loha {
         let r = pattern_value(&config.rank_pattern, ctx.path)?.unwrap_or(config.r);
         let alpha = pattern_value(&config.alpha_pattern, ctx.path)?.unwrap_or(config.alpha);
         check_rank(r)?;
-        let scaling = check_scaling(alpha, config.strategy().scale(alpha, r))?;
+        let scaling = check_scaling("alpha", alpha, config.strategy().scale(alpha, r))?;
         let (out, inp) = ctx.base.weight.dims2()?;
         let (dtype, dev) = (ctx.dtype, ctx.base.weight.device());
         let w1_a = kaiming_uniform(&mut *ctx.rng, out, r, dtype, dev)?;
@@ -210,7 +210,7 @@ impl Loha {
         let [a1, b1, a2, b2] = factors;
         Ok(Self {
             factors: [var(a1)?, var(b1)?, var(a2)?, var(b2)?],
-            scaling: check_scaling(0.0, scaling)?,
+            scaling: check_scaling("scaling", 0.0, scaling)?,
             in_features: inp,
             out_features: out,
         })

@@ -278,9 +278,9 @@ impl MethodConfig for LoraConfig {
             check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
         }
         for (_, &a) in std::iter::once((&String::new(), &self.lora_alpha)).chain(&self.alpha_pattern) {
-            check_scaling(a, 0.0)?;
+            check_scaling("lora_alpha", a, 0.0)?;
         }
-        check_dropout(self.lora_dropout)?;
+        check_dropout("lora_dropout", self.lora_dropout)?;
         self.target.validate()
     }
 
@@ -396,8 +396,8 @@ impl Lora {
     ) -> Result<(Self, Option<Tensor>)> {
         let r = params.r;
         check_rank(r)?;
-        check_dropout(params.dropout)?;
-        let scaling = check_scaling(params.alpha, params.strategy.scale(params.alpha, r))?;
+        check_dropout("lora_dropout", params.dropout)?;
+        let scaling = check_scaling("lora_alpha", params.alpha, params.strategy.scale(params.alpha, r))?;
         let (out_f, in_f) = base.weight.dims2()?;
         let dev = base.weight.device();
         let (a, b, residual) = match params.init {
@@ -441,8 +441,8 @@ impl Lora {
         Ok(Self {
             lora_a: var(lora_a)?,
             lora_b: var(lora_b)?,
-            scaling: check_scaling(0.0, scaling)?,
-            dropout: check_dropout(dropout)?,
+            scaling: check_scaling("scaling", 0.0, scaling)?,
+            dropout: check_dropout("lora_dropout", dropout)?,
             in_features,
             out_features,
         })
@@ -562,7 +562,7 @@ mod tests {
             |r, alpha, p| Lora::new(b, &LoraParams { r, alpha, dropout: p, ..Default::default() }, DType::F32, &mut rng).map(|_| ());
         assert!(matches!(new(0, 8.0, 0.0), Err(Error::InvalidConfig { name: "r", .. })));
         assert!(matches!(new(2, f64::NAN, 0.0), Err(Error::InvalidConfig { name: "lora_alpha", .. })));
-        assert!(matches!(new(2, 8.0, 1.0), Err(Error::InvalidConfig { name: "dropout", .. })));
-        assert!(matches!(new(2, 8.0, -0.1), Err(Error::InvalidConfig { name: "dropout", .. })));
+        assert!(matches!(new(2, 8.0, 1.0), Err(Error::InvalidConfig { name: "lora_dropout", .. })));
+        assert!(matches!(new(2, 8.0, -0.1), Err(Error::InvalidConfig { name: "lora_dropout", .. })));
     }
 }

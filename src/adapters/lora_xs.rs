@@ -50,7 +50,7 @@ impl LoraXs {
         let a = svd.vt.broadcast_mul(&svd.s.unsqueeze(1)?)?.to_dtype(dtype)?;
         let b = svd.u.to_dtype(dtype)?;
         let lora_r = normal(rng, (r, r), 1e-5, dtype, base.weight.device())?;
-        let scaling = check_scaling(params.alpha, params.strategy.scale(params.alpha, r))?;
+        let scaling = check_scaling("lora_alpha", params.alpha, params.strategy.scale(params.alpha, r))?;
         Self::from_weights(a, b, lora_r, scaling, params.dropout)
     }
 
@@ -72,8 +72,8 @@ impl LoraXs {
             lora_a,
             lora_b,
             lora_r: var(lora_r)?,
-            scaling: check_scaling(0.0, scaling)?,
-            dropout: check_dropout(dropout)?,
+            scaling: check_scaling("scaling", 0.0, scaling)?,
+            dropout: check_dropout("lora_dropout", dropout)?,
             in_features,
             out_features,
         })

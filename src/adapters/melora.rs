@@ -108,7 +108,7 @@ impl Method for Melora {
             }
         }
         let ri = r / n;
-        let s = check_scaling(alpha, config.lora.strategy().scale(alpha, ri))?;
+        let s = check_scaling("lora_alpha", alpha, config.lora.strategy().scale(alpha, ri))?;
         let (dev, dtype) = (ctx.base.weight.device(), ctx.dtype);
         let mut minis = Vec::with_capacity(n);
         for _ in 0..n {
@@ -122,7 +122,7 @@ impl Method for Melora {
         let melora = Melora {
             minis,
             scaling: s,
-            dropout: check_dropout(config.lora.lora_dropout)?,
+            dropout: check_dropout("lora_dropout", config.lora.lora_dropout)?,
             in_features: inp,
             out_features: out,
         };

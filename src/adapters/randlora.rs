@@ -121,8 +121,8 @@ impl MethodConfig for RandLoraConfig {
 
     fn validate(&self) -> Result<()> {
         check_rank(self.r)?;
-        check_dropout(self.randlora_dropout)?;
-        check_scaling(self.randlora_alpha, 0.0)?;
+        check_dropout("randlora_dropout", self.randlora_dropout)?;
+        check_scaling("randlora_alpha", self.randlora_alpha, 0.0)?;
         self.target.validate()
     }
 
@@ -227,7 +227,7 @@ impl Method for RandLora {
         };
         let gamma = Tensor::full(1.0 / nb.max(min_l) as f32, (nb, min_l), dev)?.to_dtype(ctx.dtype)?;
         let strategy = config.scaling.clone().unwrap_or_else(|| std::sync::Arc::new(Standard));
-        let scaling = check_scaling(config.randlora_alpha, strategy.scale_bases(config.randlora_alpha, r, nb))?;
+        let scaling = check_scaling("randlora_alpha", config.randlora_alpha, strategy.scale_bases(config.randlora_alpha, r, nb))?;
         let layer = RandLora {
             basis_a: a.narrow(2, 0, min_l)?,
             basis_b: b.narrow(0, 0, max_l)?.narrow(1, 0, nb)?,
@@ -235,7 +235,7 @@ impl Method for RandLora {
             lambda: var(lambda)?,
             gamma: var(gamma)?,
             scaling,
-            dropout: check_dropout(config.randlora_dropout)?,
+            dropout: check_dropout("randlora_dropout", config.randlora_dropout)?,
             in_features: inp,
             out_features: out,
         };

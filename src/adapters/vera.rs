@@ -95,7 +95,7 @@ impl MethodConfig for VeraConfig {
 
     fn validate(&self) -> Result<()> {
         check_rank(self.r)?;
-        check_dropout(self.vera_dropout)?;
+        check_dropout("vera_dropout", self.vera_dropout)?;
         if !self.d_initial.is_finite() {
             return Err(Error::config("d_initial", format!("{} is not finite", self.d_initial)));
         }
@@ -171,7 +171,7 @@ impl Method for Vera {
             vera_b: b.narrow(0, 0, out)?.narrow(1, 0, config.r)?,
             lambda_b: var(lambda_b)?,
             lambda_d: var(lambda_d)?,
-            dropout: check_dropout(config.vera_dropout)?,
+            dropout: check_dropout("vera_dropout", config.vera_dropout)?,
             in_features: inp,
             out_features: out,
         };

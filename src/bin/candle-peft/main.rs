@@ -223,6 +223,13 @@ mod anyhow_like {
 static ALLOC: candle_peft::alloc::Counting = candle_peft::alloc::Counting;
 
 fn main() {
+    // Output into a closed pipe (`candle-peft inspect dir | head`) ends the program quietly, as
+    // it does other command-line tools, rather than panicking inside `println!`.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     candle_peft::train::reuse_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
@@ -422,6 +429,9 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
         }
         other => return Err(format!("unknown --schedule {other} (cosine, constant)").into()),
     };
+    // The adapter config is checked before the model is loaded, so a bad --method / --set /
+    // --scaling fails at once.
+    let adapter_config = adapter_config(&args)?;
     let (device, dtype) = args.run.open()?;
     let (model, tokenizer) = models::load(&args.model, &device, dtype)?;
     let eos = end_token(&tokenizer);
@@ -451,7 +461,7 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
     };
     let data = to_examples(&args.data)?;
     let eval = args.eval_data.as_deref().map(to_examples).transpose()?;
-    let peft = PeftModel::new(model, adapter_config(&args)?, InitOptions { seed: args.seed, dtype: DType::F32 })?;
+    let peft = PeftModel::new(model, adapter_config, InitOptions { seed: args.seed, dtype: DType::F32 })?;
     println!("{}", peft.parameter_count());
     let config = TrainConfig {
         steps: args.steps,
