@@ -1,16 +1,22 @@
 //! Training throughput on a real model, side by side with PyTorch + PEFT running the same job:
-//! SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all seven linears of every layer, batch 4 x 256
-//! tokens, f32, AdamW, CPU.
+//! SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all seven linears of every layer, AdamW.
+//! By default batch 4 x 256 tokens, f32, CPU.
 //!
 //! ```text
 //! scripts/fetch_smollm2.sh
 //! cargo bench --bench train_throughput                          # candle-peft only
 //! cargo bench --bench train_throughput -- --python /path/to/venv/bin/python   # and PyTorch
 //! ```
-//! Options: `--model <gguf | HF dir>` (default `models/SmolLM2-135M-Instruct.Q4_1.gguf`),
-//! `--steps N` timed steps (default 5) after `--warmup N` (default 1). The PyTorch side is
+//! Options: `--model <gguf | HF dir>` (default `models/SmolLM2-135M-Instruct.Q4_1.gguf`), or
+//! `--random` for a randomly initialised model of SmolLM2-135M's shape (no file; both sides draw
+//! their own weights); `--device cpu | cuda:N` (default cpu), `--dtype f32 | bf16` (the base
+//! model's dtype; adapters, optimizer state and loss stay f32 on both sides), `--batch N`
+//! (default 4), `--seq N` (default 256), `--steps N` timed steps (default 5) after `--warmup N`
+//! (default 1), `--json PATH` (a summary of both sides). The PyTorch side is
 //! `benches/train_throughput_peft.py`, run as a child process after this one's steps, so the two
-//! never share the cores; each reports its own peak RSS.
+//! never share the device; each reports its own peak memory: peak RSS on the CPU; on a GPU the
+//! device memory in use (CUDA's `mem_get_info`, sampled every 2 ms, above what was in use before
+//! the model was built) here, `torch.cuda.max_memory_allocated` there (and `_reserved`).
 //!
 //! Before timing, one step is taken apart: forward, backward and optimizer times, and every
 //! gradient that the backward pass produced, to show that none of them has the shape of a frozen
@@ -19,7 +25,9 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use candle_peft::train::data::{collate, Example};
@@ -28,8 +36,6 @@ use candle_peft::train::{AdamW, AdamWConfig, CausalLm, LrSchedule, TrainConfig, 
 use candle_peft::{AdapterConfig, InitOptions, LoraConfig, PeftModel};
 use rand::{Rng, SeedableRng};
 
-const BATCH: usize = 4;
-const SEQ: usize = 256;
 const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -47,20 +53,97 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// Device memory in use on a CUDA device (total minus free), in bytes; `None` elsewhere.
+fn device_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// The peak of [`device_memory_used`] while it runs, sampled every 2 ms on another thread.
+struct MemorySampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MemorySampler {
+    fn start(device: &Device) -> Option<Self> {
+        device_memory_used(device)?;
+        let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (p, s, d) = (peak.clone(), stop.clone(), device.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(used) = device_memory_used(&d) {
+                    p.fetch_max(used, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Some(Self { peak, stop, thread: Some(thread) })
+    }
+
+    fn peak(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// SmolLM2-135M-Instruct's shape (its `config.json`).
+fn smollm2_shape() -> candle_peft::models::LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "vocab_size": 49152, "tie_word_embeddings": true,
+        "model_type": "llama"
+    }))
+    .expect("a valid config")
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reuse = candle_peft::train::reuse_freed_memory();
     println!("malloc keeps freed memory: {reuse}");
     let args: Vec<String> = std::env::args().collect();
+    let num = |name: &str, default: usize| -> Result<usize, Box<dyn std::error::Error>> {
+        Ok(arg(&args, name).map(|s| s.parse()).transpose()?.unwrap_or(default))
+    };
+    let (steps, warmup, batch_size, seq) =
+        (num("--steps", 5)?, num("--warmup", 1)?, num("--batch", 4)?, num("--seq", 256)?);
+    let random = args.iter().any(|a| a == "--random");
     let model_path =
         PathBuf::from(arg(&args, "--model").unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()));
-    let steps: usize = arg(&args, "--steps").map(|s| s.parse()).transpose()?.unwrap_or(5);
-    let warmup: usize = arg(&args, "--warmup").map(|s| s.parse()).transpose()?.unwrap_or(1);
-    if !model_path.exists() {
-        return Err(format!("{} not found: run scripts/fetch_smollm2.sh or pass --model", model_path.display()).into());
+    let device_spec = arg(&args, "--device").unwrap_or_else(|| "cpu".into());
+    let device = candle_peft::device(&device_spec)?;
+    let dtype_name = arg(&args, "--dtype").unwrap_or_else(|| "f32".into());
+    let dtype = match dtype_name.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => return Err(format!("--dtype {other}: expected f32 or bf16").into()),
+    };
+    if !random && !model_path.exists() {
+        return Err(format!(
+            "{} not found: run scripts/fetch_smollm2.sh, pass --model, or --random",
+            model_path.display()
+        )
+        .into());
     }
 
-    let device = Device::Cpu;
-    let (model, _) = candle_peft::models::load(&model_path, &device, DType::F32)?;
+    let memory_before = device_memory_used(&device);
+    let sampler = MemorySampler::start(&device);
+    let model = if random {
+        let f32_model = candle_peft::models::Llama::random(smollm2_shape(), 0, &device)?;
+        candle_peft::models::Llama::from_tensors(smollm2_shape(), &f32_model.tensors(), dtype)?
+    } else {
+        candle_peft::models::load(&model_path, &device, dtype)?.0
+    };
+    let source = if random { "random SmolLM2-135M shape".to_string() } else { model_path.display().to_string() };
     let vocab = model.config().vocab_size;
     let frozen_shapes: BTreeSet<Vec<usize>> = model
         .tensors()
@@ -70,12 +153,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let lora = LoraConfig { lora_dropout: 0.0, ..LoraConfig::lora(16, 32.0, &TARGETS) };
     let peft = PeftModel::new(model, AdapterConfig::Lora(lora), InitOptions { seed: 0, dtype: DType::F32 })?;
-    println!("{model_path:?}: {}", peft.parameter_count());
+    println!("{source} on {device_spec}, {dtype_name} base, batch {batch_size} x {seq}: {}", peft.parameter_count());
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let data: Vec<Example> = (0..BATCH * (warmup + steps))
+    let data: Vec<Example> = (0..batch_size * (warmup + steps))
         .map(|_| {
-            let ids: Vec<u32> = (0..SEQ).map(|_| rng.random_range(0..vocab as u32)).collect();
+            let ids: Vec<u32> = (0..seq).map(|_| rng.random_range(0..vocab as u32)).collect();
             Example { labels: ids.iter().map(|&t| t as i64).collect(), ids }
         })
         .collect();
@@ -86,10 +169,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         peft.named_trainable_vars()?.into_iter().map(|(k, v)| (k, v, true)).collect(),
         AdamWConfig::default(),
     )?;
-    let batch = collate(&data[..BATCH].iter().collect::<Vec<_>>(), 0, &device)?;
+    let batch = collate(&data[..batch_size].iter().collect::<Vec<_>>(), 0, &device)?;
     let t0 = Instant::now();
     let logits = peft.model().logits(&batch.ids)?;
-    let logits = logits.reshape((BATCH * SEQ, vocab))?;
+    let logits = logits.reshape((batch_size * seq, vocab))?.to_dtype(DType::F32)?;
     let loss = masked_cross_entropy(&logits, &batch.labels)?;
     loss.to_scalar::<f32>()?;
     let t1 = Instant::now();
@@ -119,7 +202,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let config = TrainConfig {
         steps: warmup + steps,
-        batch_size: BATCH,
+        batch_size,
         schedule: LrSchedule::Constant { lr: 1e-4 },
         max_grad_norm: None,
         ..Default::default()
@@ -134,41 +217,65 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         println!("step {}: loss {:.4}, {:.1} tokens/s", log.step, log.loss, log.tokens_per_s);
     }
-    let ours_tps = (BATCH * SEQ * steps) as f64 / seconds;
-    let ours_rss = peak_rss();
+    let ours_tps = (batch_size * seq * steps) as f64 / seconds;
+    drop(trainer);
+    // Peak memory: the device's (above what was in use before the model) on a GPU, RSS on the CPU.
+    let (ours_mem, mem_kind) = match (sampler, memory_before) {
+        (Some(s), Some(before)) => (Some(s.peak().saturating_sub(before)), "peak device memory"),
+        _ => (peak_rss(), "peak RSS"),
+    };
     println!(
-        "candle-peft: {:.1} tokens/s ({:.2} s/step), peak RSS {}",
+        "candle-peft: {:.1} tokens/s ({:.2} s/step), {mem_kind} {}",
         ours_tps,
         seconds / steps as f64,
-        ours_rss.map_or("n/a".into(), |b| format!("{:.2} GiB", gib(b)))
+        ours_mem.map_or("n/a".into(), |b| format!("{:.2} GiB", gib(b)))
     );
-    drop(trainer);
+    let mut summary = serde_json::json!({
+        "job": {"model": source, "device": device_spec, "dtype": dtype_name, "batch": batch_size, "seq": seq,
+                "steps": steps, "warmup": warmup, "adapter": "LoRA r=16 alpha=32, all seven linears"},
+        "candle_peft": {"tokens_per_s": ours_tps, "seconds_per_step": seconds / steps as f64,
+                        "peak_memory_bytes": ours_mem, "memory_measure": mem_kind},
+    });
+    let write_summary = |summary: &serde_json::Value| -> Result<(), Box<dyn std::error::Error>> {
+        if let Some(path) = arg(&args, "--json") {
+            candle_peft::format::write_atomic(path.as_ref(), serde_json::to_string_pretty(summary)?.as_bytes())?;
+        }
+        Ok(())
+    };
 
     let Some(python) = arg(&args, "--python") else {
         println!("(pass --python <venv python with torch and peft> to run PyTorch + PEFT side by side)");
-        return Ok(());
+        return write_summary(&summary);
     };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/train_throughput_peft.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .args(["--model".as_ref(), model_path.as_os_str()])
-        .args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()])
-        .output()?;
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script);
+    if random {
+        cmd.arg("--random");
+    } else {
+        cmd.args(["--model".as_ref(), model_path.as_os_str()]);
+    }
+    let torch_device = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".into(),
+    };
+    cmd.args(["--device", &torch_device, "--dtype", &dtype_name]);
+    cmd.args(["--batch", &batch_size.to_string(), "--seq", &seq.to_string()]);
+    let out = cmd.args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()]).output()?;
     if !out.status.success() {
         return Err(format!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr)).into());
     }
     let stdout = String::from_utf8(out.stdout)?;
     let theirs: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())?;
     let their_tps = theirs["tokens_per_s"].as_f64().ok_or("no tokens_per_s from the PyTorch script")?;
-    let their_rss = theirs["peak_rss_bytes"].as_u64().ok_or("no peak_rss_bytes from the PyTorch script")?;
-    println!("{}: {:.1} tokens/s, peak RSS {:.2} GiB", theirs["impl"], their_tps, gib(their_rss));
-    println!("| | tokens/s | peak RSS (GiB) |\n|---|---:|---:|");
-    println!("| PyTorch + PEFT | {their_tps:.1} | {:.2} |", gib(their_rss));
-    println!("| candle-peft | {ours_tps:.1} | {} |", ours_rss.map_or("n/a".into(), |b| format!("{:.2}", gib(b))));
-    println!(
-        "| ratio | {:.2}x | {} |",
-        ours_tps / their_tps,
-        ours_rss.map_or("n/a".into(), |b| format!("{:.2}x", b as f64 / their_rss as f64))
-    );
-    Ok(())
+    let their_mem = theirs["peak_memory_bytes"].as_u64().ok_or("no peak_memory_bytes from the PyTorch script")?;
+    println!("{}: {:.1} tokens/s, {} {:.2} GiB", theirs["impl"], their_tps, theirs["memory_measure"], gib(their_mem));
+    println!("| | tokens/s | peak memory (GiB) |\n|---|---:|---:|");
+    println!("| PyTorch + PEFT | {their_tps:.1} | {:.2} |", gib(their_mem));
+    println!("| candle-peft | {ours_tps:.1} | {} |", ours_mem.map_or("n/a".into(), |b| format!("{:.2}", gib(b))));
+    let mem_ratio = ours_mem.map(|b| b as f64 / their_mem as f64);
+    println!("| ratio | {:.2}x | {} |", ours_tps / their_tps, mem_ratio.map_or("n/a".into(), |r| format!("{r:.2}x")));
+    summary["pytorch"] = theirs;
+    summary["ratio"] = serde_json::json!({"tokens_per_s": ours_tps / their_tps, "peak_memory": mem_ratio});
+    write_summary(&summary)
 }

@@ -1,12 +1,16 @@
 """The PyTorch + PEFT side of `cargo bench --bench train_throughput`: the same training job.
 
-SmolLM2-135M-Instruct (the GGUF that scripts/fetch_smollm2.sh fetches, dequantized to f32 by
-transformers), LoRA r=16 alpha=32 on all seven linears of every layer, batch 4 x 256 tokens,
-AdamW (lr 1e-4), CPU, f32. Prints one JSON line: tokens/s over the timed steps and the peak RSS
-of this process.
+SmolLM2-135M-Instruct (the GGUF that scripts/fetch_smollm2.sh fetches, dequantized by
+transformers; or `--random`, a randomly initialised LlamaForCausalLM of its shape), LoRA r=16
+alpha=32 on all seven linears of every layer, AdamW (lr 1e-4); by default batch 4 x 256 tokens,
+f32, CPU. `--dtype bf16` casts the base model to bf16 while PEFT keeps the adapter weights (and so
+the optimizer state) in f32, as candle-peft does; the loss is computed in f32 (transformers
+upcasts the logits). Prints one JSON line: tokens/s over the timed steps and the peak memory
+(this process's peak RSS on the CPU; torch.cuda.max_memory_allocated on a GPU).
 
-    python benches/train_throughput_peft.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf]
-        [--steps 5] [--warmup 1]
+    python benches/train_throughput_peft.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf |
+        --random] [--device cpu|cuda:0] [--dtype f32|bf16] [--batch 4] [--seq 256] [--steps 5]
+        [--warmup 1]
 
 Pinned versions: tests/fixtures/requirements.txt (torch 2.15.0, peft 0.21.2).
 """
@@ -19,23 +23,41 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-BATCH, SEQ = 4, 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--random", action="store_true", help="a random model of SmolLM2-135M's shape")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args()
 
-    path = os.path.abspath(args.model)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # as candle's f32 matmuls
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.random:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                             max_position_embeddings=8192, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    else:
+        path = os.path.abspath(args.model)
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+        ).to(device)
+    # autocast_adapter_dtype (PEFT's default) keeps the LoRA weights in f32 on a bf16 base.
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -44,23 +66,37 @@ def main():
     vocab = model.config.vocab_size
     times = []
     for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # waits for the step, as candle-peft's loss read does
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        memory = torch.cuda.max_memory_allocated(device)
+        measure = "torch.cuda.max_memory_allocated"
+        reserved = torch.cuda.max_memory_reserved(device)
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        measure = "peak RSS"
+        reserved = None
     print(json.dumps({
         "impl": f"pytorch {torch.__version__} + peft",
+        "device": str(device),
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "steps": len(times),
         "seconds_per_step": sum(times) / len(times),
-        "tokens_per_s": BATCH * SEQ * len(times) / sum(times),
-        "peak_rss_bytes": rss,
-        "last_loss": loss.item(),
+        "tokens_per_s": args.batch * args.seq * len(times) / sum(times),
+        "peak_memory_bytes": memory,
+        "memory_measure": measure,
+        "max_memory_reserved_bytes": reserved,
+        "last_loss": loss_value,
     }))
 
 

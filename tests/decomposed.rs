@@ -5,14 +5,14 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_peft::adapters::edora::edora;
 use candle_peft::format::{CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{
     AdaptedLinear, Adapter, AdapterConfig, AdapterCore, BaseLayer, Bora, Error, InitOptions, LinearHost, Lora,
     LoraConfig, LoraParams, LoraXs, PeftModel,
 };
-use common::{assert_close, fixture, load, tiny_llama};
+use common::{assert_close, fixture, load, test_device, tiny_llama};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -96,7 +96,7 @@ fn lora_xs_svd_init_is_the_rank_r_truncation() -> candle_peft::Result<()> {
         let rel = frob(&(&truncation - get("truncation"))?) / frob(&get("truncation"));
         assert!(rel < 1e-4, "{name}: truncation off by {rel:e} (Frobenius, relative)");
         let gram = xs.lora_b().t()?.matmul(xs.lora_b())?;
-        assert_close(&gram, &Tensor::eye(r, DType::F32, &Device::Cpu)?, 1e-5, "U^T U = I");
+        assert_close(&gram, &Tensor::eye(r, DType::F32, &test_device())?, 1e-5, "U^T U = I");
         let r_std = xs.lora_r().flatten_all()?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
         assert!(r_std > 2e-6 && r_std < 5e-5, "R ~ N(0, 1e-5^2): rms {r_std}");
     }
@@ -147,7 +147,7 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         }
         // The adapter changes the output, merged outputs equal unmerged ones, and merge then
         // unmerge restores every base weight.
-        let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1., (3, 32), &test_device())?;
         let path = "model.layers.1.self_attn.q_proj";
         let layer = peft.model().get(path).unwrap();
         let before = layer.forward_checked(&x)?;
@@ -181,8 +181,8 @@ fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::
         let e = PeftModel::new(tiny_llama(), config, InitOptions::default()).unwrap_err();
         assert!(matches!(e, Error::InvalidConfig { name: "r", .. }) && e.to_string().contains("min(16, 32)"), "{e}");
     }
-    let w = Tensor::randn(0f32, 1., (8, 6), &Device::Cpu)?;
-    let nan = w.broadcast_mul(&Tensor::new(&[f32::NAN, 1., 1., 1., 1., 1.], &Device::Cpu)?)?;
+    let w = Tensor::randn(0f32, 1., (8, 6), &test_device())?;
+    let nan = w.broadcast_mul(&Tensor::new(&[f32::NAN, 1., 1., 1., 1., 1.], &test_device())?)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let e = LoraXs::new(
         BaseLayer { weight: &nan, bias: None },
@@ -200,11 +200,11 @@ fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::
         &mut rng,
     )?;
     let mut e = edora(xs, &w)?;
-    let wrong = Tensor::ones(7, DType::F32, &Device::Cpu)?;
+    let wrong = Tensor::ones(7, DType::F32, &test_device())?;
     assert!(matches!(e.load_tensor("lora_magnitude_vector", &wrong), Err(Error::ShapeMismatch { .. })));
     let lora = Lora::from_weights(
-        Tensor::ones((2, 6), DType::F32, &Device::Cpu)?,
-        Tensor::ones((8, 2), DType::F32, &Device::Cpu)?,
+        Tensor::ones((2, 6), DType::F32, &test_device())?,
+        Tensor::ones((8, 2), DType::F32, &test_device())?,
         1.0,
         0.0,
     )?;

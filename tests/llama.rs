@@ -8,13 +8,13 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_peft::models::{Llama, LlamaConfig};
 use candle_peft::{Error, PeftModel};
-use common::{assert_close, fixture, load};
+use common::{assert_close, fixture, load, test_device};
 
 fn tiny() -> Llama {
-    Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32).unwrap()
+    Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32).unwrap()
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn other_peft_adapters_reproduce_peft_logits() -> candle_peft::Result<()> {
 #[test]
 fn bad_model_dirs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
+    let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
     assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("config.json"), "{e}");
     std::fs::write(
         dir.path().join("config.json"),
@@ -64,17 +64,18 @@ fn bad_model_dirs_are_clear_errors() {
         "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10}"#,
     )
     .unwrap();
-    let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
+    let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
     assert!(e.to_string().contains("gpt2"), "{e}");
     std::fs::copy(fixture("tiny_llama/config.json"), dir.path().join("config.json")).unwrap();
-    let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
+    let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
     assert!(e.to_string().contains("safetensors"), "{e}");
     // Weights with a tensor missing name it.
-    let mut t = candle_peft::format::read_safetensors(&fixture("tiny_llama/model.safetensors"), &Device::Cpu).unwrap();
+    let mut t =
+        candle_peft::format::read_safetensors(&fixture("tiny_llama/model.safetensors"), &test_device()).unwrap();
     t.remove("model.layers.1.mlp.up_proj.weight");
     candle_peft::format::write_safetensors(&dir.path().join("model.safetensors"), &t.into_iter().collect::<Vec<_>>())
         .unwrap();
-    let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
+    let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
 }
 
@@ -82,12 +83,12 @@ fn bad_model_dirs_are_clear_errors() {
 fn the_kv_cache_gives_the_full_forward_logits_and_the_same_greedy_tokens() -> candle_peft::Result<()> {
     let model = tiny();
     let ids: Vec<u32> = vec![3, 17, 42, 5, 9, 60, 1, 33, 12];
-    let full = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?.squeeze(0)?;
+    let full = model.forward(&Tensor::new(ids.as_slice(), &test_device())?.unsqueeze(0)?)?.squeeze(0)?;
     // The same positions in three calls: 5 tokens, then 1, then 3.
     let mut cache = candle_peft::models::KvCache::default();
     let mut parts = Vec::new();
     for chunk in [&ids[..5], &ids[5..6], &ids[6..]] {
-        parts.push(model.forward_cached(&Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?, &mut cache)?.squeeze(0)?);
+        parts.push(model.forward_cached(&Tensor::new(chunk, &test_device())?.unsqueeze(0)?, &mut cache)?.squeeze(0)?);
     }
     assert_eq!(cache.len(), ids.len());
     let cached = Tensor::cat(&parts, 0)?;
@@ -97,7 +98,7 @@ fn the_kv_cache_gives_the_full_forward_logits_and_the_same_greedy_tokens() -> ca
     // Greedy decoding with the cache against recomputing the whole prefix every step.
     let mut reference = ids[..4].to_vec();
     for _ in 0..8 {
-        let logits = model.forward(&Tensor::new(reference.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+        let logits = model.forward(&Tensor::new(reference.as_slice(), &test_device())?.unsqueeze(0)?)?;
         reference.push(logits.squeeze(0)?.get(reference.len() - 1)?.argmax(0)?.to_scalar::<u32>()?);
     }
     assert_eq!(model.generate_greedy(&ids[..4], 8, None)?, reference[4..]);
@@ -131,7 +132,7 @@ fn zero_or_inconsistent_sizes_in_config_json_are_clear_errors() {
         ("rms_norm_eps", serde_json::json!(-1.0), "expected a small positive number"),
     ] {
         let dir = dir_with(field, value.clone());
-        let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
+        let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
         let config = dir.path().join("config.json");
         assert!(
             matches!(&e, Error::ModelConfig { path: Some(p), field: f, .. } if *p == config && f == field),
@@ -147,11 +148,11 @@ fn zero_or_inconsistent_sizes_in_config_json_are_clear_errors() {
     config["num_attention_heads"] = 3.into();
     config["num_key_value_heads"] = 1.into();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let e = Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).unwrap_err();
+    let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
     assert!(e.to_string().contains("num_attention_heads is 3, which does not divide hidden_size (32)"), "{e}");
     // The unmodified config loads: the errors above come from the values, not from the copy.
     let dir = dir_with("num_attention_heads", serde_json::json!(4));
-    Llama::from_hf_dir(dir.path(), &Device::Cpu, DType::F32).expect("the fixture loads");
+    Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).expect("the fixture loads");
 }
 
 fn small_config() -> LlamaConfig {
@@ -168,12 +169,13 @@ fn a_config_built_in_code_is_checked_by_every_constructor() {
     assert_eq!(zero_heads.head_dim(), 0, "no division by zero");
     let e = zero_heads.validate().unwrap_err();
     assert!(matches!(&e, Error::ModelConfig { path: None, field, .. } if field == "num_attention_heads"), "{e}");
-    let e = Llama::random(zero_heads.clone(), 0, &Device::Cpu).unwrap_err();
+    let e = Llama::random(zero_heads.clone(), 0, &test_device()).unwrap_err();
     assert!(e.to_string().contains("num_attention_heads is 0; expected at least 1"), "{e}");
-    let good = Llama::random(small_config(), 0, &Device::Cpu).unwrap();
+    let good = Llama::random(small_config(), 0, &test_device()).unwrap();
     let e = Llama::from_tensors(zero_heads, &good.tensors(), DType::F32).unwrap_err();
     assert!(matches!(&e, Error::ModelConfig { field, .. } if field == "num_attention_heads"), "{e}");
-    let e = Llama::random(LlamaConfig { num_key_value_heads: Some(0), ..small_config() }, 0, &Device::Cpu).unwrap_err();
+    let e =
+        Llama::random(LlamaConfig { num_key_value_heads: Some(0), ..small_config() }, 0, &test_device()).unwrap_err();
     assert!(matches!(&e, Error::ModelConfig { field, .. } if field == "num_key_value_heads"), "{e}");
     let rope = LlamaConfig { rope_scaling: Some(serde_json::json!({"type": "linear"})), ..small_config() };
     assert!(matches!(rope.validate(), Err(Error::ModelConfig { field, .. }) if field == "rope_scaling"));
@@ -207,7 +209,7 @@ fn gguf_name(hf: &str) -> String {
 /// Writes a GGUF file of a random `small_config()` model whose metadata says `heads` query and
 /// `kv_heads` key/value heads, plus `extra` metadata.
 fn write_gguf(path: &Path, heads: u32, kv_heads: u32, extra: &[(&str, Value)]) {
-    let model = Llama::random(small_config(), 0, &Device::Cpu).unwrap();
+    let model = Llama::random(small_config(), 0, &test_device()).unwrap();
     let tensors: Vec<(String, QTensor)> = model
         .tensors()
         .into_iter()
@@ -238,9 +240,9 @@ fn a_gguf_with_zero_or_inconsistent_head_counts_is_a_clear_error() {
     let path = dir.path().join("tiny.gguf");
     // The file as written loads and runs: the errors below come from the head counts alone.
     write_gguf(&path, 4, 2, &[]);
-    let (model, _) = Llama::from_gguf(&path, &Device::Cpu, DType::F32).expect("a valid GGUF loads");
+    let (model, _) = Llama::from_gguf(&path, &test_device(), DType::F32).expect("a valid GGUF loads");
     assert_eq!((model.config().num_attention_heads, model.config().kv_heads()), (4, 2));
-    model.forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap()).unwrap();
+    model.forward(&Tensor::new(&[[1u32, 2, 3]], &test_device()).unwrap()).unwrap();
     for (heads, kv, key, says) in [
         (0, 2, "llama.attention.head_count", "is 0; expected at least 1"),
         (4, 0, "llama.attention.head_count_kv", "is 0; expected at least 1"),
@@ -248,7 +250,7 @@ fn a_gguf_with_zero_or_inconsistent_head_counts_is_a_clear_error() {
         (3, 1, "llama.attention.head_count", "does not divide llama.embedding_length (32)"),
     ] {
         write_gguf(&path, heads, kv, &[]);
-        let e = Llama::from_gguf(&path, &Device::Cpu, DType::F32).unwrap_err();
+        let e = Llama::from_gguf(&path, &test_device(), DType::F32).unwrap_err();
         assert!(
             matches!(&e, Error::ModelConfig { path: Some(p), field, .. } if *p == path && field == key),
             "head_count {heads}, head_count_kv {kv}: {e}"

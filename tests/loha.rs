@@ -6,14 +6,14 @@ mod common;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_peft::adapters::{Loha, LohaConfig};
 use candle_peft::format::CONFIG_FILE;
 use candle_peft::models::Llama;
 use candle_peft::{
     AdaptedLinear, AdapterConfig, Error, InitOptions, LinearHost, MethodParams, PeftModel, TargetConfig,
 };
-use common::{assert_close, check_adapter_dir, check_saved_files, fixture, load, tiny_llama};
+use common::{assert_close, check_adapter_dir, check_saved_files, fixture, load, test_device, tiny_llama};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -66,7 +66,7 @@ fn a_peft_saved_adapter_matches_peft() -> candle_peft::Result<()> {
 
     // The whole model's logits through the trainable LLaMA.
     let r = load("tiny_llama/loha/reference.safetensors");
-    let model = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32)?;
+    let model = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32)?;
     let peft = PeftModel::from_pretrained(model, &fixture("tiny_llama/loha"), DType::F32)?;
     assert_close(&peft.model().forward(&r["ids"])?, &r["logits"], 1e-5, "LoHa logits");
     Ok(())
@@ -86,7 +86,7 @@ fn a_fresh_adapter_is_the_base_and_draws_like_nn_linear() -> candle_peft::Result
     for (path, layer) in peft.model().linears() {
         let Some(adapter) = layer.adapter() else { continue };
         let (inp, _) = layer.features();
-        let x = Tensor::randn(0f32, 1., (3, inp), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1., (3, inp), &test_device())?;
         let base = x.matmul(&layer.weight().t()?)?;
         assert_close(&layer.forward_checked(&x)?, &base, 1e-6, &format!("{path}: dW = 0 at init"));
         for (key, var) in adapter.trainable_vars() {
@@ -118,7 +118,7 @@ fn bad_configs_are_clear_errors() {
     assert!(matches!(e, Error::InvalidConfig { name: "r", .. }), "{e}");
     assert!(matches!(with("alpha", "eight".into()), Err(Error::Config { .. })));
     // A factor of the wrong shape.
-    let ones = |d: (usize, usize)| Tensor::ones(d, DType::F32, &Device::Cpu).unwrap();
+    let ones = |d: (usize, usize)| Tensor::ones(d, DType::F32, &test_device()).unwrap();
     let e = Loha::from_weights([ones((4, 2)), ones((2, 3)), ones((4, 2)), ones((3, 3))], 1.0).unwrap_err();
     assert!(e.to_string().contains("hada_w2_b"), "{e}");
     // A scaling strategy PEFT's format cannot hold trains, but is not saved as something else.

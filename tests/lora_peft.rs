@@ -2,10 +2,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Module, Tensor, Var};
 use candle_peft::scaling::from_use_rslora;
 use candle_peft::{AdaptedLinear, Adapter, AdapterCore, BaseLayer, Dora, Lora, LoraInit, LoraParams};
-use common::{assert_close, fixture, load};
+use common::{assert_close, fixture, load, test_device};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -167,7 +167,7 @@ fn dropout_acts_in_training_only_and_disable_gives_the_base() -> candle_peft::Re
 fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
     // Two adapted layers: the second sees an input that depends on the first adapter, the case
     // in which candle's matmul would compute a gradient for the frozen weight.
-    let dev = Device::Cpu;
+    let dev = test_device();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
     let mut layers = Vec::new();
     for _ in 0..2 {
@@ -196,13 +196,13 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
 
 /// A LoRA for a (4, 3) layer with `A`, `B` all ones.
 fn ones_lora() -> candle_peft::Result<Lora> {
-    let ones = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu);
+    let ones = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &test_device());
     Lora::from_weights(ones((2, 3))?, ones((4, 2))?, 1.0, 0.0)
 }
 
 #[test]
 fn merge_state_errors() -> candle_peft::Result<()> {
-    let w = Tensor::randn(0f32, 1., (4, 3), &Device::Cpu)?;
+    let w = Tensor::randn(0f32, 1., (4, 3), &test_device())?;
     let mut layer = AdaptedLinear::new(w.clone(), None)?;
     assert!(layer.merge().is_err(), "merging without an adapter");
     let lora = ones_lora()?;
@@ -211,10 +211,10 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     layer.merge()?;
     assert!(matches!(layer.merge(), Err(candle_peft::Error::MergeState(_))), "merging twice");
     assert!(layer.set_enabled(false).is_err(), "disabling a merged adapter");
-    let bad = layer.forward_checked(&Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?).unwrap_err();
+    let bad = layer.forward_checked(&Tensor::zeros((2, 5), DType::F32, &test_device())?).unwrap_err();
     assert!(matches!(bad, candle_peft::Error::ShapeMismatch { .. }), "{bad}");
     // An adapter built for another shape is refused.
-    let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &Device::Cpu)?, None)?;
+    let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &test_device())?, None)?;
     let lora = ones_lora()?;
     assert!(matches!(other.set_adapter(Box::new(lora), None), Err(candle_peft::Error::ShapeMismatch { .. })));
     Ok(())

@@ -6,10 +6,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_peft::format::{read_safetensors, write_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{AdapterConfig, Error, Fixed, InitOptions, LinearHost, LoraConfig, PeftModel};
-use common::{assert_close, fixture, tiny_llama};
+use common::{assert_close, fixture, test_device, tiny_llama};
 use serde_json::Value;
 
 const ADAPTERS: [&str; 4] = ["lora", "rslora_all_linear", "lora_layers", "dora"];
@@ -56,7 +56,7 @@ fn saved_adapters_have_peft_keys_shapes_and_config() -> candle_peft::Result<()> 
         peft.save_pretrained(out.path())?;
 
         let shapes = |p: &Path| -> BTreeMap<String, Vec<usize>> {
-            read_safetensors(p, &Device::Cpu).unwrap().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
+            read_safetensors(p, &test_device()).unwrap().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
         };
         assert_eq!(shapes(&out.path().join(WEIGHTS_FILE)), shapes(&dir.join(WEIGHTS_FILE)), "{name}: keys and shapes");
         let read = |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
@@ -97,7 +97,7 @@ fn a_custom_strategy_is_saved_as_an_equivalent_alpha() -> candle_peft::Result<()
     // Loaded back as plain alpha/r, every layer computes what the fixed factor computed.
     let back = PeftModel::from_pretrained(tiny_llama(), out.path(), DType::F32)?;
     for ((p, ours), (_, theirs)) in peft.model().linears().into_iter().zip(back.model().linears()) {
-        let x = Tensor::randn(0f32, 1., (2, ours.features().0), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1., (2, ours.features().0), &test_device())?;
         assert_close(&ours.forward_checked(&x)?, &theirs.forward_checked(&x)?, 1e-6, &p);
     }
     Ok(())
@@ -121,7 +121,7 @@ fn trainable_vars_and_parameter_count() -> candle_peft::Result<()> {
 fn merge_then_unmerge_restores_every_base_weight() -> candle_peft::Result<()> {
     let mut peft = PeftModel::from_pretrained(tiny_llama(), &fixture("tiny_llama/rslora_all_linear"), DType::F32)?;
     let before: Vec<Tensor> = peft.model().linears().iter().map(|(_, l)| l.weight().clone()).collect();
-    let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1., (3, 32), &test_device())?;
     let path = "model.layers.1.self_attn.q_proj";
     let unmerged = peft.model().get(path).unwrap().forward_checked(&x)?;
     peft.merge()?;
@@ -147,7 +147,7 @@ fn copy_adapter(name: &str) -> tempfile::TempDir {
 
 fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
     let path = dir.join(WEIGHTS_FILE);
-    let mut t = read_safetensors(&path, &Device::Cpu).unwrap();
+    let mut t = read_safetensors(&path, &test_device()).unwrap();
     edit(&mut t);
     write_safetensors(&path, &t.into_iter().collect::<Vec<_>>()).unwrap();
 }
@@ -160,7 +160,7 @@ fn missing_and_unexpected_keys_are_listed() {
         t.remove(gone);
         t.insert(
             "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight".into(),
-            Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((4, 32), DType::F32, &test_device()).unwrap(),
         );
     });
     let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
@@ -174,7 +174,7 @@ fn a_wrong_shape_names_the_key_and_both_shapes() {
     let dir = copy_adapter("lora");
     let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
     rewrite_weights(dir.path(), |t| {
-        t.insert(key.into(), Tensor::zeros((3, 32), DType::F32, &Device::Cpu).unwrap());
+        t.insert(key.into(), Tensor::zeros((3, 32), DType::F32, &test_device()).unwrap());
     });
     let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
     let msg = e.to_string();

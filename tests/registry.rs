@@ -7,12 +7,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_peft::adapters::{variant_names, variants};
 use candle_peft::{
     AdapterConfig, Error, Fixed, InitOptions, LinearHost, MethodParams, PeftModel, RankStabilized, TargetConfig,
 };
-use common::{assert_close, tiny_llama};
+use common::{assert_close, test_device, tiny_llama};
 
 fn params(rank: usize) -> MethodParams {
     MethodParams::new(rank, TargetConfig::list(&["q_proj", "v_proj", "up_proj"]))
@@ -37,7 +37,7 @@ fn the_registry_lists_each_name_and_peft_type_once() {
 /// tensors, saves in PEFT's format and loads back to the same outputs, as the same method.
 #[test]
 fn every_method_builds_trains_saves_and_loads() -> candle_peft::Result<()> {
-    let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1., (3, 32), &test_device())?;
     for v in variants() {
         let mut p = params(4);
         if v.name == "melora" {
@@ -68,7 +68,7 @@ fn every_method_builds_trains_saves_and_loads() -> candle_peft::Result<()> {
         assert_eq!(back.config().peft_type(), v.peft.split(' ').next().unwrap(), "{}", v.name);
         assert_eq!(back.config().method_name(), expected_name);
         for (p, l) in peft.model().linears() {
-            let x = Tensor::randn(0f32, 1., (3, l.features().0), &Device::Cpu)?;
+            let x = Tensor::randn(0f32, 1., (3, l.features().0), &test_device())?;
             let theirs = back.model().get(&p).unwrap();
             assert_close(&theirs.forward_checked(&x)?, &l.forward_checked(&x)?, 1e-6, &format!("{} {p}", v.name));
         }

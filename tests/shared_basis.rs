@@ -5,11 +5,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::method::BuildContext;
 use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, MeloraConfig, PeftModel, VeraConfig};
-use common::{assert_close, check_adapter_dir, check_saved_files, fixture, load, tiny_llama};
+use common::{assert_close, check_adapter_dir, check_saved_files, fixture, load, test_device, tiny_llama};
 
 /// PEFT's trainable parameter count for a fixture adapter.
 fn peft_trainable(name: &str) -> usize {
@@ -77,7 +77,7 @@ fn vera_bad_input() -> candle_peft::Result<()> {
         serde_json::from_str(&std::fs::read_to_string(src.join(CONFIG_FILE)).unwrap()).unwrap();
     json["save_projection"] = false.into();
     std::fs::write(dir.path().join(CONFIG_FILE), json.to_string()).unwrap();
-    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &Device::Cpu)?;
+    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &test_device())?;
     t.remove("base_model.vera_A");
     t.remove("base_model.vera_B");
     candle_peft::format::write_safetensors(&dir.path().join(WEIGHTS_FILE), &t.into_iter().collect::<Vec<_>>())?;
@@ -95,7 +95,7 @@ fn vera_bad_input() -> candle_peft::Result<()> {
 
     // Shared projections too small for the layers.
     std::fs::copy(src.join(CONFIG_FILE), dir.path().join(CONFIG_FILE)).unwrap();
-    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &Device::Cpu)?;
+    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &test_device())?;
     let a = t["base_model.vera_A"].narrow(1, 0, 40)?;
     t.insert("base_model.vera_A".into(), a);
     candle_peft::format::write_safetensors(&dir.path().join(WEIGHTS_FILE), &t.into_iter().collect::<Vec<_>>())?;
@@ -113,7 +113,7 @@ fn fresh_vera_starts_as_the_base_and_trains_only_vectors() -> candle_peft::Resul
     )?;
     for (path, layer) in peft.model().linears() {
         if layer.adapter().is_some() {
-            let x = Tensor::randn(0f32, 1., (2, layer.features().0), &Device::Cpu)?;
+            let x = Tensor::randn(0f32, 1., (2, layer.features().0), &test_device())?;
             let base = x.matmul(&layer.weight().t()?)?;
             assert_close(&layer.forward_checked(&x)?, &base, 1e-6, &path);
         }
@@ -134,7 +134,7 @@ fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
     let vars: BTreeMap<String, Var> = layer.adapter().unwrap().trainable_vars().into_iter().collect();
     assert_eq!(vars.len(), 8);
     // Independent reference: mini i maps input chunk i to output chunk i with s = alpha / r_i.
-    let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1., (3, 32), &test_device())?;
     let s = 16.0 / 2.0;
     let mut chunks = Vec::new();
     for i in 0..4 {
@@ -189,7 +189,7 @@ fn randlora_bases_are_stored_once_and_bad_input_is_refused() -> candle_peft::Res
     let src = fixture("tiny_llama/randlora");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(src.join(CONFIG_FILE), dir.path().join(CONFIG_FILE)).unwrap();
-    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &Device::Cpu)?;
+    let mut t = read_safetensors(&src.join(WEIGHTS_FILE), &test_device())?;
     let b = t["base_model.randlora_B"].narrow(1, 0, 2)?;
     t.insert("base_model.randlora_B".into(), b);
     candle_peft::format::write_safetensors(&dir.path().join(WEIGHTS_FILE), &t.into_iter().collect::<Vec<_>>())?;

@@ -3,15 +3,15 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_peft::models::Llama;
 use candle_peft::train::data::Example;
 use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
 use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, LoraConfig, PeftModel};
-use common::fixture;
+use common::{fixture, test_device};
 
 fn model(config: AdapterConfig) -> PeftModel<Llama> {
-    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32).unwrap();
+    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32).unwrap();
     PeftModel::new(llama, config, InitOptions { seed: 1, ..Default::default() }).unwrap()
 }
 
@@ -58,7 +58,7 @@ fn the_loss_falls_on_a_learnable_task() -> candle_peft::Result<()> {
 #[test]
 fn a_bf16_base_trains_with_f32_adapters() -> candle_peft::Result<()> {
     let data = counting(16);
-    let bf16 = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::BF16)?;
+    let bf16 = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::BF16)?;
     let peft = PeftModel::new(bf16, lora(), InitOptions { seed: 1, dtype: DType::F32 })?;
     assert!(peft.trainable_vars()?.iter().all(|v| v.dtype() == DType::F32));
     let mut t = Trainer::new(peft, config(40))?;
@@ -101,7 +101,7 @@ fn a_resumed_run_continues_the_same_loss_curve() -> candle_peft::Result<()> {
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     // The final checkpoint is a PEFT adapter directory.
     PeftModel::from_pretrained(
-        Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32)?,
+        Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32)?,
         &dir.path().join("checkpoint-6"),
         DType::F32,
     )?;
@@ -121,7 +121,7 @@ fn a_nan_stops_training_and_keeps_the_last_checkpoint() -> candle_peft::Result<(
     // Poison one adapter: the next forward gives NaN logits.
     for (path, layer) in t.peft_mut().model_mut().linears_mut() {
         if path == "model.layers.0.self_attn.q_proj" {
-            let nan = Tensor::full(f32::NAN, (32, 8), &Device::Cpu)?;
+            let nan = Tensor::full(f32::NAN, (32, 8), &test_device())?;
             layer.adapter_mut().unwrap().load_tensor("lora_B.weight", &nan)?;
         }
     }
@@ -129,7 +129,7 @@ fn a_nan_stops_training_and_keeps_the_last_checkpoint() -> candle_peft::Result<(
     assert!(matches!(e, Error::NonFinite { step: 3, .. }), "{e}");
     assert!(e.to_string().contains("checkpoint-2"), "{e}");
     assert!(!dir.path().join("checkpoint-3").exists());
-    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32)?;
+    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32)?;
     PeftModel::from_pretrained(llama, &good, DType::F32)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_peft::train::{clip_grad_norm, masked_cross_entropy, AdamW, AdamWConfig};
-use common::{assert_close, load};
+use common::{assert_close, load, test_device};
 
 #[test]
 fn adamw_matches_torch() -> candle_peft::Result<()> {
@@ -42,8 +42,8 @@ fn adamw_matches_torch() -> candle_peft::Result<()> {
 
 #[test]
 fn clipping_scales_to_the_global_norm() -> candle_peft::Result<()> {
-    let a = Var::new(&[3f32, 0.], &candle_core::Device::Cpu)?;
-    let b = Var::new(&[0f32, 4.], &candle_core::Device::Cpu)?;
+    let a = Var::new(&[3f32, 0.], &test_device())?;
+    let b = Var::new(&[0f32, 4.], &test_device())?;
     let loss = ((a.as_tensor() * a.as_tensor())?.sum_all()? * 0.5)?
         .add(&((b.as_tensor() * b.as_tensor())?.sum_all()? * 0.5)?)?;
     let mut grads = loss.backward()?; // grads = (3, 0) and (0, 4): global norm 5
@@ -65,9 +65,9 @@ fn masked_cross_entropy_matches_torch() -> candle_peft::Result<()> {
     let grads = loss.backward()?;
     assert_close(grads.get(logits.as_tensor()).unwrap(), &t["ce.grad"].reshape((12, 11))?, 1e-5, "grad");
     // All positions ignored, or a label outside the vocabulary: clear errors.
-    let ignored = Tensor::full(-100i64, 12, &candle_core::Device::Cpu)?;
+    let ignored = Tensor::full(-100i64, 12, &test_device())?;
     assert!(masked_cross_entropy(logits.as_tensor(), &ignored).is_err());
-    let outside = Tensor::full(11i64, 12, &candle_core::Device::Cpu)?;
+    let outside = Tensor::full(11i64, 12, &test_device())?;
     assert!(masked_cross_entropy(logits.as_tensor(), &outside).unwrap_err().to_string().contains("outside"));
     Ok(())
 }

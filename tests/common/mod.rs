@@ -8,14 +8,24 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{AdapterConfig, InitOptions, LinearHost, NamedLinears, PeftModel};
 
-/// `tests/fixtures/<name>`.
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+/// The device the numeric tests run on: `CANDLE_PEFT_TEST_DEVICE` (`cpu`, `cuda:0`, `metal`,
+/// `auto`), `cpu` when unset. A device this build cannot use is a test failure that says why.
+pub fn test_device() -> Device {
+    let spec = std::env::var("CANDLE_PEFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    candle_peft::device(&spec).unwrap_or_else(|e| panic!("CANDLE_PEFT_TEST_DEVICE={spec}: {e}"))
 }
 
-/// Every tensor of a fixture safetensors file, on the CPU.
+/// `tests/fixtures/<name>`, under `CANDLE_PEFT_ROOT` when set (a test binary shipped to another
+/// machine, as `scripts/gpu_check.sh` does), else under the crate it was built from.
+pub fn fixture(name: &str) -> PathBuf {
+    let root = std::env::var_os("CANDLE_PEFT_ROOT")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).into(), PathBuf::from);
+    root.join("tests/fixtures").join(name)
+}
+
+/// Every tensor of a fixture safetensors file, on the test device.
 pub fn load(name: &str) -> BTreeMap<String, Tensor> {
-    read_safetensors(&fixture(name), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"))
+    read_safetensors(&fixture(name), &test_device()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// `max |a - b| / max |b|`, computed in f32.
@@ -38,7 +48,7 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
 /// The linear layers of the tiny LLaMA fixture (every 2-D weight but the embedding).
 pub fn tiny_llama() -> NamedLinears {
     let mut layers =
-        NamedLinears::from_safetensors(&fixture("tiny_llama/model.safetensors"), &Device::Cpu, DType::F32).unwrap();
+        NamedLinears::from_safetensors(&fixture("tiny_llama/model.safetensors"), &test_device(), DType::F32).unwrap();
     layers.retain(|p| !p.ends_with("embed_tokens"));
     layers
 }
