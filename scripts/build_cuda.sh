@@ -5,8 +5,9 @@
 # CUDA_COMPUTE_CAP says otherwise.
 #
 #   scripts/build_cuda.sh            # build (and check that it links)
-#   scripts/build_cuda.sh --package  # also copy the two GPU programs, stripped, to target/gpu-check/
-#                                    # for scripts/gpu_check.sh on a GPU machine
+#   scripts/build_cuda.sh --package  # also put the two GPU programs, stripped and xz-compressed
+#                                    # (candle's PTX makes each ~60 MB; ~1/10 compressed), in
+#                                    # target/gpu-check/ for scripts/gpu_check.sh on a GPU machine
 #
 # How (../shared/CUDA.md has the background):
 # - The toolkit comes from PyPI, pinned to CUDA 13.0 (the GPU machines' driver supports 13.0;
@@ -54,6 +55,7 @@ grep -o '^pub unsafe fn cu[A-Za-z0-9_]*' "$cudarc/src/driver/sys/mod.rs" | sed '
   awk '{ print "int " $1 "(void) { return 999; /* CUDA_ERROR_UNKNOWN: a link-time stub */ }" }' > "$cache/libcuda_stub.c"
 [ -s "$cache/libcuda_stub.c" ] || { echo "error: no cu* functions found in $cudarc" >&2; exit 1; }
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$cache/libcuda_stub.c"
+ln -sf libcuda.so "$links/libcuda.so.1" # lets the binaries start on a machine without a driver
 
 export PATH=$toolkit/bin:$PATH CUDA_ROOT=$toolkit CUDA_PATH=$toolkit CUDA_HOME=$toolkit
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
@@ -80,7 +82,9 @@ echo "== built in $(( $(date +%s) - started )) s: $gpu_test, $bench" >&2
 if [ "${1:-}" = "--package" ]; then
   out=target/gpu-check
   mkdir -p "$out"
+  rm -f "$out/gpu-tests" "$out/train-throughput"
   strip -o "$out/gpu-tests" "$gpu_test"
   strip -o "$out/train-throughput" "$bench"
-  du -h "$out"/* >&2
+  xz -f -6 -T0 "$out/gpu-tests" "$out/train-throughput"
+  du -h "$out"/*.xz >&2
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a machine with an NVIDIA GPU, its driver and PyTorch (+ PEFT), and
 # no Rust toolchain or network. Everything it runs is built beforehand on a CPU machine by
-# `scripts/build_cuda.sh --package` into target/gpu-check/ (stripped binaries, no model file):
+# `scripts/build_cuda.sh --package` into target/gpu-check/ (stripped, xz-compressed binaries; no
+# model file):
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # from the repo root; OUT_DIR defaults to target/gpu-check/out
 #
@@ -26,8 +27,11 @@ python=${PYTHON:-python3}
 batch=${BATCH:-8} seq=${SEQ:-512} steps=${STEPS:-5} warmup=${WARMUP:-2}
 mkdir -p "$out"
 for b in gpu-tests train-throughput; do
-  [ -x "$bin/$b" ] || { echo "error: $bin/$b is missing: run scripts/build_cuda.sh --package on a build machine" >&2; exit 2; }
+  [ -f "$bin/$b.xz" ] || { echo "error: $bin/$b.xz is missing: run scripts/build_cuda.sh --package on a build machine" >&2; exit 2; }
+  "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$bin/$b.xz" "$out/$b" && chmod +x "$out/$b" || exit 2
 done
+bin=$out
 
 # The CUDA libraries the binaries link (cuBLAS, cuRAND, NVRTC, the runtime) from PyTorch's wheels.
 cuda_lib=$("$python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
