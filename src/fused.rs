@@ -4,7 +4,7 @@
 //! candle's autograd keeps every intermediate tensor of the forward pass alive until the end of
 //! the backward pass. A composite such as attention (`scores`, scaled, masked, max, exp, sum,
 //! probabilities) or RMSNorm keeps five to eight activation-sized tensors per call that its
-//! backward does not need. [`with_backward`] records one graph node instead: autograd keeps the
+//! backward does not need. `with_backward` records one graph node instead: autograd keeps the
 //! op's inputs and output, and the backward recomputes what it needs. This is how PyTorch's
 //! fused kernels (SDPA, `F.cross_entropy`, RMSNorm) behave, and it is where most of a training
 //! step's memory goes (see `benches/train_throughput.rs`).

@@ -73,7 +73,7 @@ pub struct TargetConfig {
     /// The base model's revision (informational).
     #[serde(default)]
     pub revision: Option<String>,
-    /// Fields of PEFT's config that candle-peft does not interpret (see [`AdapterConfig`]).
+    /// Fields of PEFT's config that candle-peft does not interpret (see [`crate::AdapterConfig`]).
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }

@@ -1,7 +1,7 @@
 //! The adapter methods, one file each, named after the method, and the **registry**: the one
 //! list of methods that everything enumerating methods is derived from.
 //!
-//! Each line of [`methods!`] names a method's file and the type that implements
+//! Each line of `methods!` names a method's file and the type that implements
 //! [`Method`] there (plus the file's other public items, re-exported here). From that list come
 //! [`AdapterConfig`] (one variant per method, tagged by PEFT's `peft_type`),
 //! [`AdapterConfig::PEFT_TYPES`], and [`variants`] / [`AdapterConfig::for_method`] (the names the
