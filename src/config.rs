@@ -20,7 +20,7 @@ impl AdapterConfig {
     /// Checks every hyper-parameter and every uninterpreted PEFT field.
     pub fn validate(&self) -> Result<()> {
         self.validate_method()?;
-        check_peft_fields(self.peft_type(), self.target(), self.peft_fields())
+        check_peft_fields(self.peft_type(), self.target(), self.peft_fields()).map(drop)
     }
 
     /// Parses an `adapter_config.json` text; `path` is only used in messages.
@@ -28,7 +28,14 @@ impl AdapterConfig {
         let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
         let value: Value = serde_json::from_str(text).map_err(|e| err(format!("malformed JSON: {e}")))?;
         let config = Self::from_value(value).map_err(|e| err(e.to_string()))?;
-        config.validate()?;
+        config.validate_method()?;
+        for field in check_peft_fields(config.peft_type(), config.target(), config.peft_fields())? {
+            tracing::warn!(
+                "{}: ignoring field `{field}`, which PEFT's {} config does not have",
+                path.display(),
+                config.peft_type()
+            );
+        }
         Ok(config)
     }
 

@@ -259,9 +259,15 @@ pub const COMMON_PEFT_FIELDS: &[PeftField] = peft_fields! {
 };
 
 /// Checks the fields of `target.other` (PEFT's fields that no config struct holds) against
-/// PEFT's defaults: an unknown field is ignored with a warning, as PEFT does; a known one that
-/// would change the math must hold its default.
-pub(crate) fn check_peft_fields(peft_type: &str, target: &TargetConfig, fields: &[PeftField]) -> Result<()> {
+/// PEFT's defaults: a known one that would change the math must hold its default. Returns the
+/// fields PEFT does not know, which are ignored (with a warning where the config was read), as
+/// PEFT does.
+pub(crate) fn check_peft_fields<'a>(
+    peft_type: &str,
+    target: &'a TargetConfig,
+    fields: &[PeftField],
+) -> Result<Vec<&'a str>> {
+    let mut unknown = Vec::new();
     for (name, value) in &target.other {
         match COMMON_PEFT_FIELDS.iter().chain(fields).find(|f| f.name == name) {
             Some(f) if !f.inert && *value != (f.default)() && !(value.is_null() && (f.default)().is_null()) => {
@@ -271,10 +277,10 @@ pub(crate) fn check_peft_fields(peft_type: &str, target: &TargetConfig, fields: 
                 )));
             }
             Some(_) => {}
-            None => tracing::warn!("ignoring unknown {peft_type} config field `{name}`"),
+            None => unknown.push(name.as_str()),
         }
     }
-    Ok(())
+    Ok(unknown)
 }
 
 /// Writes every field of [`COMMON_PEFT_FIELDS`] and `fields` that `map` lacks, with its default.

@@ -35,6 +35,20 @@ fn inspect_describes_an_adapter() {
     let params = (4 * 32 + 32 * 4) + (2 * 32 + 32 * 2) + 2 * (4 * 32 + 16 * 4) + 2 * (4 * 48 + 32 * 4);
     assert!(out.contains(&format!("parameters: {params}")), "{out}");
     assert!(out.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight [2, 32]"), "{out}");
+    assert!(err.is_empty(), "{err}");
+
+    // A field PEFT does not know is ignored, as PEFT does, with a warning on stderr naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("tiny_llama/lora").join(f), dir.path().join(f)).unwrap();
+    }
+    let config = dir.path().join("adapter_config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["future_field"] = 1.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let (ok, out, err) = cli(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(ok && out.contains("method: LORA"), "{err}");
+    assert!(err.contains("ignoring field `future_field`") && err.contains(&config.display().to_string()), "{err}");
 }
 
 #[test]

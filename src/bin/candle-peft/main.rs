@@ -230,6 +230,13 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // The library's warnings (an adapter_config.json field PEFT does not know, ...) on stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .with_target(false)
+        .init();
     candle_peft::train::reuse_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
