@@ -3,10 +3,13 @@
 //! Inits are drawn on the host from the caller's seeded RNG (candle's CPU device cannot be
 //! seeded), then moved to the target device, so a seed gives the same adapter on every device.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
+use crate::target::pattern_value;
 use crate::{Error, Result};
 
 /// Draws a tensor of `shape` from `dist` on the host, then moves it to `device` as `dtype`.
@@ -86,6 +89,36 @@ pub(crate) fn check_dropout(name: &'static str, p: f64) -> Result<f32> {
 pub(crate) fn check_rank(r: usize) -> Result<()> {
     if r == 0 {
         return Err(Error::config("r", "the rank must be at least 1"));
+    }
+    Ok(())
+}
+
+/// `(r, alpha)` of the module at `path`: the first `rank_pattern` / `alpha_pattern` entry that
+/// matches it (PEFT's `get_pattern_key`), else `r` and `alpha`.
+pub(crate) fn rank_and_alpha(
+    path: &str,
+    r: usize,
+    rank_pattern: &BTreeMap<String, usize>,
+    alpha: f64,
+    alpha_pattern: &BTreeMap<String, f64>,
+) -> Result<(usize, f64)> {
+    Ok((pattern_value(rank_pattern, path)?.unwrap_or(r), pattern_value(alpha_pattern, path)?.unwrap_or(alpha)))
+}
+
+/// Checks a rank and the alpha of field `alpha_name`, and every entry of their patterns.
+pub(crate) fn check_ranks_and_alphas(
+    r: usize,
+    rank_pattern: &BTreeMap<String, usize>,
+    alpha_name: &'static str,
+    alpha: f64,
+    alpha_pattern: &BTreeMap<String, f64>,
+) -> Result<()> {
+    check_rank(r)?;
+    for (k, &r) in rank_pattern {
+        check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
+    }
+    for &a in std::iter::once(&alpha).chain(alpha_pattern.values()) {
+        check_scaling(alpha_name, a, 0.0)?;
     }
     Ok(())
 }

@@ -24,12 +24,12 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::common::{check_rank, check_scaling, kaiming_uniform, var};
+use super::common::{check_rank, check_ranks_and_alphas, check_scaling, kaiming_uniform, rank_and_alpha, var};
 use super::update::matmul_t;
 use crate::adapter::{add_branch, Adapter, AdapterCore, BaseLayer, BuiltAdapter};
 use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, Variant};
 use crate::scaling::{Scaling, ScalingStrategy, Standard};
-use crate::target::{pattern_value, TargetConfig};
+use crate::target::TargetConfig;
 use crate::{Error, Result};
 
 /// PEFT's `LoHaConfig` (`peft_type: "LOHA"`).
@@ -114,13 +114,7 @@ impl MethodConfig for LohaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        check_rank(self.r)?;
-        for (k, &r) in &self.rank_pattern {
-            check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
-        }
-        for &a in std::iter::once(&self.alpha).chain(self.alpha_pattern.values()) {
-            check_scaling("alpha", a, 0.0)?;
-        }
+        check_ranks_and_alphas(self.r, &self.rank_pattern, "alpha", self.alpha, &self.alpha_pattern)?;
         for (name, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
             if p != 0.0 {
                 return Err(Error::Unsupported(format!(
@@ -161,8 +155,7 @@ impl Method for Loha {
     }
 
     fn build(config: &LohaConfig, ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
-        let r = pattern_value(&config.rank_pattern, ctx.path)?.unwrap_or(config.r);
-        let alpha = pattern_value(&config.alpha_pattern, ctx.path)?.unwrap_or(config.alpha);
+        let (r, alpha) = rank_and_alpha(ctx.path, config.r, &config.rank_pattern, config.alpha, &config.alpha_pattern)?;
         check_rank(r)?;
         let scaling = check_scaling("alpha", alpha, config.strategy().scale(alpha, r))?;
         let (out, inp) = ctx.base.weight.dims2()?;

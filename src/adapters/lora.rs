@@ -21,14 +21,16 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::common::{check_dropout, check_rank, check_scaling, kaiming_uniform, normal, var};
+use super::common::{
+    check_dropout, check_rank, check_ranks_and_alphas, check_scaling, kaiming_uniform, normal, rank_and_alpha, var,
+};
 use super::dora::Dora;
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
 use crate::linalg::truncated_svd;
 use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, Variant};
 use crate::scaling::{self, RankStabilized, Scaling, ScalingStrategy, Standard};
-use crate::target::{pattern_value, TargetConfig};
+use crate::target::TargetConfig;
 use crate::{Error, Result};
 
 /// How LoRA's `A` and `B` start (PEFT's `init_lora_weights`).
@@ -173,9 +175,7 @@ impl LoraConfig {
 
     /// `(r, alpha)` for the module at `path`, after `rank_pattern` / `alpha_pattern`.
     pub fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
-        let r = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.r);
-        let alpha = pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.lora_alpha);
-        Ok((r, alpha))
+        rank_and_alpha(path, self.r, &self.rank_pattern, self.lora_alpha, &self.alpha_pattern)
     }
 
     /// The hyper-parameters of the LoRA of the module at `path` (its rank and alpha after the
@@ -273,13 +273,7 @@ impl MethodConfig for LoraConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        check_rank(self.r)?;
-        for (k, &r) in &self.rank_pattern {
-            check_rank(r).map_err(|_| Error::config("rank_pattern", format!("`{k}` has rank 0")))?;
-        }
-        for (_, &a) in std::iter::once((&String::new(), &self.lora_alpha)).chain(&self.alpha_pattern) {
-            check_scaling("lora_alpha", a, 0.0)?;
-        }
+        check_ranks_and_alphas(self.r, &self.rank_pattern, "lora_alpha", self.lora_alpha, &self.alpha_pattern)?;
         check_dropout("lora_dropout", self.lora_dropout)?;
         self.target.validate()
     }
