@@ -156,6 +156,10 @@ impl CustomOp3 for DoraLinear {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: an op on a tracked input would record a graph node holding its operands
+        // (`grad * y`, `grad * g`: one `(n, out)` buffer each) for as long as the gradient lives.
+        let x_needs_grad = x.track_op();
+        let (x, h, p, y) = (x.detach(), h.detach(), p.detach(), y.detach());
         let k = h.dim(1)?;
         let (bt, g, c) = (p.narrow(0, 0, k)?, p.get(k)?, p.get(k + 1)?);
         let grad_c = grad.sum(0)?;
@@ -165,12 +169,12 @@ impl CustomOp3 for DoraLinear {
             let pre = (x.matmul(&self.w0.t()?)? + h.matmul(&bt)?)?;
             (grad * pre)?.sum(0)?
         } else {
-            ((grad * y)?.sum(0)? - (&c * &grad_c)?)?.div(&g)?
+            ((grad * &y)?.sum(0)? - (&c * &grad_c)?)?.div(&g)?
         };
         let grad_in = grad.broadcast_mul(&g)?;
         let grad_h = grad_in.matmul(&bt.t()?)?;
         let grad_bt = h.t()?.matmul(&grad_in)?;
-        let grad_x = if x.track_op() { Some(grad_in.matmul(&self.w0)?) } else { None };
+        let grad_x = if x_needs_grad { Some(grad_in.matmul(&self.w0)?) } else { None };
         drop(grad_in);
         let grad_p = Tensor::cat(&[grad_bt, grad_g.unsqueeze(0)?, grad_c.unsqueeze(0)?], 0)?;
         Ok((grad_x, Some(grad_h), Some(grad_p)))

@@ -323,6 +323,8 @@ impl CustomOp3 for ScaledBasis {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // PEFT: grad_lambda = einsum("kbj,kvj,bj->kb"), grad_gamma = einsum("kbj,kvj,kb->bj").
+        // Detached, so that no graph node keeps `ga` alive beside the gradients.
+        let (lambda, gamma) = (lambda.detach(), gamma.detach());
         let ga = grad.broadcast_mul(a)?;
         let grad_lambda = ga.broadcast_mul(&gamma.unsqueeze(0)?)?.sum(2)?;
         let grad_gamma = ga.broadcast_mul(&lambda.unsqueeze(2)?)?.sum(0)?;
