@@ -1,6 +1,7 @@
 //! Training throughput on a real model, side by side with PyTorch + PEFT running the same job:
-//! SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all seven linears of every layer, AdamW.
-//! By default batch 4 x 256 tokens, f32, CPU.
+//! SmolLM2-135M-Instruct, an adapter on all seven linears of every layer (`--method lora`: LoRA
+//! r=16 alpha=32, the default; `dora`: DoRA r=16 alpha=32; `vera`: VeRA at PEFT's default r=256),
+//! AdamW. By default batch 4 x 256 tokens, f32, CPU.
 //!
 //! ```text
 //! scripts/fetch_smollm2.sh
@@ -12,7 +13,7 @@
 //! their own weights); `--device cpu | cuda:N` (default cpu), `--dtype f32 | bf16` (the base
 //! model's dtype; adapters, optimizer state and loss stay f32 on both sides), `--batch N`
 //! (default 4), `--seq N` (default 256), `--steps N` timed steps (default 5) after `--warmup N`
-//! (default 1), `--json PATH` (a summary of both sides). The PyTorch side is
+//! (default 1), `--method lora | dora | vera`, `--json PATH` (a summary of both sides). The PyTorch side is
 //! `benches/train_throughput_peft.py`, run as a child process after this one's steps, so the two
 //! never share the device; each reports its own peak memory: peak RSS on the CPU; on a GPU the
 //! device memory in use (CUDA's `mem_get_info`, sampled every 2 ms, above what was in use before
@@ -33,7 +34,7 @@ use candle_core::{DType, Device};
 use candle_peft::train::data::{collate, Example};
 use candle_peft::train::loss::masked_cross_entropy;
 use candle_peft::train::{AdamW, AdamWConfig, CausalLm, LrSchedule, TrainConfig, Trainer};
-use candle_peft::{AdapterConfig, InitOptions, LoraConfig, PeftModel};
+use candle_peft::{AdapterConfig, InitOptions, LoraConfig, PeftModel, VeraConfig};
 use rand::{Rng, SeedableRng};
 
 const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -47,6 +48,14 @@ fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// The cargo features this bench was built with that change its speed.
+fn features() -> Vec<&'static str> {
+    [("avx512", cfg!(feature = "avx512")), ("mkl", cfg!(feature = "mkl")), ("cuda", cfg!(feature = "cuda"))]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -122,6 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device_spec = arg(&args, "--device").unwrap_or_else(|| "cpu".into());
     let device = candle_peft::device(&device_spec)?;
     let dtype_name = arg(&args, "--dtype").unwrap_or_else(|| "f32".into());
+    let method = arg(&args, "--method").unwrap_or_else(|| "lora".into());
     let dtype = match dtype_name.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -152,8 +162,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .flat_map(|t| [t.dims().to_vec(), t.dims().iter().rev().copied().collect()])
         .collect();
     let lora = LoraConfig { lora_dropout: 0.0, ..LoraConfig::lora(16, 32.0, &TARGETS) };
-    let peft = PeftModel::new(model, AdapterConfig::Lora(lora), InitOptions { seed: 0, dtype: DType::F32 })?;
-    println!("{source} on {device_spec}, {dtype_name} base, batch {batch_size} x {seq}: {}", peft.parameter_count());
+    let (adapter, adapter_name) = match method.as_str() {
+        "lora" => (AdapterConfig::Lora(lora), "LoRA r=16 alpha=32"),
+        "dora" => (AdapterConfig::Lora(LoraConfig { use_dora: true, ..lora }), "DoRA r=16 alpha=32"),
+        "vera" => (AdapterConfig::Vera(VeraConfig::new(256, &TARGETS)), "VeRA r=256"),
+        other => return Err(format!("--method {other}: expected lora, dora or vera").into()),
+    };
+    let peft = PeftModel::new(model, adapter, InitOptions { seed: 0, dtype: DType::F32 })?;
+    println!(
+        "{source} on {device_spec}, {dtype_name} base, {adapter_name}, batch {batch_size} x {seq}, features {:?}: {}",
+        features(),
+        peft.parameter_count()
+    );
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let data: Vec<Example> = (0..batch_size * (warmup + steps))
@@ -232,7 +252,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut summary = serde_json::json!({
         "job": {"model": source, "device": device_spec, "dtype": dtype_name, "batch": batch_size, "seq": seq,
-                "steps": steps, "warmup": warmup, "adapter": "LoRA r=16 alpha=32, all seven linears"},
+                "steps": steps, "warmup": warmup, "adapter": format!("{adapter_name}, all seven linears"),
+                "features": features()},
         "candle_peft": {"tokens_per_s": ours_tps, "seconds_per_step": seconds / steps as f64,
                         "peak_memory_bytes": ours_mem, "memory_measure": mem_kind},
     });
@@ -259,7 +280,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         _ => "cpu".into(),
     };
-    cmd.args(["--device", &torch_device, "--dtype", &dtype_name]);
+    cmd.args(["--device", &torch_device, "--dtype", &dtype_name, "--method", &method]);
     cmd.args(["--batch", &batch_size.to_string(), "--seq", &seq.to_string()]);
     let out = cmd.args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()]).output()?;
     if !out.status.success() {

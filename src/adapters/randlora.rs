@@ -23,12 +23,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::Mul;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, MetalStorage, Shape, Tensor, Var};
 use rand::SeedableRng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::common::{check_dropout, check_rank, check_scaling, normal, shared_pair, uniform, var};
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::{AdapterCore, BuiltAdapter};
-use crate::frozen::frozen_linear;
+use crate::frozen::{frozen_linear, reshape};
+use crate::fused::{needed, with_backward};
 use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, SharedTensors, Variant};
 use crate::scaling::{Scaling, ScalingStrategy, Standard};
 use crate::target::TargetConfig;
@@ -287,7 +289,25 @@ impl CustomOp3 for ScaledBasis {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::fwd(l, ll, a, al, g, gl)
+        match (l, a, g, ll.contiguous_offsets(), gl.contiguous_offsets(), al.stride()) {
+            (CpuStorage::F32(l), CpuStorage::F32(a), CpuStorage::F32(g), Some(lo), Some(go), &[a_row, _, 1]) => {
+                let (r, nb) = ll.shape().dims2()?;
+                let min = al.shape().dims3()?.2;
+                let a = &a[al.start_offset()..];
+                let (l, g) = (&l[lo.0..lo.1], &g[go.0..go.1]);
+                // One pass, no temporary: out[k, b, j] = lambda[k, b] a[k, j] gamma[b, j].
+                let mut out = vec![0f32; r * nb * min];
+                out.par_chunks_mut(min.max(1)).enumerate().for_each(|(kb, row)| {
+                    let (k, b) = (kb / nb, kb % nb);
+                    let (ak, gb) = (&a[k * a_row..][..min], &g[b * min..][..min]);
+                    for ((o, &aj), &gj) in row.iter_mut().zip(ak).zip(gb) {
+                        *o = l[kb] * aj * gj;
+                    }
+                });
+                Ok((CpuStorage::F32(out), Shape::from((r, nb, min))))
+            }
+            _ => Self::fwd(l, ll, a, al, g, gl),
+        }
     }
 
     fn cuda_fwd(
@@ -322,14 +342,64 @@ impl CustomOp3 for ScaledBasis {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // PEFT: grad_lambda = einsum("kbj,kvj,bj->kb"), grad_gamma = einsum("kbj,kvj,kb->bj").
-        // Detached, so that no graph node keeps `ga` alive beside the gradients.
-        let (lambda, gamma) = (lambda.detach(), gamma.detach());
-        let ga = grad.broadcast_mul(a)?;
-        let grad_lambda = ga.broadcast_mul(&gamma.unsqueeze(0)?)?.sum(2)?;
-        let grad_gamma = ga.broadcast_mul(&lambda.unsqueeze(2)?)?.sum(0)?;
+        let (grad_lambda, grad_gamma) = basis_grads(grad, a, lambda, gamma)?;
         Ok((Some(grad_lambda), None, Some(grad_gamma)))
     }
+}
+
+/// The gradients of `lambda` and `gamma` from `grad = dL/dA_s: (r, nb, min)`, PEFT's
+/// `UniqueBaseGrad.backward`: `grad_lambda = einsum("kbj,kvj,bj->kb", grad, A, gamma)`,
+/// `grad_gamma = einsum("kbj,kvj,kb->bj", grad, A, lambda)`. On the CPU in f32, one pass over
+/// `grad` with no temporary; elsewhere `grad * A` and two broadcast products, reduced.
+fn basis_grads(grad: &Tensor, a: &Tensor, lambda: &Tensor, gamma: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    // Detached, so that no graph node keeps `grad * A` alive beside the gradients.
+    let (lambda, gamma) = (lambda.detach(), gamma.detach());
+    let all_f32 = [grad, a, &lambda, &gamma].iter().all(|t| t.dtype() == DType::F32);
+    if grad.device().is_cpu() && all_f32 {
+        let (r, nb, min) = grad.dims3()?;
+        let small = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (a_v, lambda_v, gamma_v) = (small(a)?, small(&lambda)?, small(&gamma)?);
+        let grad = grad.contiguous()?;
+        let (storage, layout) = grad.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(g)) = &*storage else {
+            candle_core::bail!("randlora basis gradients: expected f32 CPU storage");
+        };
+        let g = &g[layout.start_offset()..];
+        let (mut grad_gamma, mut grad_lambda_t) = (vec![0f32; nb * min], vec![0f32; nb * r]);
+        grad_gamma.par_chunks_mut(min.max(1)).zip(grad_lambda_t.par_chunks_mut(r.max(1))).enumerate().for_each(
+            |(b, (gg, gl))| {
+                let gamma_b = &gamma_v[b * min..][..min];
+                for (k, gl_k) in gl.iter_mut().enumerate() {
+                    let (row, a_k, l) = (&g[(k * nb + b) * min..][..min], &a_v[k * min..][..min], lambda_v[k * nb + b]);
+                    // Eight partial sums, so that the compiler can vectorise the dot product.
+                    let mut dot = [0f32; 8];
+                    for (j, ((&gj, &aj), (&cj, ggj))) in row.iter().zip(a_k).zip(gamma_b.iter().zip(gg.iter_mut())).enumerate() {
+                        let t = gj * aj;
+                        dot[j % 8] += t * cj;
+                        *ggj += t * l;
+                    }
+                    *gl_k = dot.iter().sum();
+                }
+            },
+        );
+        drop(storage);
+        let dev = grad.device();
+        let grad_lambda = Tensor::from_vec(grad_lambda_t, (nb, r), dev)?.t()?.contiguous()?;
+        return Ok((grad_lambda, Tensor::from_vec(grad_gamma, (nb, min), dev)?));
+    }
+    let ga = grad.broadcast_mul(a)?;
+    let grad_lambda = ga.broadcast_mul(&gamma.unsqueeze(0)?)?.sum(2)?;
+    let grad_gamma = ga.broadcast_mul(&lambda.unsqueeze(2)?)?.sum(0)?;
+    Ok((grad_lambda, grad_gamma))
+}
+
+/// Which side of the activation the scaled basis `A_s: (r*nb, min)` multiplies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Side {
+    /// `m A_s^T` for `m: (n, min)`: the head of a layer with `in <= out`.
+    Head,
+    /// `m A_s` for `m: (n, r*nb)`: the tail of a layer with `in > out`.
+    Tail,
 }
 
 /// One layer's RandLoRA: `lambda` and `gamma` over views of the shared random bases.
@@ -354,16 +424,73 @@ impl RandLora {
 
     /// `(A_s: (r*nb, min), B_f: (max, nb*r))`, PEFT's `get_scaled_bases` before orientation.
     fn scaled_bases(&self) -> Result<(Tensor, Tensor)> {
-        let dtype = self.lambda.dtype();
-        let (r, nb) = self.lambda.dims2()?;
-        let min_l = self.gamma.dim(1)?;
-        let a = self.basis_a.to_dtype(dtype)?; // (r, 1, min)
-        let a_s = self.lambda.as_tensor().apply_op3(&a, self.gamma.as_tensor(), ScaledBasis)?;
-        let a_s = a_s.reshape((r * nb, min_l))?;
-        let max_l = self.basis_b.dim(0)?;
-        let b_f = self.basis_b.to_dtype(dtype)?.contiguous()?.reshape((max_l, nb * r))?;
-        Ok((a_s, b_f))
+        let a_s = scaled_basis(self.lambda.as_tensor(), &self.basis_a, self.gamma.as_tensor())?;
+        Ok((a_s, self.flat_basis_b()?))
     }
+
+    /// `B_f: (max, nb*r)`, frozen.
+    fn flat_basis_b(&self) -> Result<Tensor> {
+        let (max_l, nb, r) = self.basis_b.dims3()?;
+        Ok(self.basis_b.to_dtype(self.lambda.dtype())?.contiguous()?.reshape((max_l, nb * r))?)
+    }
+
+    /// `s m A_s^T` ([`Side::Head`]) or `s m A_s` ([`Side::Tail`]) over the last dimension of `m`,
+    /// as one graph node over `m`, `lambda` and `gamma`. `A_s` is formed without a graph and
+    /// formed again in the backward pass instead of being kept (it is `(r*nb, min)`, as large as
+    /// the layer's weight); the backward contracts `dL/dA_s` straight into the gradients of
+    /// `lambda` and `gamma` ([`basis_grads`]), so no basis-sized gradient enters autograd, which
+    /// would allocate and add two more of them.
+    fn basis_product(&self, m: &Tensor, side: Side) -> Result<Tensor> {
+        let (r, nb) = self.lambda.dims2()?;
+        let min = self.gamma.dim(1)?;
+        let (k, n_out) = match side {
+            Side::Head => (min, r * nb),
+            Side::Tail => (r * nb, min),
+        };
+        let rows = m.elem_count() / k.max(1);
+        let mut out_dims = m.dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n_out;
+        }
+        let a = self.basis_a.to_dtype(self.lambda.dtype())?;
+        let s = self.scaling;
+        let product = move |m: &Tensor, a_s: &Tensor| -> candle_core::Result<Tensor> {
+            let m = reshape(m, &[rows, k])?;
+            match side {
+                Side::Head => m.matmul(&a_s.t()?)? * s,
+                Side::Tail => m.matmul(a_s)? * s,
+            }
+        };
+        let (lambda, gamma) = (self.lambda.as_tensor(), self.gamma.as_tensor());
+        let a_s = scaled_basis(&lambda.detach(), &a, &gamma.detach())?;
+        let out = reshape(&product(&m.detach(), &a_s)?, &out_dims)?;
+        drop(a_s);
+        with_backward("randlora-basis-product", &[m, lambda, gamma], out, move |inputs, _, grad| {
+            let [m, lambda, gamma] = [inputs[0], inputs[1], inputs[2]];
+            let a_s = scaled_basis(&lambda.detach(), &a, &gamma.detach())?;
+            let g = (reshape(grad, &[rows, n_out])? * s)?;
+            let m_flat = reshape(&m.detach(), &[rows, k])?;
+            let dm = needed(m, || match side {
+                Side::Head => g.matmul(&a_s)?.reshape(m.dims()),
+                Side::Tail => g.matmul(&a_s.t()?)?.reshape(m.dims()),
+            })?;
+            drop(a_s);
+            let d_as = match side {
+                Side::Head => g.t()?.matmul(&m_flat)?,
+                Side::Tail => m_flat.t()?.matmul(&g)?,
+            };
+            let (grad_lambda, grad_gamma) = basis_grads(&d_as.reshape((r, nb, min))?, &a, lambda, gamma)?;
+            Ok(vec![dm, Some(grad_lambda), Some(grad_gamma)])
+        })
+    }
+}
+
+/// `A_s = (lambda[:, :, None] * A * gamma[None]).flatten(0, 1): (r*nb, min)` for `lambda: (r, nb)`,
+/// the basis view `A: (r, 1, min)` and `gamma: (nb, min)`, in `lambda`'s dtype.
+fn scaled_basis(lambda: &Tensor, a: &Tensor, gamma: &Tensor) -> candle_core::Result<Tensor> {
+    let (r, nb) = lambda.dims2()?;
+    let min = gamma.dim(1)?;
+    lambda.apply_op3(&a.to_dtype(lambda.dtype())?, gamma, ScaledBasis)?.reshape((r * nb, min))
 }
 
 impl AdapterCore for RandLora {
@@ -430,14 +557,27 @@ impl LowRankUpdate for RandLora {
     }
 
     fn head_tail(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        // One call to the scaled bases (they are large) for both factors; the frozen random
-        // basis goes through the frozen-weight op, so no basis-sized gradient is computed.
+        if self.in_is_min() {
+            // The trainable side is the head: one fused node (see `basis_product`).
+            return Ok((self.basis_product(x, Side::Head)?, self.flat_basis_b()?));
+        }
+        // The frozen random basis goes through the frozen-weight op: no basis-sized gradient.
         let (a_s, b_f) = self.scaled_bases()?;
-        Ok(if self.in_is_min() {
-            ((matmul_t(x, &a_s)? * self.scaling)?, b_f)
-        } else {
-            ((frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, a_s.t()?)
-        })
+        Ok(((frozen_linear(x, &b_f.t()?, None)? * self.scaling)?, a_s.t()?))
+    }
+
+    fn branch(&self, x: &Tensor) -> Result<Tensor> {
+        if self.in_is_min() {
+            let (h, b_f) = self.head_tail(x)?;
+            return frozen_linear(&h, &b_f, None);
+        }
+        // in > out: s (x B_f) A_s, the trainable tail in one fused node.
+        self.basis_product(&frozen_linear(x, &self.flat_basis_b()?.t()?, None)?, Side::Tail)
+    }
+
+    fn fuse_with_base(&self) -> bool {
+        // With in > out the tail is trainable: `branch` takes its gradient in one node.
+        self.in_is_min()
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

@@ -46,6 +46,14 @@ pub trait LowRankUpdate: AdapterCore {
         }
     }
 
+    /// Whether the training forward pass runs the frozen layer and the branch as one node
+    /// ([`low_rank_linear`], which takes the tail's gradient as a `(out, k)` matrix). A method
+    /// whose tail is a trainable function of a few parameters returns false and computes that
+    /// gradient inside [`LowRankUpdate::branch`] instead.
+    fn fuse_with_base(&self) -> bool {
+        true
+    }
+
     /// `(B, A, s)` with `dW = s * B A`, `B: (out, k)`, `A: (k, in)`.
     fn factors(&self) -> Result<(Tensor, Tensor, f64)>;
 
@@ -60,7 +68,7 @@ impl<U: LowRankUpdate> Adapter for U {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let dtype = self.dtype();
         let xd = branch_dropout(&x.to_dtype(dtype)?, self.dropout(), train)?;
-        if x.dtype() == dtype && base.weight.dtype() == dtype {
+        if x.dtype() == dtype && base.weight.dtype() == dtype && self.fuse_with_base() {
             // One node for the frozen layer and the branch (see `low_rank_linear`).
             let (h, tail) = self.head_tail(&xd)?;
             return low_rank_linear(x, base.weight, base.bias, &h, &tail);
