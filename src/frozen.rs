@@ -119,6 +119,9 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// graph node. Autograd keeps `x`, `h`, `T` and the output, not the base output and the branch
 /// output that an addition would keep (two more `(..., out)` tensors per layer). Backward:
 /// `dx = dy W`, `dh = dy T`, `dT = dy^T h`, each only where its input needs it.
+///
+/// `h` and `T` may have another dtype than `x` and `W` (an f32 adapter on a bf16 base): the
+/// branch is computed in theirs and added in the base's, and `dh`, `dT` are computed in theirs.
 pub fn low_rank_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -130,13 +133,15 @@ pub fn low_rank_linear(
     let rows = h.elem_count() / k.max(1);
     let flat = move |t: &Tensor, cols: usize| reshape(t, &[rows, cols]);
     let base = frozen_linear(&x.detach(), weight, bias)?;
-    let branch = flat(&h.detach(), k)?.matmul(&tail.detach().t()?)?;
+    let branch = flat(&h.detach(), k)?.matmul(&tail.detach().t()?)?.to_dtype(base.dtype())?;
     let y = (&base + reshape(&branch, base.dims())?)?;
+    drop(branch);
     let w = weight.clone();
     with_backward("low-rank-linear", &[x, h, tail], y, move |inputs, _, grad| {
         let [x, h, tail] = [inputs[0], inputs[1], inputs[2]];
         let dy = flat(grad, out_features)?;
         let dx = needed(x, || dy.matmul(&w)?.reshape(x.dims()))?;
+        let dy = dy.to_dtype(tail.dtype())?;
         let dh = needed(h, || dy.matmul(&tail.detach())?.reshape(h.dims()))?;
         let dt = needed(tail, || dy.t()?.matmul(&flat(&h.detach(), k)?))?;
         Ok(vec![dx, dh, dt])

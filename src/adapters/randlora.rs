@@ -585,3 +585,38 @@ impl LowRankUpdate for RandLora {
         Ok(if self.in_is_min() { (b_f, a_s, self.scaling) } else { (a_s.t()?, b_f.t()?, self.scaling) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU kernels (one pass each) against the formulas in f64 tensor ops, on shapes whose
+    /// `min` is not a multiple of the kernel's eight lanes and with a strided basis view.
+    #[test]
+    fn cpu_kernels_match_the_einsum_formulas() -> Result<()> {
+        let dev = Device::Cpu;
+        let (r, nb, min) = (3, 5, 37);
+        let lambda = Tensor::randn(0f32, 1., (r, nb), &dev)?;
+        let gamma = Tensor::randn(0f32, 1., (nb, min), &dev)?;
+        let a = Tensor::randn(0f32, 1., (r, 1, min + 4), &dev)?.narrow(2, 2, min)?; // a view
+        let grad = Tensor::randn(0f32, 1., (r, nb, min), &dev)?;
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+        let (l64, a64, g64, d64) = (f64s(&lambda)?, f64s(&a)?, f64s(&gamma)?, f64s(&grad)?);
+
+        let a_s = scaled_basis(&lambda, &a, &gamma)?;
+        let want = l64.unsqueeze(2)?.broadcast_mul(&a64)?.broadcast_mul(&g64.unsqueeze(0)?)?.reshape((r * nb, min))?;
+        let err = (a_s.to_dtype(DType::F64)? - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(err < 1e-5, "scaled basis: {err}");
+
+        let (gl, gg) = basis_grads(&grad, &a, &lambda, &gamma)?;
+        let ga = d64.broadcast_mul(&a64)?;
+        let want_l = ga.broadcast_mul(&g64.unsqueeze(0)?)?.sum(2)?;
+        let want_g = ga.broadcast_mul(&l64.unsqueeze(2)?)?.sum(0)?;
+        for (got, want, what) in [(gl, want_l, "lambda"), (gg, want_g, "gamma")] {
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let err = (got.to_dtype(DType::F64)? - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(err < 1e-4, "grad {what}: {err}");
+        }
+        Ok(())
+    }
+}

@@ -68,8 +68,9 @@ impl<U: LowRankUpdate> Adapter for U {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let dtype = self.dtype();
         let xd = branch_dropout(&x.to_dtype(dtype)?, self.dropout(), train)?;
-        if x.dtype() == dtype && base.weight.dtype() == dtype && self.fuse_with_base() {
-            // One node for the frozen layer and the branch (see `low_rank_linear`).
+        if x.dtype() == base.weight.dtype() && self.fuse_with_base() {
+            // One node for the frozen layer and the branch (see `low_rank_linear`), also when
+            // the adapter's dtype is not the base's.
             let (h, tail) = self.head_tail(&xd)?;
             return low_rank_linear(x, base.weight, base.bias, &h, &tail);
         }

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Side-by-side training throughput, candle-peft against PyTorch + PEFT, on this machine's CPU:
+# the `train_throughput` bench (SmolLM2-135M-Instruct, all seven linears of every layer, batch
+# 4 x 256, AdamW), one run per line, each run timing both sides one after the other.
+#
+#   scripts/bench_vs_pytorch.sh [--python <venv python with torch and peft>] [--no-mkl]
+#                               [--steps N] [--quick]
+#
+# Runs: LoRA f32 and bf16, DoRA f32, VeRA f32 on the default build (pure Rust: gemm, with its
+# AVX-512 kernels where the CPU has them), then LoRA f32 and bf16 on the `mkl` build (Intel MKL
+# from PyPI, laid out by scripts/setup_mkl.sh; --no-mkl skips it). `--quick`: LoRA f32 only.
+# Without --python it makes a venv (~/.cache/candle-peft/bench-venv) with the pinned torch,
+# peft, transformers and gguf of tests/fixtures/requirements.txt. Everything it sets up is
+# reused by the next run. Prints each run's `| ratio | ... |` line (candle-peft / PyTorch:
+# tokens/s, peak RSS) and writes every run's JSON summary to target/bench-vs-pytorch/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python="" mkl=1 steps=5 quick=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --python) python="$2"; shift 2 ;;
+        --no-mkl) mkl=0; shift ;;
+        --steps) steps="$2"; shift 2 ;;
+        --quick) quick=1; mkl=0; shift ;;
+        *) echo "unknown option $1 (see the comment at the top of $0)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ -z "$python" ]]; then
+    venv="$HOME/.cache/candle-peft/bench-venv"
+    if [[ ! -f "$venv/.done" ]]; then
+        echo "making $venv (torch, peft, transformers, gguf from PyPI)" >&2
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet -r tests/fixtures/requirements.txt
+        touch "$venv/.done"
+    fi
+    python="$venv/bin/python"
+fi
+scripts/fetch_smollm2.sh >&2
+
+out=target/bench-vs-pytorch
+mkdir -p "$out"
+echo "# $(date -u +%Y-%m-%d) $(git rev-parse --short HEAD) on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores;" \
+    "AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
+
+run() { # build-name features json-name bench-args...
+    local build="$1" features="$2" name="$3"
+    shift 3
+    local log="$out/$name.log"
+    cargo bench --quiet --bench train_throughput $features -- --python "$python" --steps "$steps" \
+        --json "$out/$name.json" "$@" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+    echo "| $build | $* | $(grep '^| ratio |' "$log" | cut -d'|' -f3-)"
+}
+
+echo "| build | job | tokens/s ratio | peak RSS ratio |"
+echo "|---|---|---:|---:|"
+run default "" lora-f32 --method lora --dtype f32
+if [[ $quick == 0 ]]; then
+    run default "" lora-bf16 --method lora --dtype bf16
+    run default "" dora-f32 --method dora --dtype f32
+    run default "" vera-f32 --method vera --dtype f32
+fi
+if [[ $mkl == 1 ]]; then
+    eval "$(scripts/setup_mkl.sh)"
+    export MKLROOT CARGO_TARGET_DIR=target/mkl
+    run mkl "--features mkl" mkl-lora-f32 --method lora --dtype f32
+    run mkl "--features mkl" mkl-lora-bf16 --method lora --dtype bf16
+fi
