@@ -18,8 +18,9 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::common::{check_dropout, check_rank, normal, shared_pair, uniform, var};
-use super::update::{matmul_t, LowRankUpdate};
+use super::update::LowRankUpdate;
 use crate::adapter::{AdapterCore, BuiltAdapter};
+use crate::frozen::frozen_linear;
 use crate::method::{peft_fields, BuildContext, Method, MethodConfig, MethodParams, PeftField, SharedTensors, Variant};
 use crate::target::TargetConfig;
 use crate::{Error, Result};
@@ -239,8 +240,9 @@ impl LowRankUpdate for Vera {
     fn head(&self, x: &Tensor) -> Result<Tensor> {
         // The view is strided (columns of vera_A); a contiguous copy of the (r, in) view is
         // small and transient.
+        // The frozen-weight op: no gradient is computed for the frozen projection.
         let a = self.vera_a.to_dtype(self.dtype())?.contiguous()?;
-        Ok(matmul_t(x, &a)?.broadcast_mul(self.lambda_d.as_tensor())?)
+        Ok(frozen_linear(x, &a, None)?.broadcast_mul(self.lambda_d.as_tensor())?)
     }
 
     fn tail(&self) -> Result<Tensor> {
