@@ -35,6 +35,19 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def peak_rss():
+    """This process's peak RSS in bytes: VmHWM, which starts again at exec. (ru_maxrss does not:
+    a child of the Rust bench would report at least the parent's RSS at the time of the fork.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def adapter_config(method):
     if method == "vera":
         return VeraConfig(r=256, target_modules=TARGETS, vera_dropout=0.0)
@@ -120,7 +133,7 @@ def main():
         measure = "torch.cuda.max_memory_allocated"
         reserved = torch.cuda.max_memory_reserved(device)
     else:
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        memory = peak_rss()
         measure = "peak RSS"
         reserved = None
     print(json.dumps({
