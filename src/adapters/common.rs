@@ -61,6 +61,11 @@ pub(crate) fn kaiming_uniform(
     uniform(rng, (rows, fan_in), 1.0 / (fan_in as f64).sqrt(), dtype, device)
 }
 
+/// `true`: serde's default for PEFT's boolean fields that default to on.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// A trainable parameter holding `t`.
 pub(crate) fn var(t: Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t)?)

@@ -51,7 +51,7 @@ pub struct LohaConfig {
     #[serde(default)]
     pub use_effective_conv2d: bool,
     /// `true`: `hada_w2_b = 0` (a zero update); `false`: every factor drawn.
-    #[serde(default = "yes")]
+    #[serde(default = "super::common::yes")]
     pub init_weights: bool,
     /// Per-module ranks: a key matches a module path that ends in it (as a regex).
     #[serde(default)]
@@ -73,9 +73,6 @@ fn default_r() -> usize {
 }
 fn default_alpha() -> f64 {
     8.0
-}
-fn yes() -> bool {
-    true
 }
 
 impl LohaConfig {

@@ -55,7 +55,7 @@ pub struct RandLoraConfig {
     #[serde(default)]
     pub projection_prng_key: u64,
     /// Whether the bases are in the file (always true for files written here).
-    #[serde(default = "yes")]
+    #[serde(default = "super::common::yes")]
     pub save_projection: bool,
     /// PEFT's ternary sparse bases (only for bases read from a file).
     #[serde(default)]
@@ -64,7 +64,7 @@ pub struct RandLoraConfig {
     #[serde(default)]
     pub very_sparse: bool,
     /// `true`: `lambda = 0`; `false`: PEFT's test init `lambda ~ N(0, 1)`.
-    #[serde(default = "yes")]
+    #[serde(default = "super::common::yes")]
     pub init_weights: bool,
     /// Which modules get an adapter.
     #[serde(flatten)]
@@ -79,9 +79,6 @@ fn default_r() -> usize {
 }
 fn default_alpha() -> f64 {
     640.0
-}
-fn yes() -> bool {
-    true
 }
 
 /// `ceil(min_dim / r)`: the number of bases that makes the update full rank.

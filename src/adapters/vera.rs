@@ -41,14 +41,14 @@ pub struct VeraConfig {
     #[serde(default)]
     pub projection_prng_key: u64,
     /// Whether the shared projections are in the file (always true for files written here).
-    #[serde(default = "yes")]
+    #[serde(default = "super::common::yes")]
     pub save_projection: bool,
     /// Dropout on the adapter branch input.
     #[serde(default)]
     pub vera_dropout: f64,
     /// `true`: `lambda_b = 0`, `lambda_d = d_initial`; `false`: PEFT's test init,
     /// `lambda_b = 1`, `lambda_d ~ N(0, 1)`.
-    #[serde(default = "yes")]
+    #[serde(default = "super::common::yes")]
     pub init_weights: bool,
     /// Which modules get an adapter.
     #[serde(flatten)]
@@ -60,9 +60,6 @@ fn default_r() -> usize {
 }
 fn default_d_initial() -> f64 {
     0.1
-}
-fn yes() -> bool {
-    true
 }
 
 impl VeraConfig {
