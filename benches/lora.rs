@@ -14,7 +14,7 @@ const TOKENS: usize = 512;
 
 fn lora_layer(w: &Tensor, r: usize, merged: bool) -> AdaptedLinear {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let base = BaseLayer { weight: w, bias: None };
+    let base = BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None };
     let (lora, _) = Lora::new(
         base,
         &LoraParams { r, alpha: 2.0 * r as f64, init: LoraInit::Random, ..Default::default() },

@@ -47,7 +47,7 @@ fn methods() -> Vec<(&'static str, AdapterConfig)> {
 fn layer(w: &Tensor, config: &AdapterConfig) -> AdaptedLinear {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let shared = config.shared_tensors(&[(DIM, DIM)], DType::F32, w.device()).unwrap();
-    let base = BaseLayer { weight: w, bias: None };
+    let base = BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None };
     let ctx = BuildContext { path: "proj", base, dtype: DType::F32, rng: &mut rng, shared: &shared };
     let built = config.build(ctx).unwrap();
     let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();

@@ -149,14 +149,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sampler = MemorySampler::start(&device);
     let model = if random {
         let f32_model = candle_peft::models::Llama::random(smollm2_shape(), 0, &device)?;
-        candle_peft::models::Llama::from_tensors(smollm2_shape(), &f32_model.tensors(), dtype)?
+        candle_peft::models::Llama::from_tensors(smollm2_shape(), &f32_model.tensors()?, dtype)?
     } else {
         candle_peft::models::load(&model_path, &device, dtype)?.0
     };
     let source = if random { "random SmolLM2-135M shape".to_string() } else { model_path.display().to_string() };
     let vocab = model.config().vocab_size;
     let frozen_shapes: BTreeSet<Vec<usize>> = model
-        .tensors()
+        .tensors()?
         .values()
         .filter(|t| t.rank() == 2)
         .flat_map(|t| [t.dims().to_vec(), t.dims().iter().rev().copied().collect()])

@@ -14,14 +14,14 @@ use std::fmt::Debug;
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::frozen::frozen_linear;
+use crate::frozen::FrozenWeight;
 use crate::{Error, Result};
 
 /// What an adapter sees of the frozen layer it wraps.
 #[derive(Debug, Clone, Copy)]
 pub struct BaseLayer<'a> {
-    /// The frozen weight `W0: (out, in)`.
-    pub weight: &'a Tensor,
+    /// The frozen weight `W0: (out, in)`, dense or quantized.
+    pub weight: &'a FrozenWeight,
     /// The frozen bias `b: (out,)`, if the layer has one.
     pub bias: Option<&'a Tensor>,
 }
@@ -30,7 +30,7 @@ impl BaseLayer<'_> {
     /// The frozen layer's output `x W0^T + b`, in the base dtype, with no gradient for `W0`
     /// (see [`crate::frozen`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        frozen_linear(&x.to_dtype(self.weight.dtype())?, self.weight, self.bias)
+        self.weight.linear(&x.to_dtype(self.weight.dtype())?, self.bias)
     }
 }
 

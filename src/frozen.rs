@@ -5,12 +5,139 @@
 //! `(out x in)` matmul and an `(out x in)` buffer per layer, roughly doubling a frozen layer's
 //! backward cost. [`frozen_linear`] runs the same forward matmul as a custom op whose backward
 //! returns only `dL/dx = dL/dy W`.
+//!
+//! [`FrozenWeight`] is a layer's frozen weight, dense or kept quantized
+//! ([`crate::quantized`]); every frozen product of the crate goes through it.
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, MetalStorage, Shape, Tensor};
 
 use crate::fused::{needed, with_backward};
+use crate::quantized::QuantizedWeight;
 use crate::Result;
+
+/// A layer's frozen weight `W: (out, in)`: a dense tensor, or blocks of a GGUF quantized type
+/// that are dequantized only for the product that needs them (QLoRA; see [`crate::quantized`]).
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A dense tensor in the model's dtype.
+    Dense(Tensor),
+    /// A quantized weight, shared (cloning it does not copy the blocks).
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl From<Tensor> for FrozenWeight {
+    fn from(t: Tensor) -> Self {
+        Self::Dense(t.detach())
+    }
+}
+
+impl From<QuantizedWeight> for FrozenWeight {
+    fn from(q: QuantizedWeight) -> Self {
+        Self::Quantized(Arc::new(q))
+    }
+}
+
+impl FrozenWeight {
+    /// `(out, in)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Dense(t) => t.dims2()?,
+            Self::Quantized(q) => q.dims(),
+        })
+    }
+
+    /// The dtype products with the weight are computed in (a quantized weight's compute dtype).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(t) => t.dtype(),
+            Self::Quantized(q) => q.dtype(),
+        }
+    }
+
+    /// The device the weight lives on.
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Dense(t) => t.device(),
+            Self::Quantized(q) => q.device(),
+        }
+    }
+
+    /// `out * in`.
+    pub fn elem_count(&self) -> usize {
+        self.dims2().map_or(0, |(o, i)| o * i)
+    }
+
+    /// Bytes the weight holds in memory.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.storage_bytes(),
+        }
+    }
+
+    /// The dense tensor, if the weight is not quantized.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(t) => Some(t),
+            Self::Quantized(_) => None,
+        }
+    }
+
+    /// The weight as a dense tensor in [`Self::dtype`] (a quantized weight is dequantized into a
+    /// new tensor): for initialisations and merges, not for the training step.
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    /// `x W^T + b` for `x: (..., in)` in [`Self::dtype`], differentiable in `x` only (see
+    /// [`frozen_linear`]).
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => frozen_linear(x, w, bias),
+            Self::Quantized(q) => {
+                let (out, inp) = q.dims();
+                let n = x.elem_count() / inp;
+                let y = q.linear(&reshape(x, &[n, inp])?)?;
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = out;
+                }
+                let y = reshape(&y, &dims)?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+
+    /// `dy W` for `dy: (n, out)`, with no autograd (the input gradient of [`Self::linear`]).
+    pub(crate) fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => Ok(dy.matmul(w)?),
+            Self::Quantized(q) => q.matmul(dy),
+        }
+    }
+
+    /// The rows `ids` (any shape): `(..ids, in)`, an embedding lookup that dequantizes only the
+    /// rows it reads.
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?)
+            }
+            Self::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
 
 /// `x W^T` with `x: (n, in)` and `W: (out, in)`; the backward skips `W`.
 struct FrozenMatmul;
@@ -114,7 +241,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     })
 }
 
-/// `x W^T + b + h T^T` for `x: (..., in)`, a frozen `W: (out, in)`, `h: (..., k)` and
+/// `x W^T + b + h T^T` for `x: (..., in)`, a frozen `W: (out, in)` (dense or quantized), `h: (..., k)` and
 /// `T: (out, k)`: a frozen layer plus a low-rank branch (`h = s x A^T`, `T = B` for LoRA), as one
 /// graph node. Autograd keeps `x`, `h`, `T` and the output, not the base output and the branch
 /// output that an addition would keep (two more `(..., out)` tensors per layer). Backward:
@@ -124,15 +251,15 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// branch is computed in theirs and added in the base's, and `dh`, `dT` are computed in theirs.
 pub fn low_rank_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     bias: Option<&Tensor>,
     h: &Tensor,
     tail: &Tensor,
 ) -> Result<Tensor> {
-    let (out_features, k) = (weight.dim(0)?, tail.dim(1)?);
+    let (out_features, k) = (weight.dims2()?.0, tail.dim(1)?);
     let rows = h.elem_count() / k.max(1);
     let flat = move |t: &Tensor, cols: usize| reshape(t, &[rows, cols]);
-    let base = frozen_linear(&x.detach(), weight, bias)?;
+    let base = weight.linear(&x.detach(), bias)?;
     let branch = flat(&h.detach(), k)?.matmul(&tail.detach().t()?)?.to_dtype(base.dtype())?;
     let y = (&base + reshape(&branch, base.dims())?)?;
     drop(branch);
@@ -140,7 +267,7 @@ pub fn low_rank_linear(
     with_backward("low-rank-linear", &[x, h, tail], y, move |inputs, _, grad| {
         let [x, h, tail] = [inputs[0], inputs[1], inputs[2]];
         let dy = flat(grad, out_features)?;
-        let dx = needed(x, || dy.matmul(&w)?.reshape(x.dims()))?;
+        let dx = needed(x, || w.input_grad(&dy).map_err(candle_core::Error::wrap)?.reshape(x.dims()))?;
         let dy = dy.to_dtype(tail.dtype())?;
         let dh = needed(h, || dy.matmul(&tail.detach())?.reshape(h.dims()))?;
         let dt = needed(tail, || dy.t()?.matmul(&flat(&h.detach(), k)?))?;

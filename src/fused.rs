@@ -404,9 +404,10 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (7, 5), &Device::Cpu).unwrap();
         let bias = Tensor::randn(0f32, 1., 7, &Device::Cpu).unwrap();
         let (w2, b2) = (w.clone(), bias.clone());
+        let frozen = crate::frozen::FrozenWeight::from(w.clone());
         check(
             &[var(&[2, 3, 5]), var(&[2, 3, 2]), var(&[7, 2])],
-            |x| crate::frozen::low_rank_linear(&x[0], &w, Some(&bias), &x[1], &x[2]),
+            |x| crate::frozen::low_rank_linear(&x[0], &frozen, Some(&bias), &x[1], &x[2]),
             move |x| {
                 let base = x[0].broadcast_matmul(&w2.t()?)?.broadcast_add(&b2)?;
                 Ok((base + x[1].broadcast_matmul(&x[2].t()?)?)?)
@@ -415,7 +416,7 @@ mod tests {
         // A frozen tail (RandLoRA's basis) and an input that needs no gradient get none.
         let (x, h, tail) =
             (Tensor::randn(0f32, 1., (3, 5), &Device::Cpu).unwrap(), var(&[3, 2]), w.narrow(1, 0, 2).unwrap());
-        let y = crate::frozen::low_rank_linear(&x, &w, None, h.as_tensor(), &tail).unwrap();
+        let y = crate::frozen::low_rank_linear(&x, &frozen, None, h.as_tensor(), &tail).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(h.as_tensor()).is_some());
         assert!(g.get(&tail).is_none() && g.get(&x).is_none() && g.get(&w).is_none());

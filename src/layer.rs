@@ -3,16 +3,20 @@
 use candle_core::{Module, Tensor};
 
 use crate::adapter::{add_in_f32, Adapter, BaseLayer};
+use crate::frozen::FrozenWeight;
 use crate::{Error, Result};
 
 /// A frozen `y = x W0^T + b` with an optional adapter.
 ///
-/// The base weight and bias are plain tensors, never trainable; the backward pass computes no
-/// gradient for them (see [`crate::frozen`]). The adapter can be switched off ([`Self::set_enabled`]),
+/// The base weight ([`FrozenWeight`]: dense, or kept quantized) and bias are never trainable;
+/// the backward pass computes no gradient for them (see [`crate::frozen`]). The adapter can be switched off ([`Self::set_enabled`]),
 /// folded into the weight ([`Self::merge`]) and taken out again ([`Self::unmerge`]).
 #[derive(Debug)]
 pub struct AdaptedLinear {
-    weight: Tensor,
+    weight: FrozenWeight,
+    /// A quantized `W0` while a merge holds the dense merged weight in `weight`: restored by
+    /// [`Self::unmerge`] bit for bit.
+    quantized_base: Option<FrozenWeight>,
     bias: Option<Tensor>,
     adapter: Option<Box<dyn Adapter>>,
     merged: bool,
@@ -21,8 +25,10 @@ pub struct AdaptedLinear {
 }
 
 impl AdaptedLinear {
-    /// A frozen layer with weight `(out, in)` and optional bias `(out,)`, without an adapter.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A frozen layer with weight `(out, in)` (a [`Tensor`] or a
+    /// [`crate::quantized::QuantizedWeight`]) and optional bias `(out,)`, without an adapter.
+    pub fn new(weight: impl Into<FrozenWeight>, bias: Option<Tensor>) -> Result<Self> {
+        let weight = weight.into();
         let (out, _) = weight.dims2()?;
         if let Some(b) = &bias {
             if b.dims() != [out] {
@@ -34,7 +40,8 @@ impl AdaptedLinear {
             }
         }
         Ok(Self {
-            weight: weight.detach(),
+            weight,
+            quantized_base: None,
             bias: bias.map(|b| b.detach()),
             adapter: None,
             merged: false,
@@ -53,8 +60,9 @@ impl AdaptedLinear {
         BaseLayer { weight: &self.weight, bias: self.bias.as_ref() }
     }
 
-    /// The current weight: `W0`, or the merged weight after [`Self::merge`].
-    pub fn weight(&self) -> &Tensor {
+    /// The current weight: `W0`, or the merged weight after [`Self::merge`] (dense, also over a
+    /// quantized `W0`).
+    pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
 
@@ -65,8 +73,8 @@ impl AdaptedLinear {
 
     /// `(in_features, out_features)`.
     pub fn features(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[1], d[0])
+        let (out, inp) = self.weight.dims2().unwrap_or((0, 0));
+        (inp, out)
     }
 
     /// Attaches `adapter`, replacing any previous one; `base_weight` replaces `W0` when the
@@ -79,19 +87,19 @@ impl AdaptedLinear {
             let (i, o) = adapter.features();
             return Err(Error::ShapeMismatch {
                 what: "adapter (out, in)".into(),
-                expected: self.weight.dims().to_vec(),
+                expected: self.dims(),
                 actual: vec![o, i],
             });
         }
         if let Some(w) = base_weight {
-            if w.dims() != self.weight.dims() {
+            if w.dims() != self.dims() {
                 return Err(Error::ShapeMismatch {
                     what: "rewritten base weight".into(),
-                    expected: self.weight.dims().to_vec(),
+                    expected: self.dims(),
                     actual: w.dims().to_vec(),
                 });
             }
-            self.weight = w.detach();
+            self.weight = w.into();
         }
         self.adapter = Some(adapter);
         Ok(())
@@ -112,15 +120,21 @@ impl AdaptedLinear {
         if self.adapter.is_some() {
             return Err(Error::MergeState("cannot replace the weight of a layer with an adapter".into()));
         }
-        if weight.dims() != self.weight.dims() {
+        if weight.dims() != self.dims() {
             return Err(Error::ShapeMismatch {
                 what: "weight".into(),
-                expected: self.weight.dims().to_vec(),
+                expected: self.dims(),
                 actual: weight.dims().to_vec(),
             });
         }
-        self.weight = weight.detach();
+        self.weight = weight.into();
         Ok(())
+    }
+
+    /// `[out, in]`.
+    fn dims(&self) -> Vec<usize> {
+        let (i, o) = self.features();
+        vec![o, i]
     }
 
     /// The adapter, if any.
@@ -162,13 +176,19 @@ impl AdaptedLinear {
     }
 
     /// Folds the adapter into the weight: afterwards the forward pass costs what the base layer
-    /// costs. Merging twice is an error.
+    /// costs. Merging twice is an error. A quantized `W0` is dequantized and the merged weight is
+    /// dense (as PEFT merges into a bitsandbytes base); [`Self::unmerge`] restores the quantized
+    /// weight.
     pub fn merge(&mut self) -> Result<()> {
         if self.merged {
             return Err(Error::MergeState("the adapter is already merged".into()));
         }
-        let w0 = self.weight.clone();
-        self.weight = self.adapter_or_err("merge")?.merge(&w0)?.detach();
+        let w0 = self.weight.dense()?;
+        let merged = self.adapter_or_err("merge")?.merge(&w0)?;
+        let previous = std::mem::replace(&mut self.weight, merged.into());
+        if matches!(previous, FrozenWeight::Quantized(_)) {
+            self.quantized_base = Some(previous);
+        }
         self.merged = true;
         Ok(())
     }
@@ -178,8 +198,9 @@ impl AdaptedLinear {
         if !self.merged {
             return Err(Error::MergeState("the adapter is not merged".into()));
         }
-        let w = self.weight.clone();
-        self.weight = self.adapter_or_err("unmerge")?.unmerge(&w)?.detach();
+        let w = self.weight.dense()?;
+        let w0 = self.adapter_or_err("unmerge")?.unmerge(&w)?;
+        self.weight = self.quantized_base.take().unwrap_or_else(|| w0.into());
         self.merged = false;
         Ok(())
     }
@@ -187,9 +208,10 @@ impl AdaptedLinear {
     /// The merged weight, without changing the layer (for export): `W0 + dW`, or the current
     /// weight when the layer is already merged or has no adapter.
     pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.dense()?;
         match &self.adapter {
-            Some(a) if !self.merged => add_in_f32(&self.weight, &a.delta_weight(&self.weight)?, 1.0),
-            _ => Ok(self.weight.clone()),
+            Some(a) if !self.merged => add_in_f32(&w, &a.delta_weight(&w)?, 1.0),
+            _ => Ok(w),
         }
     }
 

@@ -52,6 +52,7 @@ pub mod models;
 pub mod peft_model;
 #[cfg(feature = "plot")]
 pub mod plot;
+pub mod quantized;
 pub mod scaling;
 pub mod sweep;
 pub mod target;
@@ -63,6 +64,7 @@ pub use adapters::exports::*;
 pub use adapters::{AdapterConfig, Dora, LowRankUpdate};
 pub use device::{device, DeviceSpec};
 pub use error::{Error, Result};
+pub use frozen::FrozenWeight;
 pub use layer::AdaptedLinear;
 pub use method::{Method, MethodConfig, MethodParams};
 pub use peft_model::{InitOptions, LinearHost, NamedLinears, ParameterCount, PeftModel};

@@ -27,9 +27,11 @@ struct Case {
 fn build(c: &Case, get: &dyn Fn(&str) -> Tensor) -> candle_peft::Result<Box<dyn Adapter>> {
     let (a, b) = (get("lora_A.weight"), get("lora_B.weight"));
     let mut adapter: Box<dyn Adapter> = match c.method.as_str() {
-        "bora" => Box::new(Bora::new(Lora::from_weights(a, b, c.scaling, 0.0)?, &get("w"))?),
+        "bora" => Box::new(Bora::new(Lora::from_weights(a, b, c.scaling, 0.0)?, &get("w").into())?),
         "lora_xs" => Box::new(LoraXs::from_weights(a, b, get("lora_R.weight"), c.scaling, 0.0)?),
-        "edora" => Box::new(edora(LoraXs::from_weights(a, b, get("lora_R.weight"), c.scaling, 0.0)?, &get("w"))?),
+        "edora" => {
+            Box::new(edora(LoraXs::from_weights(a, b, get("lora_R.weight"), c.scaling, 0.0)?, &get("w").into())?)
+        }
         other => panic!("unknown method {other}"),
     };
     for key in &c.trainable {
@@ -69,10 +71,10 @@ fn bora_lora_xs_and_edora_match_the_pytorch_reference() -> candle_peft::Result<(
 
         assert_close(&layer.merged_weight()?, &get("merged"), 1e-5, &format!("{} merged_weight", c.name));
         layer.merge()?;
-        assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{} merge", c.name));
+        assert_close(&layer.weight().dense()?, &get("merged"), 1e-5, &format!("{} merge", c.name));
         assert_close(&layer.forward_checked(&get("x"))?, &y, 1e-5, &format!("{} merged vs unmerged", c.name));
         layer.unmerge()?;
-        assert_close(layer.weight(), &get("w"), 1e-6, &format!("{} unmerge", c.name));
+        assert_close(&layer.weight().dense()?, &get("w"), 1e-6, &format!("{} unmerge", c.name));
     }
     Ok(())
 }
@@ -86,7 +88,7 @@ fn lora_xs_svd_init_is_the_rank_r_truncation() -> candle_peft::Result<()> {
         let w = get("w");
         let r = get("lora_R.weight").dim(0)?;
         let xs = LoraXs::new(
-            BaseLayer { weight: &w, bias: None },
+            BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None },
             &LoraParams { r, alpha: 16.0, ..Default::default() },
             DType::F32,
             &mut rng,
@@ -151,12 +153,12 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         let path = "model.layers.1.self_attn.q_proj";
         let layer = peft.model().get(path).unwrap();
         let before = layer.forward_checked(&x)?;
-        let base = x.matmul(&layer.weight().t()?)?;
+        let base = x.matmul(&layer.weight().dense()?.t()?)?;
         // (LoRA-XS and EDoRA start with R ~ N(0, 1e-5^2): a near-zero update by design.)
         if !matches!(name, "lora_xs" | "edora") {
             assert!(common::rel_err(&before, &base) > 1e-3, "{name}: the adapter changes nothing");
         }
-        let w0: Vec<Tensor> = peft.model().linears().iter().map(|(_, l)| l.weight().clone()).collect();
+        let w0: Vec<Tensor> = peft.model().linears().iter().map(|(_, l)| l.weight().dense().unwrap()).collect();
         peft.merge()?;
         assert_close(
             &peft.model().get(path).unwrap().forward_checked(&x)?,
@@ -166,7 +168,7 @@ fn every_method_saves_and_loads_bit_exact_and_merges_back() -> candle_peft::Resu
         );
         peft.unmerge()?;
         for ((p, l), w) in peft.model().linears().iter().zip(&w0) {
-            assert_close(l.weight(), w, 1e-6, &format!("{name} {p} unmerge"));
+            assert_close(&l.weight().dense()?, w, 1e-6, &format!("{name} {p} unmerge"));
         }
         assert!(dir.path().join(WEIGHTS_FILE).exists());
     }
@@ -185,7 +187,7 @@ fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::
     let nan = w.broadcast_mul(&Tensor::new(&[f32::NAN, 1., 1., 1., 1., 1.], &test_device())?)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let e = LoraXs::new(
-        BaseLayer { weight: &nan, bias: None },
+        BaseLayer { weight: &candle_peft::FrozenWeight::from(nan.clone()), bias: None },
         &LoraParams { r: 2, alpha: 4.0, ..Default::default() },
         DType::F32,
         &mut rng,
@@ -194,12 +196,12 @@ fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::
     assert!(matches!(e, Error::LinAlg(_)), "{e}");
 
     let xs = LoraXs::new(
-        BaseLayer { weight: &w, bias: None },
+        BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None },
         &LoraParams { r: 2, alpha: 4.0, ..Default::default() },
         DType::F32,
         &mut rng,
     )?;
-    let mut e = edora(xs, &w)?;
+    let mut e = edora(xs, &w.clone().into())?;
     let wrong = Tensor::ones(7, DType::F32, &test_device())?;
     assert!(matches!(e.load_tensor("lora_magnitude_vector", &wrong), Err(Error::ShapeMismatch { .. })));
     let lora = Lora::from_weights(
@@ -208,7 +210,7 @@ fn svd_methods_refuse_ranks_above_min_dims_and_bad_magnitudes() -> candle_peft::
         1.0,
         0.0,
     )?;
-    let mut b = Bora::new(lora, &w)?;
+    let mut b = Bora::new(lora, &w.clone().into())?;
     assert!(matches!(b.load_tensor("bora_magnitude_col", &wrong), Err(Error::ShapeMismatch { .. })));
     Ok(())
 }

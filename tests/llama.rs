@@ -172,7 +172,7 @@ fn a_config_built_in_code_is_checked_by_every_constructor() {
     let e = Llama::random(zero_heads.clone(), 0, &test_device()).unwrap_err();
     assert!(e.to_string().contains("num_attention_heads is 0; expected at least 1"), "{e}");
     let good = Llama::random(small_config(), 0, &test_device()).unwrap();
-    let e = Llama::from_tensors(zero_heads, &good.tensors(), DType::F32).unwrap_err();
+    let e = Llama::from_tensors(zero_heads, &good.tensors().unwrap(), DType::F32).unwrap_err();
     assert!(matches!(&e, Error::ModelConfig { field, .. } if field == "num_attention_heads"), "{e}");
     let e =
         Llama::random(LlamaConfig { num_key_value_heads: Some(0), ..small_config() }, 0, &test_device()).unwrap_err();
@@ -212,6 +212,7 @@ fn write_gguf(path: &Path, heads: u32, kv_heads: u32, extra: &[(&str, Value)]) {
     let model = Llama::random(small_config(), 0, &test_device()).unwrap();
     let tensors: Vec<(String, QTensor)> = model
         .tensors()
+        .unwrap()
         .into_iter()
         .map(|(name, t)| (gguf_name(&name), QTensor::quantize(&t, GgmlDType::F32).unwrap()))
         .collect();

@@ -39,7 +39,7 @@ fn check_single_layer_cases(prefix: &str, dora: bool) -> candle_peft::Result<()>
         let mut layer = AdaptedLinear::new(get("w"), bias)?;
         let lora = Lora::from_weights(get("lora_A"), get("lora_B"), scaling, 0.0)?;
         let adapter: Box<dyn Adapter> = if dora {
-            let mut d = Dora::new(lora, &get("w"), "LORA")?;
+            let mut d = Dora::new(lora, &get("w").into(), "LORA")?;
             d.load_tensor("lora_magnitude_vector", &get("magnitude"))?;
             Box::new(d)
         } else {
@@ -68,16 +68,19 @@ fn check_single_layer_cases(prefix: &str, dora: bool) -> candle_peft::Result<()>
             );
         }
         assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{name} grad x"));
-        assert!(grads.get(layer.weight()).is_none(), "{name}: the frozen weight got a gradient");
+        assert!(
+            layer.weight().as_dense().is_some_and(|w| grads.get(w).is_none()),
+            "{name}: the frozen weight got a gradient"
+        );
 
         // Merge: the weight PEFT merges, the same outputs, and back to W0 on unmerge.
         layer.merge()?;
-        assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{name} merged weight"));
+        assert_close(&layer.weight().dense()?, &get("merged"), 1e-5, &format!("{name} merged weight"));
         let y_merged = layer.forward(&get("x"))?;
         assert_close(&y_merged, &get("y_merged"), 1e-5, &format!("{name} merged forward"));
         assert_close(&y_merged, &y, 1e-5, &format!("{name} merged vs unmerged"));
         layer.unmerge()?;
-        let restored = (layer.weight() - get("w"))?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let restored = (layer.weight().dense()? - get("w"))?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(restored <= 1e-6, "{name}: unmerge leaves {restored:e}");
     }
     Ok(())
@@ -99,7 +102,7 @@ fn pissa_init_matches_peft() -> candle_peft::Result<()> {
     let w = &t["w"];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
     let (lora, residual) = Lora::new(
-        BaseLayer { weight: w, bias: None },
+        BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None },
         &LoraParams { r: 4, alpha: 8.0, init: LoraInit::Pissa, ..Default::default() },
         DType::F32,
         &mut rng,
@@ -174,7 +177,7 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
         let w = Tensor::randn(0f32, 0.2, (16, 16), &dev)?;
         let mut l = AdaptedLinear::new(w.clone(), None)?;
         let (lora, _) = Lora::new(
-            BaseLayer { weight: &w, bias: None },
+            BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None },
             &LoraParams { r: 4, alpha: 8.0, init: LoraInit::Random, ..Default::default() },
             DType::F32,
             &mut rng,
@@ -186,7 +189,7 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
     let y = layers[1].forward(&layers[0].forward(&x)?)?;
     let grads = y.sqr()?.sum_all()?.backward()?;
     for l in &layers {
-        assert!(grads.get(l.weight()).is_none());
+        assert!(l.weight().as_dense().is_some_and(|w| grads.get(w).is_none()));
         for (_, v) in l.adapter().unwrap().trainable_vars() {
             assert!(grads.get(v.as_tensor()).is_some());
         }

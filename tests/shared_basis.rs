@@ -114,7 +114,7 @@ fn fresh_vera_starts_as_the_base_and_trains_only_vectors() -> candle_peft::Resul
     for (path, layer) in peft.model().linears() {
         if layer.adapter().is_some() {
             let x = Tensor::randn(0f32, 1., (2, layer.features().0), &test_device())?;
-            let base = x.matmul(&layer.weight().t()?)?;
+            let base = x.matmul(&layer.weight().dense()?.t()?)?;
             assert_close(&layer.forward_checked(&x)?, &base, 1e-6, &path);
         }
     }
@@ -144,7 +144,7 @@ fn melora_is_a_block_diagonal_of_mini_loras() -> candle_peft::Result<()> {
         let xi = x.narrow(1, 8 * i, 8)?;
         chunks.push((xi.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?);
     }
-    let want = (x.matmul(&layer.weight().t()?)? + Tensor::cat(&chunks, 1)?)?;
+    let want = (x.matmul(&layer.weight().dense()?.t()?)? + Tensor::cat(&chunks, 1)?)?;
     assert_close(&layer.forward_checked(&x)?, &want, 1e-5, "MELoRA forward");
     // n times fewer parameters than a LoRA of the equivalent rank: 8 * (32 + 32) / 4 per layer.
     assert_eq!(peft.parameter_count().trainable, 2 * 8 * 64 / 4);
@@ -211,7 +211,7 @@ fn randlora_bases_are_stored_once_and_bad_input_is_refused() -> candle_peft::Res
     let path = "model.layers.0.self_attn.q_proj";
     let d_paper = paper.model().get(path).unwrap().merged_weight()?;
     let d_peft = peft_scale.model().get(path).unwrap().merged_weight()?;
-    let w0 = paper.model().get(path).unwrap().weight().clone();
+    let w0 = paper.model().get(path).unwrap().weight().dense()?;
     let ratio = ((d_paper - &w0)?.abs()?.sum_all()?.to_scalar::<f32>()?
         / (d_peft - &w0)?.abs()?.sum_all()?.to_scalar::<f32>()?) as f64;
     let want = (2.0 / 2.0) / (640.0 / 8.0); // (2 / sqrt(4)) / (alpha / r)
@@ -241,7 +241,7 @@ fn melora_matches_the_pytorch_reference() -> candle_peft::Result<()> {
             lora: candle_peft::LoraConfig::lora(c.r, c.alpha, &["proj"]),
         });
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
-        let base = candle_peft::BaseLayer { weight: &w, bias: None };
+        let base = candle_peft::BaseLayer { weight: &candle_peft::FrozenWeight::from(w.clone()), bias: None };
         let shared = Default::default();
         let ctx = BuildContext { path: "proj", base, dtype: DType::F32, rng: &mut rng, shared: &shared };
         let built = config.build(ctx)?;
@@ -265,9 +265,9 @@ fn melora_matches_the_pytorch_reference() -> candle_peft::Result<()> {
         }
         assert_close(grads.get(x.as_tensor()).unwrap(), &get("grad_x"), 1e-4, &format!("{} grad x", c.name));
         layer.merge()?;
-        assert_close(layer.weight(), &get("merged"), 1e-5, &format!("{} merge", c.name));
+        assert_close(&layer.weight().dense()?, &get("merged"), 1e-5, &format!("{} merge", c.name));
         layer.unmerge()?;
-        assert_close(layer.weight(), &w, 1e-6, &format!("{} unmerge", c.name));
+        assert_close(&layer.weight().dense()?, &w, 1e-6, &format!("{} unmerge", c.name));
     }
     Ok(())
 }

@@ -26,7 +26,7 @@ use super::dora::{low_rank_row_norms, squared_row_norms};
 use super::lora::{Lora, LoraConfig};
 use super::update::LowRankUpdate;
 use crate::adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
-use crate::frozen::frozen_linear;
+use crate::frozen::FrozenWeight;
 use crate::method::{BuildContext, Method, MethodConfig, MethodParams, Variant};
 use crate::{Error, Result};
 
@@ -47,7 +47,8 @@ pub struct Bora {
 
 impl Bora {
     /// Decomposes `lora` over `w0`: `m_r = rownorm(V)`, `m_c = colnorm(V)` with `V = w0 + dW`.
-    pub fn new(lora: Lora, w0: &Tensor) -> Result<Self> {
+    pub fn new(lora: Lora, w0: &FrozenWeight) -> Result<Self> {
+        let w0 = &w0.dense()?;
         let v = (w0.to_dtype(DType::F32)? + lora.delta()?.to_dtype(DType::F32)?)?;
         let dtype = lora.dtype();
         let m_row = v.sqr()?.sum(1)?.sqrt()?.to_dtype(dtype)?;
@@ -67,13 +68,16 @@ impl Bora {
 
     /// `(g, c)`: the row scale `m_r / rownorm(V)` and the column scale `m_c / colnorm(H)`, in the
     /// adapter dtype, differentiable in `m_r` and `m_c` only.
-    fn scales(&self, w0: &Tensor) -> Result<(Tensor, Tensor)> {
+    ///
+    /// The column norms need `W0` squared elementwise: a quantized `W0` is dequantized for them
+    /// in every forward pass (one layer at a time).
+    fn scales(&self, w0: &FrozenWeight) -> Result<(Tensor, Tensor)> {
         let (b, a, s) = self.lora.factors()?;
         let n_row = low_rank_row_norms(w0, &self.w0_sq, &b, &a, s)?;
         let (b, a) = (b.detach().to_dtype(DType::F32)?, a.detach().to_dtype(DType::F32)?);
         let g = self.m_row.as_tensor().detach().to_dtype(DType::F32)?.div(&n_row)?;
         let g2 = g.sqr()?;
-        let w0f = w0.to_dtype(DType::F32)?;
+        let w0f = w0.dense()?.to_dtype(DType::F32)?;
         let t1 = g2.unsqueeze(0)?.matmul(&w0f.sqr()?)?.squeeze(0)?;
         let bg = b.broadcast_mul(&g2.unsqueeze(1)?)?;
         let t2 = (&a * bg.t()?.matmul(&w0f)?)?.sum(0)?;
@@ -101,7 +105,7 @@ impl Adapter for Bora {
         let x = x.to_dtype(self.dtype())?;
         let xc = x.broadcast_mul(&c)?;
         let xd = branch_dropout(&x, self.lora.dropout(), train)?.broadcast_mul(&c)?;
-        let base_c = frozen_linear(&xc.to_dtype(base.weight.dtype())?, base.weight, None)?.to_dtype(self.dtype())?;
+        let base_c = base.weight.linear(&xc.to_dtype(base.weight.dtype())?, None)?.to_dtype(self.dtype())?;
         let y = (base_c + self.lora.branch(&xd)?)?.broadcast_mul(&g)?.to_dtype(base.weight.dtype())?;
         Ok(match base.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -188,7 +192,8 @@ impl Method for Bora {
 
     fn build(config: &LoraConfig, mut ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
         let (lora, residual) = config.new_lora(&mut ctx)?;
-        let bora = Bora::new(lora, residual.as_ref().unwrap_or(ctx.base.weight))?;
+        let rewritten = residual.clone().map(FrozenWeight::from);
+        let bora = Bora::new(lora, rewritten.as_ref().unwrap_or(ctx.base.weight))?;
         Ok(BuiltAdapter { adapter: Box::new(bora), base_weight: residual })
     }
 }
@@ -204,9 +209,9 @@ mod tests {
     fn a_fresh_bora_with_zero_b_is_the_base() -> Result<()> {
         let w0 = Tensor::randn(0f32, 1., (6, 9), &Device::Cpu)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let base = BaseLayer { weight: &w0, bias: None };
+        let base = BaseLayer { weight: &FrozenWeight::from(w0.clone()), bias: None };
         let (lora, _) = Lora::new(base, &LoraParams { r: 3, alpha: 6.0, ..Default::default() }, DType::F32, &mut rng)?;
-        let bora = Bora::new(lora, &w0)?;
+        let bora = Bora::new(lora, &FrozenWeight::from(w0.clone()))?;
         let x = Tensor::randn(0f32, 1., (4, 9), &Device::Cpu)?;
         let base_out = x.matmul(&w0.t()?)?;
         let y = bora.forward(&x, base, false)?;

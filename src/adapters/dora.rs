@@ -28,9 +28,9 @@ use candle_core::{
 };
 
 use super::common::{branch_dropout, var};
-use super::update::{matmul_t, LowRankUpdate};
+use super::update::LowRankUpdate;
 use crate::adapter::{Adapter, AdapterCore, BaseLayer};
-use crate::frozen::{frozen_linear, reshape};
+use crate::frozen::{reshape, FrozenWeight};
 use crate::{Error, Result};
 
 /// PEFT's key suffix of the magnitude vector (no `.weight`).
@@ -42,12 +42,12 @@ pub(crate) fn squared_row_norms(w: &Tensor) -> Result<Tensor> {
 }
 
 /// `rownorm(W0 + s B A)` without forming the matrix (see the module docs), detached, in f32.
-/// `w0_sq` holds `||W0_i||^2`.
-pub fn low_rank_row_norms(w0: &Tensor, w0_sq: &Tensor, b: &Tensor, a: &Tensor, s: f64) -> Result<Tensor> {
+/// `w0_sq` holds `||W0_i||^2`. A quantized `w0` is read one block of rows at a time.
+pub fn low_rank_row_norms(w0: &FrozenWeight, w0_sq: &Tensor, b: &Tensor, a: &Tensor, s: f64) -> Result<Tensor> {
     let b = b.detach().to_dtype(DType::F32)?;
     let a = a.detach().to_dtype(DType::F32)?;
-    // W0 A^T in the base dtype (no f32 copy of W0), accumulated and used in f32.
-    let w0_at = matmul_t(w0, &a.to_dtype(w0.dtype())?)?.to_dtype(DType::F32)?;
+    // W0 A^T = (A W0^T)^T in the base dtype (no f32 copy of W0), accumulated and used in f32.
+    let w0_at = w0.linear(&a.to_dtype(w0.dtype())?, None)?.t()?.to_dtype(DType::F32)?;
     let cross = (&b * w0_at)?.sum(1)?;
     let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?;
     let n2 = ((w0_sq + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
@@ -211,8 +211,8 @@ impl<U: LowRankUpdate> Dora<U> {
     /// Decomposes `update` over the frozen weight `w0`, with the magnitude initialised to
     /// `rownorm(w0 + dW)` (so the adapted weight starts equal to `w0 + dW`, as in PEFT).
     /// `peft_type` is what the file records (`"LORA"` with `use_dora` for DoRA, `"EDORA"`).
-    pub fn new(update: U, w0: &Tensor, peft_type: &'static str) -> Result<Self> {
-        let w0_sq = squared_row_norms(w0)?;
+    pub fn new(update: U, w0: &FrozenWeight, peft_type: &'static str) -> Result<Self> {
+        let w0_sq = squared_row_norms(&w0.dense()?)?;
         let (b, a, s) = update.factors()?;
         let m = low_rank_row_norms(w0, &w0_sq, &b, &a, s)?.to_dtype(update.dtype())?;
         Ok(Self { update, magnitude: var(m)?, w0_sq, merged_norm: None, peft_type })
@@ -229,13 +229,13 @@ impl<U: LowRankUpdate> Dora<U> {
     }
 
     /// `n = rownorm(W0 + dW)`, detached, f32.
-    pub fn weight_norm(&self, w0: &Tensor) -> Result<Tensor> {
+    pub fn weight_norm(&self, w0: &FrozenWeight) -> Result<Tensor> {
         let (b, a, s) = self.update.factors()?;
         low_rank_row_norms(w0, &self.w0_sq, &b, &a, s)
     }
 
     /// `g = m / n` as a `(out,)` column scale in the update's dtype (differentiable in `m`).
-    fn column_scale(&self, w0: &Tensor) -> Result<Tensor> {
+    fn column_scale(&self, w0: &FrozenWeight) -> Result<Tensor> {
         let n = self.weight_norm(w0)?.to_dtype(self.update.dtype())?;
         Ok(self.magnitude.as_tensor().div(&n)?)
     }
@@ -303,20 +303,20 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
         if train && p > 0.0 {
             // PEFT's form with dropout: base(x) + (g - 1) * drop(x) W0^T + g * branch(drop(x)).
             let xd = branch_dropout(&xa, p, true)?;
-            let base_d = frozen_linear(&xd.to_dtype(base.weight.dtype())?, base.weight, None)?.to_dtype(dtype)?;
+            let base_d = base.weight.linear(&xd.to_dtype(base.weight.dtype())?, None)?.to_dtype(dtype)?;
             let extra = (base_d.broadcast_mul(&g.affine(1.0, -1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
             return crate::adapter::add_branch(&base.forward(x)?, &extra);
         }
         // y = g * (x W0^T + branch) + b.
-        if base.weight.dtype() == dtype {
+        if let Some(w0) = base.weight.as_dense().filter(|w| w.dtype() == dtype) {
             let c = match base.bias {
                 Some(b) => b.clone(),
                 None => g.zeros_like()?,
             };
-            return dora_linear(&xa, base.weight, &self.update.head(&xa)?, &self.update.tail()?, &g, &c);
+            return dora_linear(&xa, w0, &self.update.head(&xa)?, &self.update.tail()?, &g, &c);
         }
         let branch = self.update.branch(&xa)?;
-        // A base in another dtype: y = g * (x W0^T + b + branch) + (1 - g) * b.
+        // A quantized base, or one in another dtype: y = g * (x W0^T + b + branch) + (1 - g) * b.
         let base_out = base.forward(x)?;
         let c = match base.bias {
             Some(b) => (g.affine(-1.0, 1.0)? * b.to_dtype(dtype)?)?,
@@ -362,7 +362,7 @@ mod tests {
             let w0 = Tensor::randn(0f32, 1., (out, inp), &dev)?;
             let b = Tensor::randn(0f32, 1., (out, r), &dev)?;
             let a = Tensor::randn(0f32, 1., (r, inp), &dev)?;
-            let fast = low_rank_row_norms(&w0, &squared_row_norms(&w0)?, &b, &a, 0.7)?;
+            let fast = low_rank_row_norms(&FrozenWeight::from(w0.clone()), &squared_row_norms(&w0)?, &b, &a, 0.7)?;
             let direct = (&w0 + (b.matmul(&a)? * 0.7)?)?.sqr()?.sum(1)?.sqrt()?;
             let err = ((fast - &direct)?.abs()? / direct)?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-5, "{err}");
@@ -378,7 +378,7 @@ mod tests {
         let (out, inp) = (6, 5);
         let w0 = Tensor::randn(0f32, 1., (out, inp), &dev)?;
         let bias = Tensor::randn(0f32, 1., out, &dev)?;
-        let base = BaseLayer { weight: &w0, bias: Some(&bias) };
+        let base = BaseLayer { weight: &FrozenWeight::from(w0.clone()), bias: Some(&bias) };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let (lora, _) = Lora::new(
             base,
@@ -386,7 +386,7 @@ mod tests {
             DType::F32,
             &mut rng,
         )?;
-        let dora = Dora::new(lora, &w0, "LORA")?;
+        let dora = Dora::new(lora, &FrozenWeight::from(w0.clone()), "LORA")?;
         for zero_entry in [false, true] {
             if zero_entry {
                 let m = dora.magnitude().as_tensor().to_vec1::<f32>()?;
@@ -400,7 +400,7 @@ mod tests {
                 let fused = dora.forward(&x, base, false)?;
                 let grads = (&fused * &gy)?.sum_all()?.backward()?;
 
-                let g = dora.column_scale(&w0)?;
+                let g = dora.column_scale(&FrozenWeight::from(w0.clone()))?;
                 let plain = (x.broadcast_matmul(&w0.t()?)? + dora.update().branch(&x)?)?
                     .broadcast_mul(&g)?
                     .broadcast_add(&bias)?;
@@ -428,18 +428,22 @@ mod tests {
         let w0 = Tensor::randn(0f32, 1., (8, 6), &dev)?;
         let bias = Tensor::randn(0f32, 1., 8, &dev)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let base = BaseLayer { weight: &w0, bias: Some(&bias) };
+        let base = BaseLayer { weight: &FrozenWeight::from(w0.clone()), bias: Some(&bias) };
         let (lora, _) = Lora::new(
             base,
             &LoraParams { r: 2, alpha: 4.0, init: LoraInit::Random, ..Default::default() },
             DType::F32,
             &mut rng,
         )?;
-        let dora = Dora::new(lora, &w0, "LORA")?;
+        let dora = Dora::new(lora, &FrozenWeight::from(w0.clone()), "LORA")?;
         let x = Tensor::randn(0f32, 1., (3, 6), &dev)?;
         let want = dora.forward(&x, base, false)?;
         let (w16, b16) = (w0.to_dtype(DType::BF16)?, bias.to_dtype(DType::BF16)?);
-        let got = dora.forward(&x.to_dtype(DType::BF16)?, BaseLayer { weight: &w16, bias: Some(&b16) }, false)?;
+        let got = dora.forward(
+            &x.to_dtype(DType::BF16)?,
+            BaseLayer { weight: &FrozenWeight::from(w16.clone()), bias: Some(&b16) },
+            false,
+        )?;
         assert_eq!(got.dtype(), DType::BF16);
         let err =
             ((got.to_dtype(DType::F32)? - &want)?.abs()?.max_all()? / want.abs()?.max_all()?)?.to_scalar::<f32>()?;
@@ -451,7 +455,7 @@ mod tests {
     fn a_fresh_dora_is_the_base_plus_its_update() -> Result<()> {
         let w0 = Tensor::randn(0f32, 1., (6, 5), &Device::Cpu)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let base = BaseLayer { weight: &w0, bias: None };
+        let base = BaseLayer { weight: &FrozenWeight::from(w0.clone()), bias: None };
         let (lora, _) = Lora::new(
             base,
             &LoraParams { r: 2, alpha: 4.0, init: LoraInit::Random, ..Default::default() },
@@ -459,7 +463,7 @@ mod tests {
             &mut rng,
         )?;
         let delta = lora.delta()?;
-        let dora = Dora::new(lora, &w0, "LORA")?;
+        let dora = Dora::new(lora, &FrozenWeight::from(w0.clone()), "LORA")?;
         let err = (dora.delta_weight(&w0)? - delta)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-5, "{err}");
         Ok(())

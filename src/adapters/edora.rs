@@ -11,12 +11,11 @@
 //! file only pairs it with LoRA-XS. File format: `peft_type: "EDORA"`, LoRA-XS keys plus
 //! `lora_magnitude_vector`.
 
-use candle_core::Tensor;
-
 use super::dora::Dora;
 use super::lora::LoraConfig;
 use super::lora_xs::LoraXs;
 use crate::adapter::BuiltAdapter;
+use crate::frozen::FrozenWeight;
 use crate::method::{BuildContext, Method, MethodConfig, MethodParams, Variant};
 use crate::Result;
 
@@ -24,7 +23,7 @@ use crate::Result;
 pub type EDora = Dora<LoraXs>;
 
 /// Decomposes a LoRA-XS update over the frozen weight `w0` (see the module docs).
-pub fn edora(update: LoraXs, w0: &Tensor) -> Result<EDora> {
+pub fn edora(update: LoraXs, w0: &FrozenWeight) -> Result<EDora> {
     Dora::new(update, w0, EDora::PEFT_TYPE)
 }
 

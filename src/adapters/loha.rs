@@ -182,6 +182,14 @@ pub struct Loha {
 }
 
 impl Loha {
+    /// `s * (hada_w1_a hada_w1_b) ⊙ (hada_w2_a hada_w2_b)`.
+    fn delta(&self) -> Result<Tensor> {
+        let [a1, b1, a2, b2] = &self.factors;
+        let w1 = a1.matmul(b1)?;
+        let w2 = a2.matmul(b2)?;
+        Ok(((w1 * w2)? * self.scaling)?)
+    }
+
     /// A LoHa from `[hada_w1_a (out, r), hada_w1_b (r, in), hada_w2_a (out, r), hada_w2_b (r, in)]`
     /// and the factor `s`.
     pub fn from_weights(factors: [Tensor; 4], scaling: f64) -> Result<Self> {
@@ -237,11 +245,11 @@ impl AdapterCore for Loha {
 
 impl Adapter for Loha {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, _train: bool) -> Result<Tensor> {
-        let delta = self.delta_weight(base.weight)?;
-        if x.dtype() == self.dtype() && base.weight.dtype() == self.dtype() {
+        let delta = self.delta()?;
+        if let Some(w0) = base.weight.as_dense().filter(|w| x.dtype() == self.dtype() && w.dtype() == self.dtype()) {
             // One matmul over W0 + dW: the gradient of dW is the weight gradient this matmul
             // computes anyway, and W0 is a constant of the sum.
-            let y = matmul_t(x, &(base.weight + delta)?)?;
+            let y = matmul_t(x, &(w0 + delta)?)?;
             return Ok(match base.bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -250,11 +258,7 @@ impl Adapter for Loha {
         add_branch(&base.forward(x)?, &matmul_t(&x.to_dtype(self.dtype())?, &delta)?)
     }
 
-    /// `s * (hada_w1_a hada_w1_b) ⊙ (hada_w2_a hada_w2_b)`.
     fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
-        let [a1, b1, a2, b2] = &self.factors;
-        let w1 = a1.matmul(b1)?;
-        let w2 = a2.matmul(b2)?;
-        Ok(((w1 * w2)? * self.scaling)?)
+        self.delta()
     }
 }

@@ -27,6 +27,7 @@ use super::common::{
 use super::dora::Dora;
 use super::update::{matmul_t, LowRankUpdate};
 use crate::adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
+use crate::frozen::FrozenWeight;
 use crate::linalg::truncated_svd;
 use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, Variant};
 use crate::scaling::{self, RankStabilized, Scaling, ScalingStrategy, Standard};
@@ -359,7 +360,8 @@ impl Method for Lora {
     fn build(config: &LoraConfig, mut ctx: BuildContext<'_>) -> Result<BuiltAdapter> {
         let (lora, residual) = config.new_lora(&mut ctx)?;
         let adapter: Box<dyn Adapter> = if config.use_dora {
-            Box::new(Dora::new(lora, residual.as_ref().unwrap_or(ctx.base.weight), "LORA")?)
+            let rewritten = residual.clone().map(FrozenWeight::from);
+            Box::new(Dora::new(lora, rewritten.as_ref().unwrap_or(ctx.base.weight), "LORA")?)
         } else {
             Box::new(lora)
         };
@@ -408,12 +410,13 @@ impl Lora {
                 if scaling <= 0.0 {
                     return Err(Error::config("lora_alpha", "PiSSA needs a positive scaling factor"));
                 }
-                let svd = truncated_svd(base.weight, r)?;
+                let w0 = base.weight.dense()?;
+                let svd = truncated_svd(&w0, r)?;
                 let root = (svd.s / scaling)?.sqrt()?;
                 let a = svd.vt.broadcast_mul(&root.unsqueeze(1)?)?;
                 let b = svd.u.broadcast_mul(&root.unsqueeze(0)?)?;
                 let principal = (b.matmul(&a)? * scaling)?;
-                let residual = (base.weight.to_dtype(DType::F32)? - principal)?.to_dtype(base.weight.dtype())?;
+                let residual = (w0.to_dtype(DType::F32)? - principal)?.to_dtype(w0.dtype())?;
                 (a.to_dtype(dtype)?, b.to_dtype(dtype)?, Some(residual))
             }
         };
@@ -512,7 +515,7 @@ mod tests {
     fn default_init_is_a_zero_update_with_bounded_a() -> Result<()> {
         let w = base(6, 16);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, &LoraParams { r: 4, alpha: 8.0, ..Default::default() }, DType::F32, &mut rng)?;
+        let (lora, res) = Lora::new(BaseLayer { weight: &FrozenWeight::from(w.clone()), bias: None }, &LoraParams { r: 4, alpha: 8.0, ..Default::default() }, DType::F32, &mut rng)?;
         assert!(res.is_none());
         assert_eq!(lora.scaling(), 2.0);
         let a_max = lora.lora_a().abs()?.max_all()?.to_scalar::<f32>()?;
@@ -525,7 +528,7 @@ mod tests {
     fn gaussian_init_has_std_one_over_r() -> Result<()> {
         let w = base(8, 4096);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let base = BaseLayer { weight: &w, bias: None };
+        let base = BaseLayer { weight: &FrozenWeight::from(w.clone()), bias: None };
         let (lora, _) = Lora::new(base, &LoraParams { r: 4, alpha: 8.0, init: LoraInit::Gaussian, ..Default::default() }, DType::F32, &mut rng)?;
         let a = lora.lora_a().flatten_all()?.to_vec1::<f32>()?;
         let mean = a.iter().sum::<f32>() / a.len() as f32;
@@ -539,7 +542,7 @@ mod tests {
     fn pissa_residual_plus_update_is_the_base() -> Result<()> {
         let w = base(6, 5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let (mut lora, res) = Lora::new(BaseLayer { weight: &w, bias: None }, &LoraParams { r: 2, alpha: 4.0, strategy: std::sync::Arc::new(RankStabilized), init: LoraInit::Pissa, ..Default::default() }, DType::F32, &mut rng)?;
+        let (mut lora, res) = Lora::new(BaseLayer { weight: &FrozenWeight::from(w.clone()), bias: None }, &LoraParams { r: 2, alpha: 4.0, strategy: std::sync::Arc::new(RankStabilized), init: LoraInit::Pissa, ..Default::default() }, DType::F32, &mut rng)?;
         let res = res.expect("PiSSA rewrites the base");
         let back = lora.merge(&res)?;
         let err = (back - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -550,7 +553,7 @@ mod tests {
     #[test]
     fn rank_zero_bad_dropout_and_nan_alpha_are_errors() {
         let w = base(3, 3);
-        let b = BaseLayer { weight: &w, bias: None };
+        let b = BaseLayer { weight: &FrozenWeight::from(w.clone()), bias: None };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let mut new =
             |r, alpha, p| Lora::new(b, &LoraParams { r, alpha, dropout: p, ..Default::default() }, DType::F32, &mut rng).map(|_| ());

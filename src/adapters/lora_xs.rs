@@ -46,7 +46,7 @@ impl LoraXs {
         if r > out.min(inp) {
             return Err(Error::config("r", format!("LoRA-XS rank {r} exceeds min(out, in) = min({out}, {inp})")));
         }
-        let svd = truncated_svd(base.weight, r)?;
+        let svd = truncated_svd(&base.weight.dense()?, r)?;
         let a = svd.vt.broadcast_mul(&svd.s.unsqueeze(1)?)?.to_dtype(dtype)?;
         let b = svd.u.to_dtype(dtype)?;
         let lora_r = normal(rng, (r, r), 1e-5, dtype, base.weight.device())?;

@@ -16,14 +16,17 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::format::read_safetensors;
+use crate::frozen::FrozenWeight;
 use crate::fused::{causal_attention, rms_norm, rope, swiglu};
 use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::LinearHost;
+use crate::quantized::{type_name, BaseQuant, QuantizedWeight};
 use crate::{Error, Result};
 
 /// The fields of an HF `config.json` that a LLaMA needs.
@@ -286,7 +289,8 @@ impl KvCache {
 #[derive(Debug)]
 pub struct Llama {
     config: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: FrozenWeight,
+    dtype: DType,
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Option<AdaptedLinear>,
@@ -297,18 +301,29 @@ impl Llama {
     /// Builds the model from HF tensor names (`model.embed_tokens.weight`, ...), cast to `dtype`.
     /// Errors when the config does not pass [`LlamaConfig::validate`].
     pub fn from_tensors(config: LlamaConfig, tensors: &BTreeMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        Self::from_weights(config, tensors, BTreeMap::new(), dtype)
+    }
+
+    /// [`Llama::from_tensors`] with some weights kept quantized: a name in `quantized` is taken
+    /// from there (linears and the embeddings), any other from `tensors`.
+    fn from_weights(
+        config: LlamaConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        mut quantized: BTreeMap<String, QuantizedWeight>,
+        dtype: DType,
+    ) -> Result<Self> {
         config.validate()?;
-        let get = |name: &str| -> Result<Tensor> {
-            let t = tensors.get(name).ok_or_else(|| Error::KeyMismatch {
-                path: "model weights".into(),
-                missing: vec![name.to_string()],
-                unexpected: vec![],
-            })?;
-            Ok(t.to_dtype(dtype)?)
+        let has_head = tensors.contains_key("lm_head.weight") || quantized.contains_key("lm_head.weight");
+        let mut frozen = |name: &str| -> Result<FrozenWeight> {
+            match quantized.remove(name) {
+                Some(q) => Ok(q.into()),
+                None => Ok(get_tensor(tensors, name, dtype)?.into()),
+            }
         };
-        let linear = |name: &str| -> Result<AdaptedLinear> {
+        let get = |name: &str| get_tensor(tensors, name, dtype);
+        let mut linear = |name: &str| -> Result<AdaptedLinear> {
             let bias = tensors.get(&format!("{name}.bias")).map(|b| b.to_dtype(dtype)).transpose()?;
-            AdaptedLinear::new(get(&format!("{name}.weight"))?, bias)
+            AdaptedLinear::new(frozen(&format!("{name}.weight"))?, bias)
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -321,13 +336,14 @@ impl Llama {
                 linears: linears.try_into().expect("seven linears"),
             });
         }
-        let lm_head = match (config.tie_word_embeddings, tensors.contains_key("lm_head.weight")) {
+        let lm_head = match (config.tie_word_embeddings, has_head) {
             (false, _) | (true, true) => Some(linear("lm_head")?),
             (true, false) => None,
         };
         let rope_theta = config.rope_base()?;
         Ok(Self {
-            embed_tokens: get("model.embed_tokens.weight")?,
+            embed_tokens: frozen("model.embed_tokens.weight")?,
+            dtype,
             norm: get("model.norm.weight")?,
             layers,
             lm_head,
@@ -371,6 +387,12 @@ impl Llama {
 
     /// Loads an HF model directory: `config.json` and one or more `*.safetensors` files.
     pub fn from_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_hf_dir_quantized(dir, device, dtype, BaseQuant::None)
+    }
+
+    /// [`Llama::from_hf_dir`] with the linears and embeddings quantized on load to the type of
+    /// `quant` (QLoRA from an HF checkpoint); [`BaseQuant::Keep`] is for GGUF files and is refused.
+    pub fn from_hf_dir_quantized(dir: &Path, device: &Device, dtype: DType, quant: BaseQuant) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -387,17 +409,58 @@ impl Llama {
                 ),
             });
         }
+        let wanted = match quant {
+            BaseQuant::None => None,
+            BaseQuant::Keep => {
+                return Err(Error::config(
+                    "base_quant",
+                    format!(
+                        "`keep` keeps a GGUF file's own quantized types, and {} is an HF directory; pick a type to \
+                         quantize its weights to (q8_0, q4_k, ...) or none",
+                        dir.display()
+                    ),
+                ))
+            }
+            BaseQuant::To(t) => Some(t),
+        };
         let mut tensors = BTreeMap::new();
+        let mut quantized = BTreeMap::new();
+        let mut fallbacks = Vec::new();
         for f in files {
-            tensors.extend(read_safetensors(&f, device)?);
+            for (name, t) in read_safetensors(&f, device)? {
+                match wanted.filter(|_| is_quantizable(&name, &t)) {
+                    Some(q) => {
+                        let w = QuantizedWeight::quantize(&t, q, dtype)?;
+                        note_fallback(&mut fallbacks, &name, q, &w);
+                        quantized.insert(name, w);
+                    }
+                    None => {
+                        tensors.insert(name, t);
+                    }
+                }
+            }
         }
-        Self::from_tensors(config, &tensors, dtype)
+        warn_fallbacks(&dir.display().to_string(), &fallbacks);
+        Self::from_weights(config, &tensors, quantized, dtype)
     }
 
     /// Loads a llama.cpp GGUF file (`general.architecture = "llama"`): every tensor dequantized
     /// to f32 then cast to `dtype`, renamed to HF's names, with llama.cpp's q/k row permutation
     /// undone so that the weights are in HF layout (and PEFT adapters fit them).
     pub fn from_gguf(path: &Path, device: &Device, dtype: DType) -> Result<(Self, GgufMetadata)> {
+        Self::from_gguf_quantized(path, device, dtype, BaseQuant::None)
+    }
+
+    /// [`Llama::from_gguf`] with the linears and embeddings kept quantized: in the file's own
+    /// types ([`BaseQuant::Keep`]; F32 tensors stay dense), or requantized from the dequantized
+    /// values ([`BaseQuant::To`]). Products are computed in `dtype`. The q/k row permutation is
+    /// undone on the quantized rows (GGUF quantizes within a row, so this is exact).
+    pub fn from_gguf_quantized(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        quant: BaseQuant,
+    ) -> Result<(Self, GgufMetadata)> {
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let err = |reason: String| Error::Config { path: path.to_path_buf(), reason };
         let content = crate::gguf::read_content(path, &mut file)?;
@@ -435,39 +498,65 @@ impl Llama {
         config.check(Some(path), &gguf_field)?;
         let kv = config.kv_heads();
         let mut tensors = BTreeMap::new();
+        let mut quantized = BTreeMap::new();
+        let mut fallbacks = Vec::new();
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         for name in names {
             let hf =
                 gguf_to_hf_name(&name).ok_or_else(|| err(format!("unexpected tensor `{name}` in a llama GGUF")))?;
-            let t = content.tensor(&mut file, &name, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            let mut t = t.dequantize(device)?;
-            if name.ends_with("attn_q.weight") {
-                t = unpermute_rows(&t, heads)?;
+            let q = content.tensor(&mut file, &name, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+            let heads_of_rows = if name.ends_with("attn_q.weight") {
+                Some(heads)
             } else if name.ends_with("attn_k.weight") {
-                t = unpermute_rows(&t, kv)?;
+                Some(kv)
+            } else {
+                None
+            };
+            let keep = quant == BaseQuant::Keep && q.dtype() != GgmlDType::F32 && q.shape().rank() == 2;
+            if keep {
+                let order = heads_of_rows.map(|h| unpermuted_row_order(q.shape().dims()[0], h));
+                let w = QuantizedWeight::new(&q, order.as_deref(), dtype)
+                    .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+                quantized.insert(hf, w);
+                continue;
             }
-            tensors.insert(hf, t);
+            let mut t = q.dequantize(device)?;
+            if let Some(h) = heads_of_rows {
+                t = unpermute_rows(&t, h)?;
+            }
+            match quant {
+                BaseQuant::To(wanted) if is_quantizable(&hf, &t) => {
+                    let w = QuantizedWeight::quantize(&t, wanted, dtype)?;
+                    note_fallback(&mut fallbacks, &name, wanted, &w);
+                    quantized.insert(hf, w);
+                }
+                _ => {
+                    tensors.insert(hf, t);
+                }
+            }
         }
-        Ok((Self::from_tensors(config, &tensors, dtype)?, meta))
+        warn_fallbacks(&path.display().to_string(), &fallbacks);
+        Ok((Self::from_weights(config, &tensors, quantized, dtype)?, meta))
     }
 
     /// Every tensor under its HF name, with each linear's current weight (merged, after
     /// [`crate::PeftModel::merge`]): what [`Llama::save_hf_dir`] writes.
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+    /// Quantized weights are dequantized.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut t = BTreeMap::new();
-        t.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.clone());
+        t.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.dense()?);
         t.insert("model.norm.weight".to_string(), self.norm.clone());
         for (i, b) in self.layers.iter().enumerate() {
             t.insert(format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone());
             t.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone());
         }
         for (path, l) in self.linears() {
-            t.insert(format!("{path}.weight"), l.weight().clone());
+            t.insert(format!("{path}.weight"), l.weight().dense()?);
             if let Some(b) = l.bias() {
                 t.insert(format!("{path}.bias"), b.clone());
             }
         }
-        t
+        Ok(t)
     }
 
     /// Writes an HF model directory (`config.json`, `model.safetensors`) that transformers'
@@ -486,7 +575,7 @@ impl Llama {
         map.insert("torch_dtype".into(), "float32".into());
         let json = serde_json::to_string_pretty(&config)?;
         crate::format::write_atomic(&dir.join("config.json"), json.as_bytes())?;
-        let tensors: Vec<(String, Tensor)> = self.tensors().into_iter().collect();
+        let tensors: Vec<(String, Tensor)> = self.tensors()?.into_iter().collect();
         crate::format::write_safetensors(&dir.join("model.safetensors"), &tensors)
     }
 
@@ -507,13 +596,13 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let c = &self.config;
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let dtype = self.embed_tokens.dtype();
+        let dtype = self.dtype;
         let device = ids.device();
         let offset = cache.len();
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
         }
-        let mut h = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let mut h = self.embed_tokens.embedding(ids)?;
 
         let inv_freq: Vec<f32> =
             (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
@@ -546,7 +635,7 @@ impl Llama {
         match &self.lm_head {
             Some(head) => head.forward_checked(&h),
             // Tied: the frozen embedding as the output projection, with no gradient of its own.
-            None => crate::frozen::frozen_linear(&h, &self.embed_tokens, None),
+            None => self.embed_tokens.linear(&h, None),
         }
     }
 
@@ -581,6 +670,16 @@ impl Llama {
     }
 }
 
+/// The tensor `name` of `tensors`, cast to `dtype`; a missing one is a key mismatch.
+fn get_tensor(tensors: &BTreeMap<String, Tensor>, name: &str, dtype: DType) -> Result<Tensor> {
+    let t = tensors.get(name).ok_or_else(|| Error::KeyMismatch {
+        path: "model weights".into(),
+        missing: vec![name.to_string()],
+        unexpected: vec![],
+    })?;
+    Ok(t.to_dtype(dtype)?)
+}
+
 /// HF's name of a llama.cpp tensor name.
 fn gguf_to_hf_name(name: &str) -> Option<String> {
     let fixed = match name {
@@ -607,6 +706,44 @@ fn gguf_to_hf_name(name: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// The row order that [`unpermute_rows`] gives: row `i` of the result is row `order[i]` of a
+/// GGUF q/k weight of `out` rows and `n_head` heads.
+fn unpermuted_row_order(out: usize, n_head: usize) -> Vec<usize> {
+    let hd = out / n_head;
+    (0..out)
+        .map(|r| {
+            let (h, within) = (r / hd, r % hd);
+            let (j, i) = (within / (hd / 2), within % (hd / 2));
+            h * hd + i * 2 + j
+        })
+        .collect()
+}
+
+/// Whether a weight is quantized on load: the 2-D ones (linears, embeddings, output head), not
+/// the norms.
+fn is_quantizable(name: &str, t: &Tensor) -> bool {
+    t.rank() == 2 && name.ends_with(".weight")
+}
+
+/// Records `name` when its rows did not fit the `wanted` type's blocks.
+fn note_fallback(fallbacks: &mut Vec<String>, name: &str, wanted: GgmlDType, w: &QuantizedWeight) {
+    if w.ggml_dtype() != wanted {
+        fallbacks.push(format!("{name} ({} -> {})", type_name(wanted), type_name(w.ggml_dtype())));
+    }
+}
+
+/// Says which tensors got another type than asked (llama.cpp's fallbacks for K-quants).
+fn warn_fallbacks(source: &str, fallbacks: &[String]) {
+    if !fallbacks.is_empty() {
+        tracing::warn!(
+            "{source}: {} tensors have rows that the asked type's 256-value blocks do not divide, and were \
+             quantized to a fallback type as llama.cpp does: {}",
+            fallbacks.len(),
+            fallbacks.join(", ")
+        );
+    }
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)` of q/k rows: GGUF stores each head's rows as

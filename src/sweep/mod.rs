@@ -506,7 +506,7 @@ pub fn prune_magnitude(model: &mut impl LinearHost, fraction: f64) -> Result<()>
         if Some(&path) == output.as_ref() {
             continue;
         }
-        let w = layer.weight().clone();
+        let w = layer.weight().dense()?;
         let mut magnitudes: Vec<f32> = w.abs()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let k = (magnitudes.len() as f64 * fraction).floor() as usize;
         if k == 0 {

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_peft::chat::{ChatTemplate, Message};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
+use candle_peft::quantized::BaseQuant;
 use candle_peft::sweep::{Sweep, SweepConfig};
 use candle_peft::tokenizer::{encode, end_token};
 use candle_peft::train::data::{read_jsonl, Example, Record};
@@ -114,9 +115,18 @@ struct RunArgs {
     /// The compute dtype of the model: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// How the frozen base is held: none (dequantized to --dtype), keep (a GGUF's own quantized
+    /// types, QLoRA), or a type to quantize it to on load (q8_0, q4_0, q4_k, ...).
+    #[arg(long, default_value = "none")]
+    base_quant: BaseQuant,
 }
 
 impl RunArgs {
+    /// The model at `path` (GGUF file or HF directory) and its tokenizer, as these flags say.
+    fn load(&self, path: &Path, device: &Device, dtype: DType) -> anyhow_like::Result<(Llama, Tokenizer)> {
+        Ok(models::load_quantized(path, device, dtype, self.base_quant)?)
+    }
+
     fn open(&self) -> anyhow_like::Result<(Device, DType)> {
         let device = candle_peft::device(&self.device)?;
         let dtype = match self.dtype.as_str() {
@@ -254,11 +264,11 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             let (model, tokenizer) = if base.is_dir() {
                 let tokenizer = Some(base.join("tokenizer.json")).filter(|p| p.exists());
                 (
-                    Llama::from_hf_dir(&base, &device, dtype)?,
+                    Llama::from_hf_dir_quantized(&base, &device, dtype, run.base_quant)?,
                     tokenizer.map(|p| candle_peft::tokenizer::from_file(&p)).transpose()?,
                 )
             } else {
-                let (model, meta) = Llama::from_gguf(&base, &device, dtype)?;
+                let (model, meta) = Llama::from_gguf_quantized(&base, &device, dtype, run.base_quant)?;
                 (model, Some(candle_peft::tokenizer::from_gguf(&meta)?))
             };
             let mut peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
@@ -272,7 +282,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
         }
         Command::Eval { model, adapter, data, json, run } => {
             let (device, dtype) = run.open()?;
-            let (lm, tokenizer) = load_with_adapter(&model, adapter.as_deref(), &device, dtype)?;
+            let (lm, tokenizer) = load_with_adapter(&run, &model, adapter.as_deref(), &device, dtype)?;
             let (loss, tokens) = eval_loss(lm.model(), &tokenizer, &read_jsonl(&data)?, &device)?;
             if json {
                 println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
@@ -289,7 +299,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             } else {
                 prompt
             };
-            let (lm, tokenizer) = load_with_adapter(&model, adapter.as_deref(), &device, dtype)?;
+            let (lm, tokenizer) = load_with_adapter(&run, &model, adapter.as_deref(), &device, dtype)?;
             let lm = lm.model();
             let ids = encode(&tokenizer, &prompt)?;
             let new = lm.generate_greedy(&ids, max_new_tokens, end_token(&tokenizer))?;
@@ -330,12 +340,13 @@ impl Lm {
 
 /// Loads a model, its tokenizer and, if given, an adapter on it.
 fn load_with_adapter(
+    run: &RunArgs,
     path: &Path,
     adapter: Option<&Path>,
     device: &Device,
     dtype: DType,
 ) -> anyhow_like::Result<(Lm, Tokenizer)> {
-    let (model, tokenizer) = models::load(path, device, dtype)?;
+    let (model, tokenizer) = run.load(path, device, dtype)?;
     let lm = match adapter {
         None => Lm::Plain(Box::new(model)),
         Some(a) => Lm::Adapted(Box::new(PeftModel::from_pretrained(model, a, dtype)?)),
@@ -440,7 +451,7 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
     // --scaling fails at once.
     let adapter_config = adapter_config(&args)?;
     let (device, dtype) = args.run.open()?;
-    let (model, tokenizer) = models::load(&args.model, &device, dtype)?;
+    let (model, tokenizer) = args.run.load(&args.model, &device, dtype)?;
     let eos = end_token(&tokenizer);
     let enc = |s: &str| encode(&tokenizer, s);
     let template = match args.chat_template.as_str() {
