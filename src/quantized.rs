@@ -234,7 +234,26 @@ impl QuantizedWeight {
     }
 
     /// `dy W` for `dy: (n, out)`, with no autograd: the input gradient of [`Self::linear`].
+    ///
+    /// A weight of several blocks is read by slices of columns (`dy W[:, c0..c1]`, every row of
+    /// the slice dequantized, at most about [`BLOCK_ELEMS`] values): each output is then one
+    /// whole reduction over `out`, as in the dense product, so on the CPU the result is the
+    /// dense `dy W` bit for bit. (Summing per-row-block products would change the rounding,
+    /// and AdamW amplifies such differences over a run.) On a GPU, where reading the blocks back
+    /// per slice would cost a copy, the row blocks' products are summed.
     pub(crate) fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
+        if self.blocks.len() == 1 {
+            return Ok(dy.matmul(&self.block(0)?)?);
+        }
+        if self.device.is_cpu() {
+            let bs = self.ggml.block_size();
+            let width = ((BLOCK_ELEMS / self.out) / bs).max(1) * bs;
+            let parts: Vec<Tensor> = (0..self.inp)
+                .step_by(width)
+                .map(|c0| Ok(dy.matmul(&self.columns(c0, width.min(self.inp - c0))?)?))
+                .collect::<Result<_>>()?;
+            return Ok(Tensor::cat(&parts, 1)?);
+        }
         let mut acc: Option<Tensor> = None;
         for i in 0..self.blocks.len() {
             let r0 = i * self.rows_per_block;
@@ -246,6 +265,26 @@ impl QuantizedWeight {
             });
         }
         Ok(acc.expect("at least one block"))
+    }
+
+    /// Columns `c0..c0 + width` of every row (`c0` and `width` multiples of the type's block
+    /// size, or reaching the end of the row), dequantized: `(out, width)` in [`Self::dtype`].
+    fn columns(&self, c0: usize, width: usize) -> Result<Tensor> {
+        let (bs, ts) = (self.ggml.block_size(), self.ggml.type_size());
+        let row_bytes = self.inp / bs * ts;
+        let (from, len) = (c0 / bs * ts, width.div_ceil(bs) * ts);
+        let mut words = vec![0u64; (self.out * len).div_ceil(8)];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        let mut dst = bytes.chunks_exact_mut(len);
+        for block in &self.blocks {
+            let data = block.data()?;
+            for row in data.chunks_exact(row_bytes) {
+                dst.next().expect("one slice per row").copy_from_slice(&row[from..from + len]);
+            }
+        }
+        let storage = QStorage::from_data(Cow::Borrowed(&bytes[..self.out * len]), &self.device, self.ggml)?;
+        let q = QTensor::new(storage, (self.out, width))?;
+        Ok(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// `x W^T` for `x: (n, in)` in [`Self::dtype`], differentiable in `x` only.
