@@ -81,14 +81,32 @@ fn eval_gives_the_transformers_loss() {
         refs["eval"]["texts"].as_array().unwrap().iter().map(|t| serde_json::json!({"text": t}).to_string()).collect();
     let data = dir.path().join("eval.jsonl");
     std::fs::write(&data, lines.join("\n")).unwrap();
-    let (ok, out, err) =
-        cli(&["eval", "--model", &smollm2(), "--data", data.to_str().unwrap(), "--json", "--device", "cpu"]);
-    assert!(ok, "{err}");
-    let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let (loss, want) = (got["loss"].as_f64().unwrap(), refs["eval"]["loss"].as_f64().unwrap());
-    assert!((loss - want).abs() < 1e-3 * want, "loss {loss} vs transformers {want}");
-    assert_eq!(got["tokens"], refs["eval"]["tokens"]);
-    assert!((got["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-2 * want.exp());
+    // The f32 base, and the Q4_1 base kept quantized (QLoRA): the same loss.
+    let mut losses = Vec::new();
+    for quant in ["none", "keep"] {
+        let (ok, out, err) = cli(&[
+            "eval",
+            "--model",
+            &smollm2(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            "--device",
+            "cpu",
+            "--base-quant",
+            quant,
+        ]);
+        assert!(ok, "{err}");
+        let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let (loss, want) = (got["loss"].as_f64().unwrap(), refs["eval"]["loss"].as_f64().unwrap());
+        assert!((loss - want).abs() < 1e-3 * want, "--base-quant {quant}: loss {loss} vs transformers {want}");
+        assert_eq!(got["tokens"], refs["eval"]["tokens"]);
+        assert!((got["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-2 * want.exp());
+        losses.push(loss);
+    }
+    assert!((losses[0] - losses[1]).abs() < 1e-5, "f32 {} vs quantized {}", losses[0], losses[1]);
+    let (ok, _, err) = cli(&["eval", "--model", &smollm2(), "--data", data.to_str().unwrap(), "--base-quant", "q9_0"]);
+    assert!(!ok && err.contains("q4_k"), "an unknown type must list the known ones: {err}");
 }
 
 #[test]
