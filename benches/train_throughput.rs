@@ -13,7 +13,8 @@
 //! their own weights); `--device cpu | cuda:N` (default cpu), `--dtype f32 | bf16` (the base
 //! model's dtype; adapters, optimizer state and loss stay f32 on both sides), `--batch N`
 //! (default 4), `--seq N` (default 256), `--steps N` timed steps (default 5) after `--warmup N`
-//! (default 1), `--method lora | dora | vera`, `--json PATH` (a summary of both sides). The PyTorch side is
+//! (default 1), `--method lora | dora | vera`, `--base-quant none | keep | q8_0 | ...` (the
+//! frozen base kept quantized, QLoRA; candle-peft's side only), `--json PATH` (a summary of both sides). The PyTorch side is
 //! `benches/train_throughput_peft.py`, run as a child process after this one's steps, so the two
 //! never share the device; each reports its own peak memory: peak RSS on the CPU; on a GPU the
 //! device memory in use (CUDA's `mem_get_info`, sampled every 2 ms, above what was in use before
@@ -34,7 +35,7 @@ use candle_core::{DType, Device};
 use candle_peft::train::data::{collate, Example};
 use candle_peft::train::loss::masked_cross_entropy;
 use candle_peft::train::{AdamW, AdamWConfig, CausalLm, LrSchedule, TrainConfig, Trainer};
-use candle_peft::{AdapterConfig, InitOptions, LoraConfig, PeftModel, VeraConfig};
+use candle_peft::{AdapterConfig, InitOptions, LinearHost, LoraConfig, PeftModel, VeraConfig};
 use rand::{Rng, SeedableRng};
 
 const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -132,6 +133,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = candle_peft::device(&device_spec)?;
     let dtype_name = arg(&args, "--dtype").unwrap_or_else(|| "f32".into());
     let method = arg(&args, "--method").unwrap_or_else(|| "lora".into());
+    let quant_name = arg(&args, "--base-quant").unwrap_or_else(|| "none".into());
+    let base_quant: candle_peft::quantized::BaseQuant = quant_name.parse()?;
     let dtype = match dtype_name.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -151,15 +154,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let f32_model = candle_peft::models::Llama::random(smollm2_shape(), 0, &device)?;
         candle_peft::models::Llama::from_tensors(smollm2_shape(), &f32_model.tensors()?, dtype)?
     } else {
-        candle_peft::models::load(&model_path, &device, dtype)?.0
+        candle_peft::models::load_quantized(&model_path, &device, dtype, base_quant)?.0
     };
     let source = if random { "random SmolLM2-135M shape".to_string() } else { model_path.display().to_string() };
     let vocab = model.config().vocab_size;
+    // Read from the shapes, not the tensors: a quantized base is never dequantized whole.
+    let hidden = model.config().hidden_size;
     let frozen_shapes: BTreeSet<Vec<usize>> = model
-        .tensors()?
-        .values()
-        .filter(|t| t.rank() == 2)
-        .flat_map(|t| [t.dims().to_vec(), t.dims().iter().rev().copied().collect()])
+        .linears()
+        .iter()
+        .map(|(_, l)| l.features())
+        .chain([(hidden, vocab)])
+        .flat_map(|(i, o)| [vec![o, i], vec![i, o]])
         .collect();
     let lora = LoraConfig { lora_dropout: 0.0, ..LoraConfig::lora(16, 32.0, &TARGETS) };
     let (adapter, adapter_name) = match method.as_str() {
@@ -170,7 +176,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let peft = PeftModel::new(model, adapter, InitOptions { seed: 0, dtype: DType::F32 })?;
     println!(
-        "{source} on {device_spec}, {dtype_name} base, {adapter_name}, batch {batch_size} x {seq}, features {:?}: {}",
+        "{source} on {device_spec}, {dtype_name} base (--base-quant {quant_name}), {adapter_name}, batch {batch_size} x {seq}, features {:?}: {}",
         features(),
         peft.parameter_count()
     );
@@ -251,7 +257,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ours_mem.map_or("n/a".into(), |b| format!("{:.2} GiB", gib(b)))
     );
     let mut summary = serde_json::json!({
-        "job": {"model": source, "device": device_spec, "dtype": dtype_name, "batch": batch_size, "seq": seq,
+        "job": {"model": source, "device": device_spec, "dtype": dtype_name, "base_quant": quant_name, "batch": batch_size, "seq": seq,
                 "steps": steps, "warmup": warmup, "adapter": format!("{adapter_name}, all seven linears"),
                 "features": features()},
         "candle_peft": {"tokens_per_s": ours_tps, "seconds_per_step": seconds / steps as f64,
