@@ -194,3 +194,63 @@ fn empty_training_or_evaluation_data_is_an_error_not_a_panic() -> candle_peft::R
     assert!(t.history().iter().all(|s| s.eval_loss.is_some_and(f64::is_finite)));
     Ok(())
 }
+
+/// Activation checkpointing changes where the activations come from, not the math: for every
+/// method of the registry (on every linear and the untied lm_head of the tiny LLaMA), the loss
+/// and every gradient equal those of one backward pass through the whole graph.
+#[test]
+fn checkpointed_gradients_equal_the_full_backward_for_every_method() -> candle_peft::Result<()> {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
+    let ids = Tensor::new(&[[3u32, 17, 42, 8, 61, 5], [9, 9, 1, 0, 33, 12]], &test_device())?;
+    let labels = Tensor::new(&[[17i64, 42, 8, 61, 5, -100], [9, 1, 0, 33, 12, 4]], &test_device())?;
+    let loss_of = |logits: &Tensor| -> candle_peft::Result<Tensor> {
+        candle_peft::train::masked_cross_entropy(&logits.reshape((12, 64))?, &labels.flatten_all()?)
+    };
+    for v in candle_peft::adapters::variants() {
+        let mut p = candle_peft::MethodParams::new(4, candle_peft::TargetConfig::list(&targets));
+        if v.name == "melora" {
+            p.options.insert("n".into(), 2.into());
+        }
+        let peft = model(AdapterConfig::for_method(v.name, &p)?);
+        for var in peft.trainable_vars()? {
+            var.set(&(var.as_tensor() + var.as_tensor().randn_like(0., 0.1)?)?)?;
+        }
+        let loss = loss_of(&peft.model().forward(&ids)?)?;
+        let full = loss.backward()?;
+        let (checkpointed_loss, checkpointed) = peft.model().checkpointed_loss_and_grads(&ids, &loss_of)?;
+        let (a, b) = (loss.to_scalar::<f32>()?, checkpointed_loss.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-6, "{}: loss {a} vs checkpointed {b}", v.name);
+        for (k, var) in peft.named_trainable_vars()? {
+            let want = full.get(var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient for {k}", v.name));
+            let got = checkpointed.get(var.as_tensor()).unwrap_or_else(|| panic!("{}: checkpointing lost {k}", v.name));
+            let e = common::rel_err(got, want);
+            assert!(e < 1e-5, "{} {k}: gradients differ by {e}", v.name);
+        }
+    }
+    Ok(())
+}
+
+/// Dropout cannot be replayed in the recomputation: refused with a message that says what to do.
+#[test]
+fn checkpointing_refuses_adapters_with_dropout() {
+    let targets = ["q_proj", "v_proj"];
+    let adapter = AdapterConfig::Lora(LoraConfig { lora_dropout: 0.1, ..LoraConfig::lora(4, 8.0, &targets) });
+    let c = TrainConfig { checkpoint_activations: true, ..config(1) };
+    let mut t = Trainer::new(model(adapter), c).unwrap();
+    let e = t.train_step(&counting(4)).unwrap_err().to_string();
+    assert!(e.contains("lora_dropout") && e.contains("checkpointing"), "{e}");
+}
+
+/// Training with checkpointing follows the same loss curve.
+#[test]
+fn a_checkpointed_run_has_the_same_losses() -> candle_peft::Result<()> {
+    let data = counting(8);
+    let mut plain = Trainer::new(model(lora()), config(5))?;
+    let mut checkpointed = Trainer::new(model(lora()), TrainConfig { checkpoint_activations: true, ..config(5) })?;
+    plain.train(&data, None)?;
+    checkpointed.train(&data, None)?;
+    for (a, b) in plain.history().iter().zip(checkpointed.history()) {
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "step {}: {} vs {}", a.step, a.loss, b.loss);
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! Inits are drawn on the host from the caller's seeded RNG (candle's CPU device cannot be
 //! seeded), then moved to the target device, so a seed gives the same adapter on every device.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -74,9 +75,40 @@ pub(crate) fn var(t: Tensor) -> Result<Var> {
 /// Dropout on the adapter branch's input, only in training mode.
 pub(crate) fn branch_dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if train && p > 0.0 {
+        if RECOMPUTATION.with(Cell::get) {
+            return Err(Error::config(
+                "dropout",
+                format!(
+                    "the adapters have dropout {p}, and activation checkpointing recomputes each layer in the \
+                     backward pass, where candle cannot draw the same dropout mask again: set the method's \
+                     dropout (lora_dropout, ...) to 0, or train without checkpointing"
+                ),
+            ));
+        }
         Ok(candle_nn::ops::dropout(x, p)?)
     } else {
         Ok(x.clone())
+    }
+}
+
+thread_local! {
+    static RECOMPUTATION: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While alive, the forward passes on this thread are ones that activation checkpointing
+/// recomputes: [`branch_dropout`] refuses to draw a mask (it could not draw the same one again).
+pub(crate) struct Recomputation;
+
+impl Recomputation {
+    pub(crate) fn start() -> Self {
+        RECOMPUTATION.with(|r| r.set(true));
+        Self
+    }
+}
+
+impl Drop for Recomputation {
+    fn drop(&mut self) {
+        RECOMPUTATION.with(|r| r.set(false));
     }
 }
 

@@ -16,8 +16,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 
 use crate::format::read_safetensors;
@@ -593,50 +594,111 @@ impl Llama {
     /// keys and values they read and then extend: incremental decoding. With an empty cache it is
     /// [`Llama::forward`].
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.config;
-        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let dtype = self.dtype;
+        let (_, t) = ids.dims2()?;
         let device = ids.device();
         let offset = cache.len();
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
         }
         let mut h = self.embed_tokens.embedding(ids)?;
+        let (cos, sin) = self.rope_tables(offset, t, device)?;
+        for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = self.block(layer, &h, &cos, &sin, Some(cached))?;
+        }
+        cache.len = offset + t;
+        self.head(&h)
+    }
 
+    /// RoPE's `cos` and `sin` for positions `offset..offset + t`, `(t, head_dim / 2)`.
+    fn rope_tables(&self, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let hd = self.config.head_dim();
         let inv_freq: Vec<f32> =
             (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
         let pos = Tensor::arange(offset as u32, (offset + t) as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
-        let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
+        Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+    }
 
-        for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let x = rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
-            let l = &layer.linears;
-            let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-            let q = rope(&heads_first(l[Q].forward_checked(&x)?, heads)?, &cos, &sin)?;
-            let mut k = rope(&heads_first(l[K].forward_checked(&x)?, kv)?, &cos, &sin)?;
-            let mut v = heads_first(l[V].forward_checked(&x)?, kv)?;
+    /// One decoder layer on `h: (b, t, hidden)`; with `cached`, after the keys and values it
+    /// holds, which it then extends.
+    fn block(
+        &self,
+        layer: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cached: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let c = &self.config;
+        let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let x = rms_norm(h, &layer.input_layernorm, c.rms_norm_eps)?;
+        let l = &layer.linears;
+        let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = rope(&heads_first(l[Q].forward_checked(&x)?, heads)?, cos, sin)?;
+        let mut k = rope(&heads_first(l[K].forward_checked(&x)?, kv)?, cos, sin)?;
+        let mut v = heads_first(l[V].forward_checked(&x)?, kv)?;
+        if let Some(cached) = cached {
             if let Some((k0, v0)) = cached.as_ref() {
                 (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
             }
             // Kept for the next call (views of the same storage: no copy).
             *cached = Some((k.detach(), v.detach()));
-            let attn = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-            h = (h + l[O].forward_checked(&attn)?)?;
-
-            let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let act = swiglu(&l[GATE].forward_checked(&x)?, &l[UP].forward_checked(&x)?)?;
-            h = (h + l[DOWN].forward_checked(&act)?)?;
         }
-        cache.len = offset + t;
-        let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
+        let attn = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let h = (h + l[O].forward_checked(&attn)?)?;
+        let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let act = swiglu(&l[GATE].forward_checked(&x)?, &l[UP].forward_checked(&x)?)?;
+        Ok((h + l[DOWN].forward_checked(&act)?)?)
+    }
+
+    /// The final norm and the output projection: logits for the last hidden states.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
         match &self.lm_head {
             Some(head) => head.forward_checked(&h),
             // Tied: the frozen embedding as the output projection, with no gradient of its own.
             None => self.embed_tokens.linear(&h, None),
         }
+    }
+
+    /// `loss(logits)` for token ids `(b, t)` and the gradients of every trainable tensor, with
+    /// activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+    /// Cost"): the forward pass keeps only each decoder layer's input, and the backward pass
+    /// runs layer by layer from the top, recomputing one layer's activations at a time from its
+    /// input and back-propagating the gradient of its output through them. Memory holds one
+    /// layer's activations instead of all of them, for about one more forward pass of compute.
+    ///
+    /// Errors when an adapter has dropout on: candle's dropout masks cannot be drawn again, so
+    /// the recomputed layer would not be the one the loss saw.
+    pub fn checkpointed_loss_and_grads(
+        &self,
+        ids: &Tensor,
+        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let _recomputing = crate::adapters::common::Recomputation::start();
+        let (_, t) = ids.dims2()?;
+        let (cos, sin) = self.rope_tables(0, t, ids.device())?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut h = self.embed_tokens.embedding(ids)?.detach();
+        for layer in &self.layers {
+            // The layer's graph is dropped with its output's: only the detached values stay.
+            let out = self.block(layer, &h, &cos, &sin, None)?.detach();
+            inputs.push(std::mem::replace(&mut h, out));
+        }
+        let top = Var::from_tensor(&h)?;
+        let loss = loss(&self.head(top.as_tensor())?)?;
+        let mut grads = loss.backward()?;
+        let mut grad = grads.remove(top.as_tensor()).ok_or_else(|| no_gradient("the last decoder layer's output"))?;
+        for (layer, input) in self.layers.iter().zip(inputs).rev() {
+            let x = Var::from_tensor(&input)?;
+            let out = self.block(layer, x.as_tensor(), &cos, &sin, None)?;
+            let mut layer_grads = (out * grad)?.sum_all()?.backward()?;
+            grad = layer_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("a decoder layer's input"))?;
+            grads.extend(layer_grads)?;
+        }
+        Ok((loss.detach(), grads))
     }
 
     /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after `eos`
@@ -668,6 +730,11 @@ impl Llama {
             l.set_train(train);
         }
     }
+}
+
+/// The error of a checkpointed backward pass that found no gradient where one must be.
+fn no_gradient(of: &str) -> Error {
+    Error::Unsupported(format!("activation checkpointing: no gradient reached {of}"))
 }
 
 /// The tensor `name` of `tensors`, cast to `dtype`; a missing one is a key mismatch.

@@ -23,12 +23,38 @@ use crate::{Error, Result};
 pub trait CausalLm: LinearHost {
     /// The logits.
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
+
+    /// `loss(logits)` and the gradients of the trainable tensors, computed with activation
+    /// checkpointing ([`TrainConfig::checkpoint_activations`]). By default an error: a model
+    /// opts in by implementing it.
+    fn checkpointed_loss_and_grads(
+        &self,
+        ids: &Tensor,
+        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let _ = (ids, loss);
+        Err(Error::Unsupported("activation checkpointing for this model".into()))
+    }
 }
 
 impl CausalLm for Llama {
     fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward(ids)
     }
+
+    fn checkpointed_loss_and_grads(
+        &self,
+        ids: &Tensor,
+        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        Llama::checkpointed_loss_and_grads(self, ids, loss)
+    }
+}
+
+/// The mean token loss of logits `(b, t, vocab)` against labels `(b, t)`.
+fn token_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, vocab) = logits.dims3()?;
+    masked_cross_entropy(&logits.reshape((b * t, vocab))?, labels)
 }
 
 /// How to train.
@@ -58,6 +84,10 @@ pub struct TrainConfig {
     pub pad_id: u32,
     /// Show a progress bar.
     pub progress: bool,
+    /// Activation checkpointing: keep only each decoder layer's input in the forward pass and
+    /// recompute its activations in the backward pass (less memory, about one more forward pass
+    /// of compute; see [`Llama::checkpointed_loss_and_grads`]). Needs adapters without dropout.
+    pub checkpoint_activations: bool,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +105,7 @@ impl Default for TrainConfig {
             seed: 0,
             pad_id: 0,
             progress: false,
+            checkpoint_activations: false,
         }
     }
 }
@@ -228,9 +259,27 @@ impl<M: CausalLm> Trainer<M> {
     fn batch_loss(&self, examples: &[&Example]) -> Result<(Tensor, usize)> {
         let batch = collate(examples, self.config.pad_id, &self.device())?;
         let logits = self.peft.model().logits(&batch.ids)?;
-        let (b, t, vocab) = logits.dims3()?;
-        let logits = logits.reshape((b * t, vocab))?;
-        Ok((masked_cross_entropy(&logits, &batch.labels)?, b * t))
+        Ok((token_loss(&logits, &batch.labels)?, batch.ids.elem_count()))
+    }
+
+    /// The loss of a micro-batch, divided by `scale`, and its gradients: by one backward pass
+    /// through the whole graph, or layer by layer with activation checkpointing.
+    fn batch_grads(&self, examples: &[&Example], scale: f64) -> Result<(f64, usize, GradStore)> {
+        let batch = collate(examples, self.config.pad_id, &self.device())?;
+        let loss_of = |logits: &Tensor| -> Result<Tensor> { Ok((token_loss(logits, &batch.labels)? / scale)?) };
+        let model = self.peft.model();
+        let (loss, grads) = if self.config.checkpoint_activations {
+            model.checkpointed_loss_and_grads(&batch.ids, &loss_of)?
+        } else {
+            let loss = loss_of(&model.logits(&batch.ids)?)?;
+            let grads = loss.backward()?;
+            (loss, grads)
+        };
+        let value = loss.to_scalar::<f32>()? as f64 * scale;
+        if !value.is_finite() {
+            return Err(self.non_finite("loss", value));
+        }
+        Ok((value, batch.ids.elem_count(), grads))
     }
 
     /// One optimizer step over `grad_accum` micro-batches of `data`. Errors when `data` is empty.
@@ -243,14 +292,9 @@ impl<M: CausalLm> Trainer<M> {
         for micro in 0..c.grad_accum {
             let idx = batch_indices(data.len(), c.batch_size, self.step * c.grad_accum + micro, c.seed)?;
             let examples: Vec<&Example> = idx.iter().map(|&i| &data[i]).collect();
-            let (loss, n) = self.batch_loss(&examples)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(self.non_finite("loss", value));
-            }
+            let (value, n, grads) = self.batch_grads(&examples, c.grad_accum as f64)?;
             loss_sum += value;
             tokens += n;
-            let grads = (loss / c.grad_accum as f64)?.backward()?;
             total = Some(match total {
                 None => grads,
                 Some(mut acc) => {

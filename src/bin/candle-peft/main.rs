@@ -195,6 +195,11 @@ struct TrainArgs {
     /// Learning-rate schedule: cosine (with 10% warmup) or constant.
     #[arg(long, default_value = "cosine")]
     schedule: String,
+    /// Activation checkpointing: keep only each decoder layer's input and recompute its
+    /// activations in the backward pass (less memory, about one more forward pass of compute;
+    /// needs an adapter without dropout).
+    #[arg(long)]
+    checkpoint_activations: bool,
     /// Optimizer steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
@@ -492,6 +497,7 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
         seed: args.seed,
         pad_id: eos.unwrap_or(0),
         progress: true,
+        checkpoint_activations: args.checkpoint_activations,
         ..Default::default()
     };
     let mut trainer = match &args.resume {
