@@ -14,7 +14,8 @@
 //! model's dtype; adapters, optimizer state and loss stay f32 on both sides), `--batch N`
 //! (default 4), `--seq N` (default 256), `--steps N` timed steps (default 5) after `--warmup N`
 //! (default 1), `--method lora | dora | vera`, `--base-quant none | keep | q8_0 | ...` (the
-//! frozen base kept quantized, QLoRA; candle-peft's side only), `--json PATH` (a summary of both sides). The PyTorch side is
+//! frozen base kept quantized, QLoRA; candle-peft's side only), `--checkpoint-activations`
+//! (candle-peft's side only), `--json PATH` (a summary of both sides). The PyTorch side is
 //! `benches/train_throughput_peft.py`, run as a child process after this one's steps, so the two
 //! never share the device; each reports its own peak memory: peak RSS on the CPU; on a GPU the
 //! device memory in use (CUDA's `mem_get_info`, sampled every 2 ms, above what was in use before
@@ -135,6 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let method = arg(&args, "--method").unwrap_or_else(|| "lora".into());
     let quant_name = arg(&args, "--base-quant").unwrap_or_else(|| "none".into());
     let base_quant: candle_peft::quantized::BaseQuant = quant_name.parse()?;
+    let checkpoint = args.iter().any(|a| a == "--checkpoint-activations");
     let dtype = match dtype_name.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -176,7 +178,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let peft = PeftModel::new(model, adapter, InitOptions { seed: 0, dtype: DType::F32 })?;
     println!(
-        "{source} on {device_spec}, {dtype_name} base (--base-quant {quant_name}), {adapter_name}, batch {batch_size} x {seq}, features {:?}: {}",
+        "{source} on {device_spec}, {dtype_name} base (--base-quant {quant_name}), checkpointing {checkpoint}, {adapter_name}, batch {batch_size} x {seq}, features {:?}: {}",
         features(),
         peft.parameter_count()
     );
@@ -196,13 +198,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         AdamWConfig::default(),
     )?;
     let batch = collate(&data[..batch_size].iter().collect::<Vec<_>>(), 0, &device)?;
+    let loss_of = |logits: &candle_core::Tensor| -> candle_peft::Result<candle_core::Tensor> {
+        let logits = logits.reshape((batch_size * seq, vocab))?.to_dtype(DType::F32)?;
+        masked_cross_entropy(&logits, &batch.labels)
+    };
     let t0 = Instant::now();
-    let logits = peft.model().logits(&batch.ids)?;
-    let logits = logits.reshape((batch_size * seq, vocab))?.to_dtype(DType::F32)?;
-    let loss = masked_cross_entropy(&logits, &batch.labels)?;
-    loss.to_scalar::<f32>()?;
-    let t1 = Instant::now();
-    let grads = loss.backward()?;
+    let (t1, loss, grads) = if checkpoint {
+        // Forward and backward interleave layer by layer: timed together.
+        let (loss, grads) = peft.model().checkpointed_loss_and_grads(&batch.ids, &loss_of)?;
+        (t0, loss, grads)
+    } else {
+        let loss = loss_of(&peft.model().logits(&batch.ids)?)?;
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        (t1, loss.clone(), loss.backward()?)
+    };
     let t2 = Instant::now();
     opt.step(&grads, 1e-4)?;
     let t3 = Instant::now();
@@ -224,13 +234,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if weight_shaped != 0 || adapter_grads != vars.len() {
         return Err("the backward pass computed a frozen weight's gradient or missed an adapter's".into());
     }
-    drop((grads, loss, logits, opt));
+    drop((grads, loss, opt));
 
     let config = TrainConfig {
         steps: warmup + steps,
         batch_size,
         schedule: LrSchedule::Constant { lr: 1e-4 },
         max_grad_norm: None,
+        checkpoint_activations: checkpoint,
         ..Default::default()
     };
     let mut trainer = Trainer::new(peft, config)?;
@@ -257,7 +268,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ours_mem.map_or("n/a".into(), |b| format!("{:.2} GiB", gib(b)))
     );
     let mut summary = serde_json::json!({
-        "job": {"model": source, "device": device_spec, "dtype": dtype_name, "base_quant": quant_name, "batch": batch_size, "seq": seq,
+        "job": {"model": source, "device": device_spec, "dtype": dtype_name, "base_quant": quant_name, "checkpoint_activations": checkpoint, "batch": batch_size, "seq": seq,
                 "steps": steps, "warmup": warmup, "adapter": format!("{adapter_name}, all seven linears"),
                 "features": features()},
         "candle_peft": {"tokens_per_s": ours_tps, "seconds_per_step": seconds / steps as f64,

@@ -2,7 +2,8 @@
 # QLoRA memory and speed on this machine: the `train_throughput` bench (SmolLM2-135M-Instruct,
 # LoRA r=16 on all seven linears of every layer, AdamW, f32 compute) with the frozen base
 # dequantized to f32 (`--base-quant none`) and kept in the GGUF's own Q4_1 (`--base-quant keep`),
-# one process each (peak RSS is per process), back to back in one invocation of this script.
+# each with and without activation checkpointing: one process each (peak RSS is per process),
+# back to back in one invocation of this script.
 #
 #   scripts/bench_qlora.sh [--steps N] [--batch N] [--seq N]     (defaults 3, 4, 256)
 #
@@ -25,22 +26,27 @@ out=target/bench-qlora
 mkdir -p "$out"
 cargo bench --bench train_throughput --no-run >&2
 for quant in none keep; do
-    echo "== --base-quant $quant" >&2
-    cargo bench --bench train_throughput -- --base-quant "$quant" --steps "$steps" --batch "$batch" \
-        --seq "$seq" --json "$out/$quant.json" >&2
+    for ckpt in "" --checkpoint-activations; do
+        echo "== --base-quant $quant $ckpt" >&2
+        cargo bench --bench train_throughput -- --base-quant "$quant" $ckpt --steps "$steps" --batch "$batch" \
+            --seq "$seq" --json "$out/$quant${ckpt:+-ckpt}.json" >&2
+    done
 done
 python3 - "$out" <<'PY'
 import json, sys
 d = sys.argv[1]
-runs = {q: json.load(open(f"{d}/{q}.json")) for q in ("none", "keep")}
+names = ("none", "none-ckpt", "keep", "keep-ckpt")
+runs = {q: json.load(open(f"{d}/{q}.json")) for q in names}
 job = runs["none"]["job"]
 print(f"SmolLM2-135M-Instruct Q4_1, {job['adapter']}, batch {job['batch']} x {job['seq']}, "
       f"{job['steps']} timed steps, features {job['features']}")
-print("| frozen base | tokens/s | peak RSS (GiB) |\n|---|---:|---:|")
-for q, label in (("none", "f32 (dequantized on load)"), ("keep", "Q4_1 kept quantized")):
+print("| frozen base | checkpointing | tokens/s | peak RSS (GiB) | tokens/s vs f32 | peak RSS vs f32 |")
+print("|---|---|---:|---:|---:|---:|")
+base = runs["none"]["candle_peft"]
+for q in names:
     c = runs[q]["candle_peft"]
-    print(f"| {label} | {c['tokens_per_s']:.1f} | {c['peak_memory_bytes'] / 2**30:.2f} |")
-n, k = runs["none"]["candle_peft"], runs["keep"]["candle_peft"]
-print(f"| ratio (kept / f32) | {k['tokens_per_s'] / n['tokens_per_s']:.2f}x | "
-      f"{k['peak_memory_bytes'] / n['peak_memory_bytes']:.2f}x |")
+    label = "Q4_1 kept quantized" if q.startswith("keep") else "f32 (dequantized on load)"
+    print(f"| {label} | {'yes' if q.endswith('ckpt') else 'no'} | {c['tokens_per_s']:.1f} | "
+          f"{c['peak_memory_bytes'] / 2**30:.2f} | {c['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+          f"{c['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x |")
 PY
