@@ -14,6 +14,7 @@
 //! [`AdaptedLinear`]s whose frozen weights get no gradient.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
@@ -670,12 +671,28 @@ impl Llama {
     /// input and back-propagating the gradient of its output through them. Memory holds one
     /// layer's activations instead of all of them, for about one more forward pass of compute.
     ///
+    /// The output head runs on chunks of positions too (at most [`HEAD_CHUNK`] logits at a
+    /// time): `loss(logits, range)` is the loss's part from the positions `range` of the
+    /// flattened `b * t` (logits `(range.len(), vocab)`), and the loss is the sum of the parts
+    /// (see [`crate::train::loss::masked_cross_entropy_part`]). So the whole `(b * t, vocab)`
+    /// logits never exist.
+    ///
     /// Errors when an adapter has dropout on: candle's dropout masks cannot be drawn again, so
     /// the recomputed layer would not be the one the loss saw.
     pub fn checkpointed_loss_and_grads(
         &self,
         ids: &Tensor,
-        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+        loss: &dyn Fn(&Tensor, Range<usize>) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        self.checkpointed_in_chunks(ids, loss, (HEAD_CHUNK / self.config.vocab_size).max(1))
+    }
+
+    /// [`Llama::checkpointed_loss_and_grads`] with the head on chunks of `rows` positions.
+    fn checkpointed_in_chunks(
+        &self,
+        ids: &Tensor,
+        loss: &dyn Fn(&Tensor, Range<usize>) -> Result<Tensor>,
+        rows: usize,
     ) -> Result<(Tensor, GradStore)> {
         let _recomputing = crate::adapters::common::Recomputation::start();
         let (_, t) = ids.dims2()?;
@@ -687,10 +704,26 @@ impl Llama {
             let out = self.block(layer, &h, &cos, &sin, None)?.detach();
             inputs.push(std::mem::replace(&mut h, out));
         }
-        let top = Var::from_tensor(&h)?;
-        let loss = loss(&self.head(top.as_tensor())?)?;
-        let mut grads = loss.backward()?;
-        let mut grad = grads.remove(top.as_tensor()).ok_or_else(|| no_gradient("the last decoder layer's output"))?;
+        let (b, t, hidden) = h.dims3()?;
+        let flat = h.reshape((b * t, hidden))?;
+        let (mut grads, mut total, mut parts) = (None::<GradStore>, None::<Tensor>, Vec::new());
+        for r0 in (0..b * t).step_by(rows) {
+            let x = Var::from_tensor(&flat.narrow(0, r0, rows.min(b * t - r0))?)?;
+            let part = loss(&self.head(x.as_tensor())?, r0..r0 + x.dim(0)?)?;
+            let mut part_grads = part.backward()?;
+            parts.push(part_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("the last decoder layer's output"))?);
+            total = Some(match total {
+                Some(sum) => (sum + part.detach())?,
+                None => part.detach(),
+            });
+            match grads.as_mut() {
+                Some(g) => g.extend(part_grads)?,
+                None => grads = Some(part_grads),
+            }
+        }
+        let (mut grads, loss) = grads.zip(total).ok_or_else(|| no_gradient("the output head (no positions)"))?;
+        let mut grad = Tensor::cat(&parts, 0)?.reshape((b, t, hidden))?;
+        drop(parts);
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let x = Var::from_tensor(&input)?;
             let out = self.block(layer, x.as_tensor(), &cos, &sin, None)?;
@@ -698,7 +731,7 @@ impl Llama {
             grad = layer_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("a decoder layer's input"))?;
             grads.extend(layer_grads)?;
         }
-        Ok((loss.detach(), grads))
+        Ok((loss, grads))
     }
 
     /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after `eos`
@@ -731,6 +764,10 @@ impl Llama {
         }
     }
 }
+
+/// The most logits the checkpointed output head computes at once (64 MiB in f32): it runs on
+/// chunks of `HEAD_CHUNK / vocab_size` positions.
+pub const HEAD_CHUNK: usize = 1 << 24;
 
 /// The error of a checkpointed backward pass that found no gradient where one must be.
 fn no_gradient(of: &str) -> Error {
@@ -840,5 +877,48 @@ impl LinearHost for Llama {
         let norms: usize =
             self.layers.iter().map(|l| l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()).sum();
         self.embed_tokens.elem_count() + self.norm.elem_count() + norms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::loss::masked_cross_entropy_part;
+    use crate::{AdapterConfig, InitOptions, LoraConfig, PeftModel};
+
+    /// The checkpointed head on chunks of 1, 3 and 5 positions against all 10 at once: the same
+    /// loss and the same gradients of LoRA on every linear and the output head.
+    #[test]
+    fn the_head_in_chunks_of_positions_gives_the_same_loss_and_gradients() -> Result<()> {
+        let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "vocab_size": 40, "tie_word_embeddings": false
+        }))?;
+        let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
+        let adapter = AdapterConfig::Lora(LoraConfig::lora(4, 8.0, &targets));
+        let peft = PeftModel::new(Llama::random(config, 1, &Device::Cpu)?, adapter, InitOptions::default())?;
+        for v in peft.trainable_vars()? {
+            v.set(&(v.as_tensor() + v.as_tensor().randn_like(0., 0.1)?)?)?;
+        }
+        let ids = Tensor::new(&[[1u32, 7, 30, 2, 9], [4, 4, 39, 0, 11]], &Device::Cpu)?;
+        let labels = Tensor::new(&[7i64, 30, 2, 9, -100, 4, 39, 0, 11, 5], &Device::Cpu)?;
+        let part = |logits: &Tensor, rows: Range<usize>| {
+            masked_cross_entropy_part(logits, &labels.narrow(0, rows.start, rows.len())?, 9)
+        };
+        let (whole, whole_grads) = peft.model().checkpointed_in_chunks(&ids, &part, 10)?;
+        for rows in [1, 3, 5] {
+            let (loss, grads) = peft.model().checkpointed_in_chunks(&ids, &part, rows)?;
+            let (a, b) = (whole.to_scalar::<f32>()?, loss.to_scalar::<f32>()?);
+            assert!((a - b).abs() < 1e-6, "{rows} rows per chunk: {b} vs {a}");
+            for (k, v) in peft.named_trainable_vars()? {
+                let (g, w) = (
+                    grads.get(v.as_tensor()).expect("a gradient"),
+                    whole_grads.get(v.as_tensor()).expect("a gradient"),
+                );
+                let d = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-6, "{rows} rows per chunk, {k}: gradients differ by {d}");
+            }
+        }
+        Ok(())
     }
 }

@@ -13,6 +13,25 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Mean cross-entropy of `logits: (n, vocab)` against `labels: (n,)` (i64), skipping
 /// [`IGNORE_INDEX`]. Differentiable in `logits`. Errors when every label is ignored.
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    masked_cross_entropy_part(logits, labels, counted_labels(labels)?)
+}
+
+/// The number of labels that count (not [`IGNORE_INDEX`]) in `labels`; errors when there are
+/// none.
+pub fn counted_labels(labels: &Tensor) -> Result<usize> {
+    let count =
+        labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    if count == 0 {
+        return Err(Error::config("labels", "every position is ignored: nothing to learn from"));
+    }
+    Ok(count)
+}
+
+/// The part of a masked cross-entropy that the positions `logits: (n, vocab)`, `labels: (n,)`
+/// contribute to a mean over `count` counted labels in all: their summed token losses divided
+/// by `count`. Summing the parts of a batch split by positions gives
+/// [`masked_cross_entropy`] of the whole batch (a loss computed chunk by chunk).
+pub fn masked_cross_entropy_part(logits: &Tensor, labels: &Tensor, count: usize) -> Result<Tensor> {
     let (n, vocab) = logits.dims2()?;
     let labels = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
     if labels.len() != n {
@@ -21,9 +40,8 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> 
     if let Some(bad) = labels.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= vocab)) {
         return Err(Error::config("labels", format!("label {bad} is outside the vocabulary of {vocab}")));
     }
-    let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     if count == 0 {
-        return Err(Error::config("labels", "every position is ignored: nothing to learn from"));
+        return Err(Error::config("labels", "a loss over 0 counted labels; expected at least 1"));
     }
     // Per-row weights 1 / count (0 on ignored rows) and targets (0 on ignored rows).
     let device = logits.device();

@@ -3,6 +3,7 @@
 //! progress bar, per-step metrics as JSONL and (feature `plot`) a loss-curve PNG.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::data::{batch_indices, collate, Example};
-use super::loss::masked_cross_entropy;
+use super::loss::{counted_labels, masked_cross_entropy, masked_cross_entropy_part};
 use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::format::{read_safetensors, write_atomic, write_safetensors, WEIGHTS_FILE};
@@ -24,13 +25,14 @@ pub trait CausalLm: LinearHost {
     /// The logits.
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
 
-    /// `loss(logits)` and the gradients of the trainable tensors, computed with activation
-    /// checkpointing ([`TrainConfig::checkpoint_activations`]). By default an error: a model
+    /// The loss and the gradients of the trainable tensors, computed with activation
+    /// checkpointing ([`TrainConfig::checkpoint_activations`]); `loss(logits, range)` is the
+    /// part of the loss from the positions `range` (see [`Llama::checkpointed_loss_and_grads`]). By default an error: a model
     /// opts in by implementing it.
     fn checkpointed_loss_and_grads(
         &self,
         ids: &Tensor,
-        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+        loss: &dyn Fn(&Tensor, Range<usize>) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
         let _ = (ids, loss);
         Err(Error::Unsupported("activation checkpointing for this model".into()))
@@ -45,7 +47,7 @@ impl CausalLm for Llama {
     fn checkpointed_loss_and_grads(
         &self,
         ids: &Tensor,
-        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+        loss: &dyn Fn(&Tensor, Range<usize>) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
         Llama::checkpointed_loss_and_grads(self, ids, loss)
     }
@@ -266,12 +268,17 @@ impl<M: CausalLm> Trainer<M> {
     /// through the whole graph, or layer by layer with activation checkpointing.
     fn batch_grads(&self, examples: &[&Example], scale: f64) -> Result<(f64, usize, GradStore)> {
         let batch = collate(examples, self.config.pad_id, &self.device())?;
-        let loss_of = |logits: &Tensor| -> Result<Tensor> { Ok((token_loss(logits, &batch.labels)? / scale)?) };
         let model = self.peft.model();
         let (loss, grads) = if self.config.checkpoint_activations {
-            model.checkpointed_loss_and_grads(&batch.ids, &loss_of)?
+            let labels = batch.labels.flatten_all()?;
+            let count = counted_labels(&labels)?;
+            let part = |logits: &Tensor, rows: Range<usize>| -> Result<Tensor> {
+                let labels = labels.narrow(0, rows.start, rows.len())?;
+                Ok((masked_cross_entropy_part(logits, &labels, count)? / scale)?)
+            };
+            model.checkpointed_loss_and_grads(&batch.ids, &part)?
         } else {
-            let loss = loss_of(&model.logits(&batch.ids)?)?;
+            let loss = (token_loss(&model.logits(&batch.ids)?, &batch.labels)? / scale)?;
             let grads = loss.backward()?;
             (loss, grads)
         };
