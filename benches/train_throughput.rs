@@ -118,6 +118,9 @@ fn smollm2_shape() -> candle_peft::models::LlamaConfig {
     .expect("a valid config")
 }
 
+#[global_allocator]
+static ALLOC: candle_peft::alloc::Counting = candle_peft::alloc::Counting;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reuse = candle_peft::train::reuse_freed_memory();
     println!("malloc keeps freed memory: {reuse}");
@@ -251,6 +254,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut trainer = Trainer::new(peft, config)?;
     let mut seconds = 0.0;
+    let heap_before = candle_peft::alloc::live().unwrap_or(0);
+    candle_peft::alloc::reset_peak();
     for step in 0..warmup + steps {
         let started = Instant::now();
         let log = trainer.train_step(&data)?;
@@ -260,6 +265,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("step {}: loss {:.4}, {:.1} tokens/s", log.step, log.loss, log.tokens_per_s);
     }
     let ours_tps = (batch_size * seq * steps) as f64 / seconds;
+    let heap_peak = candle_peft::alloc::peak().unwrap_or(0);
+    println!(
+        "heap: {:.2} GiB live before the training steps (model, adapter), {:.2} GiB at the steps' peak",
+        gib(heap_before as u64),
+        gib(heap_peak as u64)
+    );
     drop(trainer);
     // Peak memory: the device's (above what was in use before the model) on a GPU, RSS on the CPU.
     let (ours_mem, mem_kind) = match (sampler, memory_before) {

@@ -727,7 +727,10 @@ impl Llama {
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let x = Var::from_tensor(&input)?;
             let out = self.block(layer, x.as_tensor(), &cos, &sin, None)?;
-            let mut layer_grads = (out * grad)?.sum_all()?.backward()?;
+            let mut layer_grads = (out * &grad)?.sum_all()?.backward()?;
+            // candle's product rule also gives the constant `grad` a gradient (`out` times the
+            // incoming one), which would keep this layer's whole graph alive: dropped at once.
+            layer_grads.remove(&grad);
             grad = layer_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("a decoder layer's input"))?;
             grads.extend(layer_grads)?;
         }
