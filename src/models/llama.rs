@@ -706,33 +706,32 @@ impl Llama {
         }
         let (b, t, hidden) = h.dims3()?;
         let flat = h.reshape((b * t, hidden))?;
-        let (mut grads, mut total, mut parts) = (None::<GradStore>, None::<Tensor>, Vec::new());
+        // Only the adapters' gradients are kept: candle also records gradients of constants
+        // (both sides of a product), some of which hold the graph they came from.
+        let mut grads = empty_grads()?;
+        let head_vars: Vec<Var> = self.lm_head.iter().flat_map(adapter_vars).collect();
+        let (mut total, mut parts) = (None::<Tensor>, Vec::new());
         for r0 in (0..b * t).step_by(rows) {
             let x = Var::from_tensor(&flat.narrow(0, r0, rows.min(b * t - r0))?)?;
             let part = loss(&self.head(x.as_tensor())?, r0..r0 + x.dim(0)?)?;
             let mut part_grads = part.backward()?;
             parts.push(part_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("the last decoder layer's output"))?);
+            move_grads(&mut part_grads, &mut grads, &head_vars)?;
             total = Some(match total {
                 Some(sum) => (sum + part.detach())?,
                 None => part.detach(),
             });
-            match grads.as_mut() {
-                Some(g) => g.extend(part_grads)?,
-                None => grads = Some(part_grads),
-            }
         }
-        let (mut grads, loss) = grads.zip(total).ok_or_else(|| no_gradient("the output head (no positions)"))?;
+        let loss = total.ok_or_else(|| no_gradient("the output head (no positions)"))?;
         let mut grad = Tensor::cat(&parts, 0)?.reshape((b, t, hidden))?;
         drop(parts);
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let x = Var::from_tensor(&input)?;
             let out = self.block(layer, x.as_tensor(), &cos, &sin, None)?;
             let mut layer_grads = (out * &grad)?.sum_all()?.backward()?;
-            // candle's product rule also gives the constant `grad` a gradient (`out` times the
-            // incoming one), which would keep this layer's whole graph alive: dropped at once.
-            layer_grads.remove(&grad);
             grad = layer_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("a decoder layer's input"))?;
-            grads.extend(layer_grads)?;
+            let vars: Vec<Var> = layer.linears.iter().flat_map(adapter_vars).collect();
+            move_grads(&mut layer_grads, &mut grads, &vars)?;
         }
         Ok((loss, grads))
     }
@@ -766,6 +765,34 @@ impl Llama {
             l.set_train(train);
         }
     }
+}
+
+/// An empty gradient store (candle has no public constructor): the store of a constant's
+/// backward pass, its one entry taken out.
+fn empty_grads() -> Result<GradStore> {
+    let one = Tensor::new(1f32, &Device::Cpu)?;
+    let mut grads = one.backward()?;
+    grads.remove(&one);
+    Ok(grads)
+}
+
+/// The trainable tensors of a layer's adapter, if it has one.
+fn adapter_vars(layer: &AdaptedLinear) -> Vec<Var> {
+    layer.adapter().map(|a| a.trainable_vars().into_iter().map(|(_, v)| v).collect()).unwrap_or_default()
+}
+
+/// Moves the gradients of `vars` from `from` into `into`, adding to any already there.
+fn move_grads(from: &mut GradStore, into: &mut GradStore, vars: &[Var]) -> Result<()> {
+    for v in vars {
+        if let Some(g) = from.remove(v.as_tensor()) {
+            let sum = match into.remove(v.as_tensor()) {
+                Some(old) => (old + g)?,
+                None => g,
+            };
+            into.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(())
 }
 
 /// The most logits the checkpointed output head computes at once (64 MiB in f32): it runs on
