@@ -1,5 +1,5 @@
 //! The metadata of a llama.cpp GGUF file (model shape, tokenizer, chat template, ...), read
-//! without its tensors.
+//! without its tensors, and the crate's one GGUF writer ([`write_gguf`]).
 //!
 //! This module sits below both [`crate::models`] (which builds a model from the `llama.*` keys)
 //! and [`crate::tokenizer`] (which builds a tokenizer from the `tokenizer.ggml.*` keys): it
@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
 
 use crate::{Error, Result};
 
@@ -36,6 +37,11 @@ impl GgufMetadata {
     /// The file the metadata was read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Every key and value, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Whether the file has `key`.
@@ -79,6 +85,17 @@ impl GgufMetadata {
     pub fn strings(&self, key: &str) -> Result<Vec<String>> {
         self.typed(key, |v| v.to_vec()?.iter().map(|s| s.to_string().cloned()).collect())
     }
+}
+
+/// Writes a GGUF file (version 2, as candle writes it; llama.cpp reads it) with `metadata` and
+/// `tensors` in that order, atomically: to a temporary file, synced, then renamed over `path`.
+pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut bytes, &metadata, &tensors)
+        .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("writing a GGUF file: {e}") })?;
+    crate::format::write_atomic(path, &bytes.into_inner())
 }
 
 /// Reads the header of a GGUF file (metadata and tensor infos), with an error naming the file.

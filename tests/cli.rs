@@ -251,3 +251,115 @@ fn train_methods_come_from_the_registry() {
         assert!(!ok && err.contains(says) && !err.contains("no-such"), "{args:?}: {err}");
     }
 }
+
+/// QLoRA end to end: train on SmolLM2's Q4_1 kept quantized (with checkpointing), merge into a
+/// GGUF file, and evaluate it against the unmerged adapter on the quantized base, on other text.
+/// Written in f32 the merged file gives the same loss (1e-4): the writer's names, q/k row
+/// permutation and metadata are llama.cpp's, and it loads as any llama GGUF with the source's
+/// tokenizer. Re-quantized to Q8_0 it stays within 5e-2: measured 0.030 here, of which 0.016 is
+/// re-quantizing the Q4_1 base itself to Q8_0 (see the README's QLoRA section).
+#[test]
+fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, texts: &[&str]| {
+        let lines: Vec<String> = texts.iter().map(|t| serde_json::json!({ "text": t }).to_string()).collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let train = write(
+        "train.jsonl",
+        &[
+            "The capital of France is Paris.",
+            "Water boils at one hundred degrees Celsius at sea level.",
+            "A triangle has three sides and three angles.",
+            "The quick brown fox jumps over the lazy dog.",
+            "Photosynthesis turns light into chemical energy in plants.",
+            "Rust is a systems programming language focused on safety.",
+        ],
+    );
+    let eval_data = write(
+        "eval.jsonl",
+        &[
+            "The sun rises in the east and sets in the west.",
+            "Cats are small carnivorous mammals often kept as pets.",
+            "A week has seven days, and a year has twelve months.",
+            "The Pacific is the largest ocean on Earth.",
+            "Bread is made from flour, water, yeast and salt.",
+            "Music can change the mood of a room in seconds.",
+            "Trains run on rails and carry people and goods.",
+            "The heart pumps blood through the body.",
+        ],
+    );
+    let run = dir.path().join("run");
+    let (ok, _, err) = cli(&[
+        "train",
+        "--model",
+        &smollm2(),
+        "--base-quant",
+        "keep",
+        "--checkpoint-activations",
+        "--data",
+        &train,
+        "--output",
+        run.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--rank",
+        "8",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--schedule",
+        "constant",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "64",
+        "--every",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let adapter = run.join("adapter");
+    let eval = |args: &[&str]| -> f64 {
+        let mut all = vec!["eval", "--data", &eval_data, "--json", "--device", "cpu"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = cli(&all);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["loss"].as_f64().unwrap()
+    };
+    let unmerged = eval(&["--model", &smollm2(), "--base-quant", "keep", "--adapter", adapter.to_str().unwrap()]);
+    let base = eval(&["--model", &smollm2()]);
+    assert!(
+        (unmerged - base).abs() > 1e-2,
+        "the adapter changed nothing ({unmerged} vs {base}): the test proves nothing"
+    );
+    for (quant, bound) in [("f32", 1e-4), ("q8_0", 5e-2)] {
+        let merged = dir.path().join(format!("merged-{quant}.gguf"));
+        let (ok, _, err) = cli(&[
+            "merge",
+            "--base",
+            &smollm2(),
+            "--base-quant",
+            "keep",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--output-gguf",
+            merged.to_str().unwrap(),
+            "--quant",
+            quant,
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(err.contains("loses precision"), quant == "q8_0", "the re-quantization warning: {err}");
+        let loss = eval(&["--model", merged.to_str().unwrap()]);
+        eprintln!("eval loss: base {base:.4}, adapter on the Q4_1 base {unmerged:.4}, merged {quant} GGUF {loss:.4}");
+        assert!((unmerged - loss).abs() < bound, "adapter {unmerged} vs merged {quant} {loss}");
+    }
+}

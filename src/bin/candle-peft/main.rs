@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_peft::chat::{ChatTemplate, Message};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
@@ -40,9 +41,17 @@ enum Command {
         /// The adapter directory (adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
         adapter: PathBuf,
-        /// Where to write the merged model (config.json, model.safetensors, tokenizer.json).
+        /// Where to write the merged model as an HF directory (config.json, model.safetensors,
+        /// tokenizer.json).
+        #[arg(long, required_unless_present = "output_gguf")]
+        output: Option<PathBuf>,
+        /// Where to write the merged model as a llama.cpp GGUF file, its weights quantized to
+        /// --quant (needs a GGUF base: its tokenizer and other metadata are copied).
         #[arg(long)]
-        output: PathBuf,
+        output_gguf: Option<PathBuf>,
+        /// The type of the GGUF file's weights: f32, f16, bf16, q8_0, q4_0, q4_k, ...
+        #[arg(long, default_value = "q8_0")]
+        quant: String,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -262,27 +271,62 @@ fn main() {
 fn run(cli: Cli) -> anyhow_like::Result<()> {
     match cli.command {
         Command::Train(args) => train(*args),
-        Command::Merge { base, adapter, output, run } => {
+        Command::Merge { base, adapter, output, output_gguf, quant, run } => {
             let (device, dtype) = run.open()?;
+            let quant = match quant.parse::<BaseQuant>()? {
+                BaseQuant::To(t) => t,
+                _ => return Err(format!("--quant {quant}: expected a type such as q8_0, q4_k or f16").into()),
+            };
             // The tokenizer travels with the model: tokenizer.json from a directory (if it has
-            // one), or the one a GGUF file describes.
-            let (model, tokenizer) = if base.is_dir() {
+            // one), or the one a GGUF file describes (with the rest of its metadata).
+            let (model, tokenizer, meta) = if base.is_dir() {
                 let tokenizer = Some(base.join("tokenizer.json")).filter(|p| p.exists());
                 (
                     Llama::from_hf_dir_quantized(&base, &device, dtype, run.base_quant)?,
                     tokenizer.map(|p| candle_peft::tokenizer::from_file(&p)).transpose()?,
+                    None,
                 )
             } else {
                 let (model, meta) = Llama::from_gguf_quantized(&base, &device, dtype, run.base_quant)?;
-                (model, Some(candle_peft::tokenizer::from_gguf(&meta)?))
+                (model, Some(candle_peft::tokenizer::from_gguf(&meta)?), Some(meta))
             };
+            if output_gguf.is_some() && meta.is_none() {
+                return Err(format!(
+                    "--output-gguf needs a GGUF base, whose tokenizer and metadata the file copies; {} is an HF \
+                     directory: write an HF directory with --output",
+                    base.display()
+                )
+                .into());
+            }
             let mut peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
             peft.merge()?;
-            peft.model().save_hf_dir(&output)?;
-            if let Some(tokenizer) = tokenizer {
-                tokenizer.save(output.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
+            if let Some(output) = &output {
+                peft.model().save_hf_dir(output)?;
+                if let Some(tokenizer) = &tokenizer {
+                    tokenizer.save(output.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
+                }
+                println!("merged model written to {}", output.display());
             }
-            println!("merged model written to {}", output.display());
+            if let (Some(path), Some(meta)) = (&output_gguf, &meta) {
+                if !matches!(quant, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    eprintln!(
+                        "warning: the merged weights are re-quantized to {} for {}: this loses precision (the \
+                         adapter's update is rounded with the base); --quant f16 or f32 keeps it",
+                        candle_peft::quantized::type_name(quant),
+                        path.display()
+                    );
+                }
+                let fallbacks = peft.model().save_gguf(path, quant, meta)?;
+                if !fallbacks.is_empty() {
+                    eprintln!(
+                        "warning: {} tensors have rows that {}'s blocks do not divide and were written as: {}",
+                        fallbacks.len(),
+                        candle_peft::quantized::type_name(quant),
+                        fallbacks.join(", ")
+                    );
+                }
+                println!("merged model written to {}", path.display());
+            }
             Ok(())
         }
         Command::Eval { model, adapter, data, json, run } => {
