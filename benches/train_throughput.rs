@@ -10,7 +10,8 @@
 //! ```
 //! Options: `--model <gguf | HF dir>` (default `models/SmolLM2-135M-Instruct.Q4_1.gguf`), or
 //! `--random` for a randomly initialised model of SmolLM2-135M's shape (no file; both sides draw
-//! their own weights); `--device cpu | cuda:N` (default cpu), `--dtype f32 | bf16` (the base
+//! their own weights; `--shape smollm2-360m | tinyllama-1.1b` for others, candle-peft's side
+//! only, its 2-D weights quantized as drawn with `--base-quant <type>`); `--device cpu | cuda:N` (default cpu), `--dtype f32 | bf16` (the base
 //! model's dtype; adapters, optimizer state and loss stay f32 on both sides), `--batch N`
 //! (default 4), `--seq N` (default 256), `--steps N` timed steps (default 5) after `--warmup N`
 //! (default 1), `--method lora | dora | vera`, `--base-quant none | keep | q8_0 | ...` (the
@@ -107,15 +108,20 @@ impl MemorySampler {
     }
 }
 
-/// SmolLM2-135M-Instruct's shape (its `config.json`).
-fn smollm2_shape() -> candle_peft::models::LlamaConfig {
-    serde_json::from_value(serde_json::json!({
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0, "vocab_size": 49152, "tie_word_embeddings": true,
-        "model_type": "llama"
-    }))
-    .expect("a valid config")
+/// The shapes `--random` draws a model of (their HF `config.json`s): `smollm2-135m` (the
+/// default), `smollm2-360m`, `tinyllama-1.1b`.
+fn shape(name: &str) -> Result<candle_peft::models::LlamaConfig, Box<dyn std::error::Error>> {
+    let (hidden, inter, layers, heads, kv, vocab, tied, theta) = match name {
+        "smollm2-135m" => (576, 1536, 30, 9, 3, 49152, true, 100000.0),
+        "smollm2-360m" => (960, 2560, 32, 15, 5, 49152, true, 100000.0),
+        "tinyllama-1.1b" => (2048, 5632, 22, 32, 4, 32000, false, 10000.0),
+        other => return Err(format!("--shape {other}: expected smollm2-135m, smollm2-360m or tinyllama-1.1b").into()),
+    };
+    Ok(serde_json::from_value(serde_json::json!({
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "rms_norm_eps": 1e-5,
+        "rope_theta": theta, "vocab_size": vocab, "tie_word_embeddings": tied, "model_type": "llama"
+    }))?)
 }
 
 #[global_allocator]
@@ -155,13 +161,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let memory_before = device_memory_used(&device);
     let sampler = MemorySampler::start(&device);
+    let shape_name = arg(&args, "--shape").unwrap_or_else(|| "smollm2-135m".into());
     let model = if random {
-        let f32_model = candle_peft::models::Llama::random(smollm2_shape(), 0, &device)?;
-        candle_peft::models::Llama::from_tensors(smollm2_shape(), &f32_model.tensors()?, dtype)?
+        candle_peft::models::Llama::random_quantized(shape(&shape_name)?, 0, &device, dtype, base_quant)?
     } else {
         candle_peft::models::load_quantized(&model_path, &device, dtype, base_quant)?.0
     };
-    let source = if random { "random SmolLM2-135M shape".to_string() } else { model_path.display().to_string() };
+    let source = if random { format!("random {shape_name} shape") } else { model_path.display().to_string() };
     let vocab = model.config().vocab_size;
     // Read from the shapes, not the tensors: a quantized base is never dequantized whole.
     let hidden = model.config().hidden_size;
@@ -297,6 +303,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     };
 
+    if random && shape_name != "smollm2-135m" && arg(&args, "--python").is_some() {
+        return Err(format!("--shape {shape_name}: the PyTorch side draws SmolLM2-135M's shape only").into());
+    }
     let Some(python) = arg(&args, "--python") else {
         println!("(pass --python <venv python with torch and peft> to run PyTorch + PEFT side by side)");
         return write_summary(&summary);

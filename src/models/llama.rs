@@ -359,33 +359,58 @@ impl Llama {
     /// examples and tests that need no checkpoint. Errors when the config does not pass
     /// [`LlamaConfig::validate`].
     pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::random_quantized(config, seed, device, DType::F32, BaseQuant::None)
+    }
+
+    /// [`Llama::random`] computing in `dtype`, with the 2-D weights quantized to the type of
+    /// `quant` as each is drawn (so that a large model never exists in f32 at once: a memory
+    /// benchmark's base). [`BaseQuant::Keep`] keeps them dense, as `None` does.
+    pub fn random_quantized(
+        config: LlamaConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+        quant: BaseQuant,
+    ) -> Result<Self> {
         config.validate()?;
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0f32, 0.02).expect("valid std");
-        let mut draw = |shape: (usize, usize)| -> Result<Tensor> {
+        let (mut t, mut quantized) = (BTreeMap::new(), BTreeMap::new());
+        let mut draw = |name: String, shape: (usize, usize)| -> Result<()> {
             let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| normal.sample(&mut rng)).collect();
-            Ok(Tensor::from_vec(data, shape, device)?)
+            let w = Tensor::from_vec(data, shape, device)?;
+            match quant {
+                BaseQuant::To(q) => {
+                    quantized.insert(name, QuantizedWeight::quantize(&w, q, dtype)?);
+                }
+                _ => {
+                    t.insert(name, w);
+                }
+            }
+            Ok(())
         };
         let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
         let (q, kv) = (config.num_attention_heads * hd, config.kv_heads() * hd);
-        let ones = Tensor::ones(h, DType::F32, device)?;
-        let mut t = BTreeMap::new();
-        t.insert("model.embed_tokens.weight".to_string(), draw((config.vocab_size, h))?);
-        t.insert("model.norm.weight".to_string(), ones.clone());
+        draw("model.embed_tokens.weight".to_string(), (config.vocab_size, h))?;
         if !config.tie_word_embeddings {
-            t.insert("lm_head.weight".to_string(), draw((config.vocab_size, h))?);
+            draw("lm_head.weight".to_string(), (config.vocab_size, h))?;
         }
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in LAYER_LINEARS.iter().zip([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]) {
+                draw(format!("{p}.{name}.weight"), shape)?;
+            }
+        }
+        let ones = Tensor::ones(h, DType::F32, device)?;
+        t.insert("model.norm.weight".to_string(), ones.clone());
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             t.insert(format!("{p}.input_layernorm.weight"), ones.clone());
             t.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
-            for (name, shape) in LAYER_LINEARS.iter().zip([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]) {
-                t.insert(format!("{p}.{name}.weight"), draw(shape)?);
-            }
         }
-        Self::from_tensors(config, &t, DType::F32)
+        Self::from_weights(config, &t, quantized, dtype)
     }
 
     /// Loads an HF model directory: `config.json` and one or more `*.safetensors` files.
