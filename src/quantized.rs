@@ -40,6 +40,16 @@ pub enum BaseQuant {
     To(GgmlDType),
 }
 
+impl BaseQuant {
+    /// The type to quantize to on load, for [`BaseQuant::To`].
+    pub fn target(self) -> Option<GgmlDType> {
+        match self {
+            Self::To(t) => Some(t),
+            Self::None | Self::Keep => None,
+        }
+    }
+}
+
 /// The type names `--base-quant` accepts besides `none` and `keep`, as llama.cpp spells them.
 pub const QUANT_TYPES: [(&str, GgmlDType); 13] = [
     ("f32", GgmlDType::F32),

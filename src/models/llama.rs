@@ -377,19 +377,10 @@ impl Llama {
         use rand_distr::{Distribution, Normal};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0f32, 0.02).expect("valid std");
-        let (mut t, mut quantized) = (BTreeMap::new(), BTreeMap::new());
+        let mut loading = Loading::new(quant.target(), dtype);
         let mut draw = |name: String, shape: (usize, usize)| -> Result<()> {
             let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| normal.sample(&mut rng)).collect();
-            let w = Tensor::from_vec(data, shape, device)?;
-            match quant {
-                BaseQuant::To(q) => {
-                    quantized.insert(name, QuantizedWeight::quantize(&w, q, dtype)?);
-                }
-                _ => {
-                    t.insert(name, w);
-                }
-            }
-            Ok(())
+            loading.add(name.clone(), &name, Tensor::from_vec(data, shape, device)?)
         };
         let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
         let (q, kv) = (config.num_attention_heads * hd, config.kv_heads() * hd);
@@ -404,13 +395,13 @@ impl Llama {
             }
         }
         let ones = Tensor::ones(h, DType::F32, device)?;
-        t.insert("model.norm.weight".to_string(), ones.clone());
+        loading.tensors.insert("model.norm.weight".to_string(), ones.clone());
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            t.insert(format!("{p}.input_layernorm.weight"), ones.clone());
-            t.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+            loading.tensors.insert(format!("{p}.input_layernorm.weight"), ones.clone());
+            loading.tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
         }
-        Self::from_weights(config, &t, quantized, dtype)
+        loading.build(config, "random weights")
     }
 
     /// Loads an HF model directory: `config.json` and one or more `*.safetensors` files.
@@ -451,25 +442,13 @@ impl Llama {
             }
             BaseQuant::To(t) => Some(t),
         };
-        let mut tensors = BTreeMap::new();
-        let mut quantized = BTreeMap::new();
-        let mut fallbacks = Vec::new();
+        let mut loading = Loading::new(wanted, dtype);
         for f in files {
             for (name, t) in read_safetensors(&f, device)? {
-                match wanted.filter(|_| is_quantizable(&name, &t)) {
-                    Some(q) => {
-                        let w = QuantizedWeight::quantize(&t, q, dtype)?;
-                        note_fallback(&mut fallbacks, &name, q, &w);
-                        quantized.insert(name, w);
-                    }
-                    None => {
-                        tensors.insert(name, t);
-                    }
-                }
+                loading.add(name.clone(), &name, t)?;
             }
         }
-        warn_fallbacks(&dir.display().to_string(), &fallbacks);
-        Self::from_weights(config, &tensors, quantized, dtype)
+        loading.build(config, &dir.display().to_string())
     }
 
     /// Loads a llama.cpp GGUF file (`general.architecture = "llama"`): every tensor dequantized
@@ -525,9 +504,7 @@ impl Llama {
         // Before any tensor is read: the q/k row permutation divides by the head counts.
         config.check(Some(path), &gguf_field)?;
         let kv = config.kv_heads();
-        let mut tensors = BTreeMap::new();
-        let mut quantized = BTreeMap::new();
-        let mut fallbacks = Vec::new();
+        let mut loading = Loading::new(quant.target(), dtype);
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         for name in names {
             let hf =
@@ -545,26 +522,16 @@ impl Llama {
                 let order = heads_of_rows.map(|h| unpermuted_row_order(q.shape().dims()[0], h));
                 let w = QuantizedWeight::new(&q, order.as_deref(), dtype)
                     .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-                quantized.insert(hf, w);
+                loading.quantized.insert(hf, w);
                 continue;
             }
             let mut t = q.dequantize(device)?;
             if let Some(h) = heads_of_rows {
                 t = unpermute_rows(&t, h)?;
             }
-            match quant {
-                BaseQuant::To(wanted) if is_quantizable(&hf, &t) => {
-                    let w = QuantizedWeight::quantize(&t, wanted, dtype)?;
-                    note_fallback(&mut fallbacks, &name, wanted, &w);
-                    quantized.insert(hf, w);
-                }
-                _ => {
-                    tensors.insert(hf, t);
-                }
-            }
+            loading.add(hf, &name, t)?;
         }
-        warn_fallbacks(&path.display().to_string(), &fallbacks);
-        Ok((Self::from_weights(config, &tensors, quantized, dtype)?, meta))
+        Ok((loading.build(config, &path.display().to_string())?, meta))
     }
 
     /// Every tensor under its HF name, with each linear's current weight (merged, after
@@ -992,28 +959,51 @@ fn unpermuted_row_order(out: usize, n_head: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Whether a weight is quantized on load: the 2-D ones (linears, embeddings, output head), not
-/// the norms.
-fn is_quantizable(name: &str, t: &Tensor) -> bool {
-    t.rank() == 2 && name.ends_with(".weight")
+/// The weights of a model being loaded, under HF's names: dense, or quantized on load to
+/// `wanted` (the 2-D ones: linears, embeddings, output head; never the norms).
+struct Loading {
+    wanted: Option<GgmlDType>,
+    dtype: DType,
+    tensors: BTreeMap<String, Tensor>,
+    quantized: BTreeMap<String, QuantizedWeight>,
+    /// Tensors whose rows did not fit `wanted`'s blocks, as `file name (asked -> written)`.
+    fallbacks: Vec<String>,
 }
 
-/// Records `name` when its rows did not fit the `wanted` type's blocks.
-fn note_fallback(fallbacks: &mut Vec<String>, name: &str, wanted: GgmlDType, w: &QuantizedWeight) {
-    if w.ggml_dtype() != wanted {
-        fallbacks.push(format!("{name} ({} -> {})", type_name(wanted), type_name(w.ggml_dtype())));
+impl Loading {
+    fn new(wanted: Option<GgmlDType>, dtype: DType) -> Self {
+        Self { wanted, dtype, tensors: BTreeMap::new(), quantized: BTreeMap::new(), fallbacks: Vec::new() }
     }
-}
 
-/// Says which tensors got another type than asked (llama.cpp's fallbacks for K-quants).
-fn warn_fallbacks(source: &str, fallbacks: &[String]) {
-    if !fallbacks.is_empty() {
-        tracing::warn!(
-            "{source}: {} tensors have rows that the asked type's 256-value blocks do not divide, and were \
-             quantized to a fallback type as llama.cpp does: {}",
-            fallbacks.len(),
-            fallbacks.join(", ")
-        );
+    /// Adds the tensor `t` named `hf` (`file_name` in the file, for the fallback report).
+    fn add(&mut self, hf: String, file_name: &str, t: Tensor) -> Result<()> {
+        match self.wanted.filter(|_| t.rank() == 2 && hf.ends_with(".weight")) {
+            Some(q) => {
+                let w = QuantizedWeight::quantize(&t, q, self.dtype)?;
+                if w.ggml_dtype() != q {
+                    self.fallbacks.push(format!("{file_name} ({} -> {})", type_name(q), type_name(w.ggml_dtype())));
+                }
+                self.quantized.insert(hf, w);
+            }
+            None => {
+                self.tensors.insert(hf, t);
+            }
+        }
+        Ok(())
+    }
+
+    /// The model, after saying which tensors of `source` fell back to another type
+    /// (llama.cpp's fallbacks for K-quants).
+    fn build(self, config: LlamaConfig, source: &str) -> Result<Llama> {
+        if !self.fallbacks.is_empty() {
+            tracing::warn!(
+                "{source}: {} tensors have rows that the asked type's blocks do not divide, and were quantized \
+                 to a fallback type as llama.cpp does: {}",
+                self.fallbacks.len(),
+                self.fallbacks.join(", ")
+            );
+        }
+        Llama::from_weights(config, &self.tensors, self.quantized, self.dtype)
     }
 }
 
