@@ -6,15 +6,18 @@
 # back to back in one invocation of this script.
 #
 #   scripts/bench_qlora.sh [--steps N] [--batch N] [--seq N]     (defaults 3, 4, 256)
+#   scripts/bench_qlora.sh --by-length "512 2048" [--steps N]     (batch 1 at each length)
 #
 # Prints a markdown table (tokens/s, peak RSS, and keep / none ratios) and writes each run's JSON
-# summary to target/bench-qlora/.
+# summary to target/bench-qlora/. `--by-length`: one row per sequence length, the f32 base
+# without checkpointing against the Q4_1 base kept quantized with checkpointing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-steps=3 batch=4 seq=256
+steps=3 batch=4 seq=256 lengths=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --by-length) lengths="$2"; shift 2 ;;
         --steps) steps="$2"; shift 2 ;;
         --batch) batch="$2"; shift 2 ;;
         --seq) seq="$2"; shift 2 ;;
@@ -25,6 +28,27 @@ scripts/fetch_smollm2.sh >&2
 out=target/bench-qlora
 mkdir -p "$out"
 cargo bench --bench train_throughput --no-run >&2
+if [[ -n "$lengths" ]]; then
+    for len in $lengths; do
+        for run in "none" "keep --checkpoint-activations"; do
+            set -- $run
+            echo "== $len tokens, --base-quant $*" >&2
+            cargo bench --bench train_throughput -- --base-quant "$@" --steps "$steps" --warmup 1 --batch 1 \
+                --seq "$len" --json "$out/len$len-$1.json" >&2
+        done
+    done
+    python3 - "$out" $lengths <<'PY'
+import json, sys
+d, lengths = sys.argv[1], sys.argv[2:]
+print("| tokens (batch 1) | f32 tokens/s | f32 peak RSS (GiB) | Q4_1 + checkpointing tokens/s | Q4_1 + checkpointing peak RSS (GiB) |")
+print("|---:|---:|---:|---:|---:|")
+for n in lengths:
+    f, k = (json.load(open(f"{d}/len{n}-{q}.json"))["candle_peft"] for q in ("none", "keep"))
+    print(f"| {n} | {f['tokens_per_s']:.1f} | {f['peak_memory_bytes'] / 2**30:.2f} | "
+          f"{k['tokens_per_s']:.1f} | {k['peak_memory_bytes'] / 2**30:.2f} |")
+PY
+    exit 0
+fi
 for quant in none keep; do
     for ckpt in "" --checkpoint-activations; do
         echo "== --base-quant $quant $ckpt" >&2
