@@ -186,6 +186,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("--method {other}: expected lora, dora or vera").into()),
     };
     let peft = PeftModel::new(model, adapter, InitOptions { seed: 0, dtype: DType::F32 })?;
+    let params = peft.parameter_count();
+    let shape_json = serde_json::to_value(peft.model().config())?;
     println!(
         "{source} on {device_spec}, {dtype_name} base (--base-quant {quant_name}), checkpointing {checkpoint}, {adapter_name}, batch {batch_size} x {seq}, features {:?}: {}",
         features(),
@@ -294,7 +296,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "steps": steps, "warmup": warmup, "adapter": format!("{adapter_name}, all seven linears"),
                 "features": features()},
         "candle_peft": {"tokens_per_s": ours_tps, "seconds_per_step": seconds / steps as f64,
-                        "peak_memory_bytes": ours_mem, "memory_measure": mem_kind},
+                        "peak_memory_bytes": ours_mem, "memory_measure": mem_kind,
+                        "heap_before_steps_bytes": heap_before, "heap_peak_bytes": heap_peak,
+                        "trainable_params": params.trainable, "all_params": params.all, "model_config": shape_json},
     });
     let write_summary = |summary: &serde_json::Value| -> Result<(), Box<dyn std::error::Error>> {
         if let Some(path) = arg(&args, "--json") {
