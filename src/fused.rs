@@ -272,16 +272,30 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// The most attention scores [`causal_attention`] computes at once (64 MiB in f32): the queries
+/// are taken in blocks of rows of that many scores.
+pub const ATTENTION_BLOCK: usize = 1 << 24;
+
 /// Causal scaled-dot-product attention `softmax(q k^T / sqrt(d) + causal mask) v` for
 /// `q: (b, heads, tq, d)` and `k, v: (b, kv_heads, tk, d)` with `tk >= tq`: the queries are the
 /// last `tq` positions (`tk > tq` when earlier keys come from a KV cache), query `i` sees keys
 /// `0 ..= i + tk - tq`. Grouped-query attention: query head `i` reads key/value head
 /// `i / (heads / kv_heads)`, as transformers' `repeat_kv`. Returns `(b, heads, tq, d)`.
 ///
-/// Autograd keeps `q, k, v` and the output; the backward recomputes the probabilities `P` and
-/// takes `dV = P^T dO`, `dS = P (dO v^T - rowsum(dO o))`, `dQ = dS k / sqrt(d)`,
-/// `dK = dS^T q / sqrt(d)` (summed over each group's query heads).
+/// The queries are processed in blocks of rows, each with only the keys its last row can see,
+/// so that at most [`ATTENTION_BLOCK`] scores exist at a time (not `heads * tq * tk`) and the
+/// masked half of the scores is mostly never computed. Autograd keeps `q, k, v` and the output;
+/// the backward recomputes each block's probabilities `P` and takes `dV = P^T dO`,
+/// `dS = P (dO v^T - rowsum(dO o))`, `dQ = dS k / sqrt(d)`, `dK = dS^T q / sqrt(d)` (summed over
+/// blocks and over each group's query heads).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, heads, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    causal_attention_in_blocks(q, k, v, (ATTENTION_BLOCK / (b * heads * tk).max(1)).clamp(1, tq.max(1)))
+}
+
+/// [`causal_attention`] with blocks of `rows` query rows.
+fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
     let (b, heads, tq, d) = q.dims4()?;
     let (kv, tk) = (k.dim(1)?, k.dim(2)?);
     if heads % kv != 0 || tk < tq || k.dims() != v.dims() || k.dims() != [b, kv, tk, d] {
@@ -293,29 +307,61 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let group = heads / kv;
     let scale = 1.0 / (d as f64).sqrt();
-    // Queries grouped by their key/value head: (b, kv, group * tq, d).
-    let grouped = move |q: &Tensor| q.contiguous()?.reshape((b, kv, group * tq, d));
-    let probs = move |qg: &Tensor, k: &Tensor| -> candle_core::Result<Tensor> {
-        let dtype = qg.dtype();
-        let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, tq, tk))?;
-        let mask: Vec<f32> =
-            (0..tq).flat_map(|i| (0..tk).map(move |j| if j > i + tk - tq { f32::NEG_INFINITY } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (tq, tk), qg.device())?;
-        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        p.to_dtype(dtype)?.reshape((b, kv, group * tq, tk))
+    // Blocks of query rows: (first row, rows, keys the last row sees).
+    let blocks: Vec<(usize, usize, usize)> =
+        (0..tq).step_by(rows).map(|r0| (r0, rows.min(tq - r0), (r0 + rows.min(tq - r0) + tk - tq).min(tk))).collect();
+    // Rows `r0..r0 + n` of a `(b, heads, tq, d)` tensor, grouped by key/value head:
+    // `(b, kv, group * n, d)`.
+    let rows_of = move |x: &Tensor, r0: usize, n: usize| {
+        x.reshape((b, kv, group, tq, d))?.narrow(3, r0, n)?.contiguous()?.reshape((b, kv, group * n, d))
     };
-    let (qd, kd, vd) = (grouped(&q.detach())?, k.detach().contiguous()?, v.detach().contiguous()?);
-    let out = probs(&qd, &kd)?.matmul(&vd)?.reshape((b, heads, tq, d))?;
+    let probs = move |qb: &Tensor, kb: &Tensor, r0: usize, n: usize, m: usize| -> candle_core::Result<Tensor> {
+        let dtype = qb.dtype();
+        let scores = (qb.matmul(&kb.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, n, m))?;
+        let mask: Vec<f32> = (r0..r0 + n)
+            .flat_map(|i| (0..m).map(move |j| if j > i + tk - tq { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, m), qb.device())?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        p.to_dtype(dtype)?.reshape((b, kv, group * n, m))
+    };
+    let keys = move |x: &Tensor, m: usize| x.detach().narrow(2, 0, m)?.contiguous();
+    let (qd, kd, vd) = (q.detach().contiguous()?, k.detach(), v.detach());
+    let mut parts = Vec::with_capacity(blocks.len());
+    for &(r0, n, m) in &blocks {
+        let o = probs(&rows_of(&qd, r0, n)?, &keys(&kd, m)?, r0, n, m)?.matmul(&keys(&vd, m)?)?;
+        parts.push(o.reshape((b, kv, group, n, d))?);
+    }
+    let out = Tensor::cat(&parts, 3)?.reshape((b, heads, tq, d))?;
+    drop(parts);
     with_backward("causal-attention", &[q, k, v], out, move |inputs, out, grad| {
-        let (qg, k, v) =
-            (grouped(&inputs[0].detach())?, inputs[1].detach().contiguous()?, inputs[2].detach().contiguous()?);
-        let p = probs(&qg, &k)?;
-        let dout = grouped(grad)?;
-        let dv = needed(inputs[2], || p.t()?.matmul(&dout))?;
-        let rowsum = (&dout * grouped(&out.detach())?)?.sum_keepdim(D::Minus1)?;
-        let ds = (p * dout.matmul(&v.t()?)?.broadcast_sub(&rowsum)?)?;
-        let dq = needed(inputs[0], || (ds.matmul(&k)? * scale)?.reshape((b, heads, tq, d)))?;
-        let dk = needed(inputs[1], || ds.t()?.matmul(&qg)? * scale)?;
+        let (q, k, v) = (inputs[0].detach().contiguous()?, inputs[1].detach(), inputs[2].detach());
+        let (grad, out) = (grad.contiguous()?, out.detach().contiguous()?);
+        let pad = |x: Tensor, m: usize| if m == tk { Ok(x) } else { x.pad_with_zeros(2, 0, tk - m) };
+        let (mut dq_parts, mut dk, mut dv) = (Vec::with_capacity(blocks.len()), None::<Tensor>, None::<Tensor>);
+        let add = |acc: Option<Tensor>, x: Tensor| -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + x)?,
+                None => x,
+            }))
+        };
+        for &(r0, n, m) in &blocks {
+            let (qb, kb, vb) = (rows_of(&q, r0, n)?, keys(&k, m)?, keys(&v, m)?);
+            let p = probs(&qb, &kb, r0, n, m)?;
+            let dout = rows_of(&grad, r0, n)?;
+            if inputs[2].track_op() {
+                dv = add(dv, pad(p.t()?.matmul(&dout)?, m)?)?;
+            }
+            let rowsum = (&dout * rows_of(&out, r0, n)?)?.sum_keepdim(D::Minus1)?;
+            let ds = (p * dout.matmul(&vb.t()?)?.broadcast_sub(&rowsum)?)?;
+            if inputs[0].track_op() {
+                dq_parts.push((ds.matmul(&kb)? * scale)?.reshape((b, kv, group, n, d))?);
+            }
+            if inputs[1].track_op() {
+                dk = add(dk, pad((ds.t()?.matmul(&qb)? * scale)?, m)?)?;
+            }
+        }
+        let dq = if dq_parts.is_empty() { None } else { Some(Tensor::cat(&dq_parts, 3)?.reshape((b, heads, tq, d))?) };
         Ok(vec![dq, dk, dv])
     })
 }
@@ -397,6 +443,22 @@ mod tests {
                 Ok(candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?)
             },
         );
+    }
+
+    /// Blocks of 1, 2 and 3 query rows, with and without earlier keys from a cache (`tk > tq`):
+    /// the same outputs and gradients as one block.
+    #[test]
+    fn attention_in_blocks_of_rows_matches_one_block() {
+        let (b, heads, kv, d) = (2, 6, 3, 4);
+        for (tq, tk) in [(5, 5), (3, 7)] {
+            for rows in [1, 2, 3] {
+                check(
+                    &[var(&[b, heads, tq, d]), var(&[b, kv, tk, d]), var(&[b, kv, tk, d])],
+                    |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], rows),
+                    |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], tq),
+                );
+            }
+        }
     }
 
     #[test]
