@@ -169,20 +169,39 @@ impl QuantizedWeight {
         }
         let device = q.device();
         let rows_per_block = (BLOCK_ELEMS / inp).clamp(1, out);
-        let mut blocks = Vec::with_capacity(out.div_ceil(rows_per_block));
-        for r0 in (0..out).step_by(rows_per_block) {
-            let rows = rows_per_block.min(out - r0);
-            // u64 words: a buffer aligned for every block type (candle checks the alignment).
-            let mut words = vec![0u64; (rows * row_bytes).div_ceil(8)];
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
-            for (i, dst) in bytes.chunks_exact_mut(row_bytes).take(rows).enumerate() {
-                let src = row_order.map_or(r0 + i, |o| o[r0 + i]);
-                dst.copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-            let storage = QStorage::from_data(Cow::Borrowed(&bytes[..rows * row_bytes]), &device, ggml)?;
-            blocks.push(QTensor::new(storage, (rows, inp))?);
-        }
+        let blocks = (0..out)
+            .step_by(rows_per_block)
+            .map(|r0| {
+                let rows = rows_per_block.min(out - r0);
+                gather_rows(rows, inp, ggml, &device, |i| {
+                    let src = row_order.map_or(r0 + i, |o| o[r0 + i]);
+                    &data[src * row_bytes..(src + 1) * row_bytes]
+                })
+            })
+            .collect::<Result<_>>()?;
         Ok(Self { blocks, rows_per_block, out, inp, ggml, dtype, device })
+    }
+
+    /// The whole weight as one `(out, in)` [`QTensor`] of its own type, the stored bytes
+    /// unchanged (no dequantization), its rows reordered by `row_order` (row `i` of the result
+    /// is row `row_order[i]` of the weight) when given: for writing it to a file as it is.
+    pub fn to_qtensor(&self, row_order: Option<&[usize]>) -> Result<QTensor> {
+        if let Some(order) = row_order {
+            if order.len() != self.out || order.iter().any(|&r| r >= self.out) {
+                return Err(Error::Unsupported(format!(
+                    "a row order of {} rows for a weight of {} rows",
+                    order.len(),
+                    self.out
+                )));
+            }
+        }
+        let row_bytes = self.inp / self.ggml.block_size() * self.ggml.type_size();
+        let data: Vec<Cow<'_, [u8]>> = self.blocks.iter().map(QTensor::data).collect::<candle_core::Result<_>>()?;
+        gather_rows(self.out, self.inp, self.ggml, &self.device, |i| {
+            let src = row_order.map_or(i, |o| o[i]);
+            let (b, r) = (src / self.rows_per_block, src % self.rows_per_block);
+            &data[b][r * row_bytes..(r + 1) * row_bytes]
+        })
     }
 
     /// `w` quantized to `wanted` (or to [`fallback_type`] when its rows do not fit `wanted`'s
@@ -343,6 +362,25 @@ impl QuantizedWeight {
     }
 }
 
+/// A `(rows, inp)` [`QTensor`] of type `ggml` whose row `i` is the bytes `row(i)`.
+fn gather_rows<'a>(
+    rows: usize,
+    inp: usize,
+    ggml: GgmlDType,
+    device: &Device,
+    row: impl Fn(usize) -> &'a [u8],
+) -> Result<QTensor> {
+    let row_bytes = inp / ggml.block_size() * ggml.type_size();
+    // u64 words: a buffer aligned for every block type (candle checks the alignment).
+    let mut words = vec![0u64; (rows * row_bytes).div_ceil(8)];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+    for (i, dst) in bytes.chunks_exact_mut(row_bytes).take(rows).enumerate() {
+        dst.copy_from_slice(row(i));
+    }
+    let storage = QStorage::from_data(Cow::Borrowed(&bytes[..rows * row_bytes]), device, ggml)?;
+    Ok(QTensor::new(storage, (rows, inp))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +412,12 @@ mod tests {
             let reference = dense.index_select(&ids.flatten_all()?, 0)?.reshape((2, 3, 512))?;
             let diff = (rows - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff == 0.0, "{name}: embedding differs by {diff}");
+            let order: Vec<usize> = (0..2600).rev().collect();
+            let whole = q.to_qtensor(Some(&order))?.dequantize(&dev)?;
+            let reference =
+                dense.index_select(&Tensor::new(order.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?, 0)?;
+            let diff = (whole - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff == 0.0, "{name}: the reordered whole weight differs by {diff}");
         }
         Ok(())
     }

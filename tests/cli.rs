@@ -278,6 +278,8 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
             "Rust is a systems programming language focused on safety.",
         ],
     );
+    // 32 sentences (303 predicted tokens): on fewer, the loss moves by the first-order effect
+    // of the rounding on the few tokens (0.018 on 8 sentences, 79 tokens).
     let eval_data = write(
         "eval.jsonl",
         &[
@@ -289,6 +291,30 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
             "Music can change the mood of a room in seconds.",
             "Trains run on rails and carry people and goods.",
             "The heart pumps blood through the body.",
+            "Mount Everest is the highest mountain above sea level.",
+            "Bees collect nectar from flowers to make honey.",
+            "The moon orbits the Earth about once a month.",
+            "Libraries lend books to the people of a town.",
+            "Ice floats because it is less dense than water.",
+            "A good night's sleep helps the brain store memories.",
+            "Volcanoes form where molten rock reaches the surface.",
+            "The piano has eighty-eight keys, black and white.",
+            "Doctors wash their hands before they see a patient.",
+            "Electric cars run on batteries instead of petrol.",
+            "The Amazon river carries more water than any other.",
+            "Children learn languages faster than most adults.",
+            "A compass needle points toward magnetic north.",
+            "Tea was first drunk in China thousands of years ago.",
+            "Rain forms when water vapour cools into droplets.",
+            "Chess is played on a board of sixty-four squares.",
+            "The Roman Empire built roads across much of Europe.",
+            "Whales breathe air through a blowhole on their backs.",
+            "Bicycles are a cheap and healthy way to travel.",
+            "Light travels faster than sound through the air.",
+            "Farmers rotate crops to keep the soil healthy.",
+            "The human skeleton has more than two hundred bones.",
+            "Paper was invented in China nearly two thousand years ago.",
+            "Penguins live mostly in the southern hemisphere.",
         ],
     );
     let run = dir.path().join("run");
@@ -339,14 +365,12 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
         (unmerged - base).abs() > 1e-2,
         "the adapter changed nothing ({unmerged} vs {base}): the test proves nothing"
     );
-    for (quant, bound) in [("f32", 1e-4), ("q8_0", 5e-2)] {
+    for (quant, bound) in [("f32", 1e-4), ("q8_0", 2e-2)] {
         let merged = dir.path().join(format!("merged-{quant}.gguf"));
         let (ok, _, err) = cli(&[
             "merge",
             "--base",
             &smollm2(),
-            "--base-quant",
-            "keep",
             "--adapter",
             adapter.to_str().unwrap(),
             "--output-gguf",
@@ -358,6 +382,17 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
         ]);
         assert!(ok, "{err}");
         assert_eq!(err.contains("loses precision"), quant == "q8_0", "the re-quantization warning: {err}");
+        // The weights the adapter leaves alone are copied in the base's types (merge keeps a
+        // GGUF base quantized by default); the adapted ones are written as asked.
+        use candle_core::quantized::{gguf_file::Content, GgmlDType};
+        let read = |path: &str| Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+        let (source, written) = (read(&smollm2()), read(merged.to_str().unwrap()));
+        let merged_type = if quant == "f32" { GgmlDType::F32 } else { GgmlDType::Q8_0 };
+        for (name, info) in &source.tensor_infos {
+            let adapted = ["attn_q", "attn_v", "ffn_down"].iter().any(|t| name.ends_with(&format!("{t}.weight")));
+            let want = if adapted { merged_type } else { info.ggml_dtype };
+            assert_eq!(written.tensor_infos[name].ggml_dtype, want, "{name} in the merged {quant} file");
+        }
         let loss = eval(&["--model", merged.to_str().unwrap()]);
         eprintln!("eval loss: base {base:.4}, adapter on the Q4_1 base {unmerged:.4}, merged {quant} GGUF {loss:.4}");
         assert!((unmerged - loss).abs() < bound, "adapter {unmerged} vs merged {quant} {loss}");

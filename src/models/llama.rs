@@ -576,13 +576,14 @@ impl Llama {
 
     /// Writes the model as a llama.cpp GGUF file: llama.cpp's tensor names, its q/k row
     /// permutation, the `llama.*` shape keys, and every other key of `source` (the GGUF the model
-    /// came from: its tokenizer, chat template, ...). The 2-D weights are quantized to `quant`
-    /// (rows its blocks do not divide fall back as in [`crate::quantized::fallback_type`]), the
-    /// norms stay F32. Each linear's current weight is written (the merged one after
-    /// [`crate::PeftModel::merge`]). Returns the tensors that fell back, as `name (asked ->
-    /// written)`. Quantizing loses precision: a Q8_0 file of a merged SmolLM2 evaluates within
-    /// 1e-2 of the unmerged adapter (`tests/cli.rs`).
-    pub fn save_gguf(&self, path: &Path, quant: GgmlDType, source: &GgufMetadata) -> Result<Vec<String>> {
+    /// came from: its tokenizer, chat template, ...). Weights held quantized
+    /// ([`BaseQuant::Keep`]: those a merge left alone) are copied as stored, in their own types;
+    /// the dense 2-D weights (the merged ones, or all of them on a dequantized base) are quantized
+    /// to `quant` (rows its blocks do not divide fall back as in
+    /// [`crate::quantized::fallback_type`]); the norms stay F32. Each linear's current weight is
+    /// written (the merged one after [`crate::PeftModel::merge`]). Quantizing loses precision:
+    /// `tests/cli.rs` measures it on SmolLM2.
+    pub fn save_gguf(&self, path: &Path, quant: GgmlDType, source: &GgufMetadata) -> Result<SavedGguf> {
         if matches!(quant, GgmlDType::Q8_1 | GgmlDType::Q8K) {
             return Err(Error::config(
                 "quant",
@@ -615,45 +616,61 @@ impl Llama {
         if let Some(t) = llama_file_type(quant) {
             metadata.push(("general.file_type".into(), Value::U32(t)));
         }
-        let mut fallbacks = Vec::new();
+        let mut saved = SavedGguf::default();
         let mut tensors = Vec::new();
-        let mut add = |hf: &str, w: Tensor| -> Result<()> {
+        let mut add = |hf: &str, w: &FrozenWeight| -> Result<()> {
             let name = rename(hf, false).ok_or_else(|| Error::Unsupported(format!("no GGUF name for `{hf}`")))?;
-            let w = w.to_dtype(DType::F32)?;
-            let q = if w.rank() == 2 {
-                let (_, inp) = w.dims2()?;
-                let w = match name.rsplit('.').nth(1) {
-                    Some("attn_q") => permute_rows(&w, heads as usize)?,
-                    Some("attn_k") => permute_rows(&w, kv as usize)?,
-                    _ => w,
-                };
-                let t = crate::quantized::fallback_type(quant, inp);
-                if t != quant {
-                    fallbacks.push(format!("{name} ({} -> {})", type_name(quant), type_name(t)));
+            if let Some(norm) = w.as_dense().filter(|t| t.rank() == 1) {
+                tensors.push((name, QTensor::quantize(&norm.to_dtype(DType::F32)?, GgmlDType::F32)?));
+                return Ok(());
+            }
+            let (out, inp) = w.dims2()?;
+            let permuted_heads = match name.rsplit('.').nth(1) {
+                Some("attn_q") => Some(heads as usize),
+                Some("attn_k") => Some(kv as usize),
+                _ => None,
+            };
+            let q = match w {
+                FrozenWeight::Quantized(q) => {
+                    let order = permuted_heads.map(|h| permuted_row_order(out, h));
+                    saved.copied.push(format!("{name} ({})", type_name(q.ggml_dtype())));
+                    q.to_qtensor(order.as_deref())?
                 }
-                QTensor::quantize(&w, t)?
-            } else {
-                QTensor::quantize(&w, GgmlDType::F32)?
+                FrozenWeight::Dense(w) => {
+                    let w = w.to_dtype(DType::F32)?;
+                    let w = match permuted_heads {
+                        Some(h) => permute_rows(&w, h)?,
+                        None => w,
+                    };
+                    let t = crate::quantized::fallback_type(quant, inp);
+                    if t != quant {
+                        saved.fallbacks.push(format!("{name} ({} -> {})", type_name(quant), type_name(t)));
+                    }
+                    QTensor::quantize(&w, t)?
+                }
             };
             tensors.push((name, q));
             Ok(())
         };
-        add("model.embed_tokens.weight", self.embed_tokens.dense()?)?;
+        add("model.embed_tokens.weight", &self.embed_tokens)?;
         for (i, b) in self.layers.iter().enumerate() {
-            add(&format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone())?;
-            add(&format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone())?;
+            add(&format!("model.layers.{i}.input_layernorm.weight"), &b.input_layernorm.clone().into())?;
+            add(
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &b.post_attention_layernorm.clone().into(),
+            )?;
         }
-        add("model.norm.weight", self.norm.clone())?;
+        add("model.norm.weight", &self.norm.clone().into())?;
         for (path, l) in self.linears() {
             if l.bias().is_some() {
                 return Err(Error::Unsupported(format!(
                     "`{path}` has a bias, which the llama GGUF layout has no tensor for"
                 )));
             }
-            add(&format!("{path}.weight"), l.weight().dense()?)?;
+            add(&format!("{path}.weight"), l.weight())?;
         }
         crate::gguf::write_gguf(path, &metadata, &tensors)?;
-        Ok(fallbacks)
+        Ok(saved)
     }
 
     /// The config.
@@ -946,6 +963,16 @@ fn llama_file_type(t: GgmlDType) -> Option<u32> {
     })
 }
 
+/// The row order that [`permute_rows`] gives: row `i` of the result is row `order[i]` of an HF
+/// q/k weight of `out` rows and `n_head` heads (the inverse of [`unpermuted_row_order`]).
+fn permuted_row_order(out: usize, n_head: usize) -> Vec<usize> {
+    let mut order = vec![0; out];
+    for (i, r) in unpermuted_row_order(out, n_head).into_iter().enumerate() {
+        order[r] = i;
+    }
+    order
+}
+
 /// The row order that [`unpermute_rows`] gives: row `i` of the result is row `order[i]` of a
 /// GGUF q/k weight of `out` rows and `n_head` heads.
 fn unpermuted_row_order(out: usize, n_head: usize) -> Vec<usize> {
@@ -957,6 +984,15 @@ fn unpermuted_row_order(out: usize, n_head: usize) -> Vec<usize> {
             h * hd + i * 2 + j
         })
         .collect()
+}
+
+/// What [`Llama::save_gguf`] wrote besides the asked type, as `file name (type)` lists.
+#[derive(Debug, Clone, Default)]
+pub struct SavedGguf {
+    /// Quantized weights copied as they were stored (`name (type)`).
+    pub copied: Vec<String>,
+    /// Dense weights whose rows the asked type's blocks do not divide (`name (asked -> written)`).
+    pub fallbacks: Vec<String>,
 }
 
 /// The weights of a model being loaded, under HF's names: dense, or quantized on load to

@@ -3,7 +3,7 @@
 pub mod llama;
 
 pub use crate::gguf::GgufMetadata;
-pub use llama::{KvCache, Llama, LlamaConfig};
+pub use llama::{KvCache, Llama, LlamaConfig, SavedGguf};
 
 use std::path::Path;
 

@@ -45,11 +45,12 @@ enum Command {
         /// tokenizer.json).
         #[arg(long, required_unless_present = "output_gguf")]
         output: Option<PathBuf>,
-        /// Where to write the merged model as a llama.cpp GGUF file, its weights quantized to
-        /// --quant (needs a GGUF base: its tokenizer and other metadata are copied).
+        /// Where to write the merged model as a llama.cpp GGUF file (needs a GGUF base: its
+        /// tokenizer and other metadata are copied): the merged weights quantized to --quant, the
+        /// others as the base stores them (with --base-quant keep, the default here).
         #[arg(long)]
         output_gguf: Option<PathBuf>,
-        /// The type of the GGUF file's weights: f32, f16, bf16, q8_0, q4_0, q4_k, ...
+        /// The type of the GGUF file's merged weights: f32, f16, bf16, q8_0, q4_0, q4_k, ...
         #[arg(long, default_value = "q8_0")]
         quant: String,
         #[command(flatten)]
@@ -125,15 +126,17 @@ struct RunArgs {
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// How the frozen base is held: none (dequantized to --dtype), keep (a GGUF's own quantized
-    /// types, QLoRA), or a type to quantize it to on load (q8_0, q4_0, q4_k, ...).
-    #[arg(long, default_value = "none")]
-    base_quant: BaseQuant,
+    /// types, QLoRA), or a type to quantize it to on load (q8_0, q4_0, q4_k, ...). Default: none;
+    /// keep for `merge` of a GGUF base, so that the weights the adapter leaves alone are written
+    /// back as they were stored.
+    #[arg(long)]
+    base_quant: Option<BaseQuant>,
 }
 
 impl RunArgs {
     /// The model at `path` (GGUF file or HF directory) and its tokenizer, as these flags say.
     fn load(&self, path: &Path, device: &Device, dtype: DType) -> anyhow_like::Result<(Llama, Tokenizer)> {
-        Ok(models::load_quantized(path, device, dtype, self.base_quant)?)
+        Ok(models::load_quantized(path, device, dtype, self.base_quant.unwrap_or_default())?)
     }
 
     fn open(&self) -> anyhow_like::Result<(Device, DType)> {
@@ -282,12 +285,13 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             let (model, tokenizer, meta) = if base.is_dir() {
                 let tokenizer = Some(base.join("tokenizer.json")).filter(|p| p.exists());
                 (
-                    Llama::from_hf_dir_quantized(&base, &device, dtype, run.base_quant)?,
+                    Llama::from_hf_dir_quantized(&base, &device, dtype, run.base_quant.unwrap_or_default())?,
                     tokenizer.map(|p| candle_peft::tokenizer::from_file(&p)).transpose()?,
                     None,
                 )
             } else {
-                let (model, meta) = Llama::from_gguf_quantized(&base, &device, dtype, run.base_quant)?;
+                let (model, meta) =
+                    Llama::from_gguf_quantized(&base, &device, dtype, run.base_quant.unwrap_or(BaseQuant::Keep))?;
                 (model, Some(candle_peft::tokenizer::from_gguf(&meta)?), Some(meta))
             };
             if output_gguf.is_some() && meta.is_none() {
@@ -308,6 +312,13 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 println!("merged model written to {}", output.display());
             }
             if let (Some(path), Some(meta)) = (&output_gguf, &meta) {
+                let saved = peft.model().save_gguf(path, quant, meta)?;
+                if !saved.copied.is_empty() {
+                    eprintln!(
+                        "{} weights the adapter does not change were copied as the base stores them",
+                        saved.copied.len()
+                    );
+                }
                 if !matches!(quant, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     eprintln!(
                         "warning: the merged weights are re-quantized to {} for {}: this loses precision (the \
@@ -316,13 +327,12 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                         path.display()
                     );
                 }
-                let fallbacks = peft.model().save_gguf(path, quant, meta)?;
-                if !fallbacks.is_empty() {
+                if !saved.fallbacks.is_empty() {
                     eprintln!(
                         "warning: {} tensors have rows that {}'s blocks do not divide and were written as: {}",
-                        fallbacks.len(),
+                        saved.fallbacks.len(),
                         candle_peft::quantized::type_name(quant),
-                        fallbacks.join(", ")
+                        saved.fallbacks.join(", ")
                     );
                 }
                 println!("merged model written to {}", path.display());
