@@ -146,6 +146,16 @@ pub enum Error {
     #[error("cannot draw chart: {0}")]
     Plot(String),
 
+    /// A Hugging Face Hub model id that could not be resolved to local files (see
+    /// [`crate::hub`]).
+    #[error("Hub model {repo}: {reason}")]
+    Hub {
+        /// `org/name@revision`.
+        repo: String,
+        /// What is missing and how to get it.
+        reason: String,
+    },
+
     /// File-system error, with the path involved.
     #[error("{path}: {source}")]
     Io {

@@ -41,6 +41,28 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String,
         .collect()
 }
 
+/// The shard files a `model.safetensors.index.json` maps its tensors to (its `weight_map`'s
+/// values), sorted and without repeats. Errors name the file.
+pub fn safetensors_index_files(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let bad = |reason: String| Error::Config { path: index.to_path_buf(), reason };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object (tensor name -> shard file)".into()))?;
+    let mut files = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        match file.as_str() {
+            Some(f) if !f.is_empty() && !f.contains("..") && !f.starts_with('/') => files.push(f.to_string()),
+            _ => return Err(bad(format!("weight_map[\"{tensor}\"] is {file}; expected a shard file name"))),
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);

@@ -282,20 +282,47 @@ pub const ATTENTION_BLOCK: usize = 1 << 24;
 /// `0 ..= i + tk - tq`. Grouped-query attention: query head `i` reads key/value head
 /// `i / (heads / kv_heads)`, as transformers' `repeat_kv`. Returns `(b, heads, tq, d)`.
 ///
-/// The queries are processed in blocks of rows, each with only the keys its last row can see,
+/// The queries are processed in blocks of rows, each with only the keys its rows can see,
 /// so that at most [`ATTENTION_BLOCK`] scores exist at a time (not `heads * tq * tk`) and the
 /// masked half of the scores is mostly never computed. Autograd keeps `q, k, v` and the output;
 /// the backward recomputes each block's probabilities `P` and takes `dV = P^T dO`,
 /// `dS = P (dO v^T - rowsum(dO o))`, `dQ = dS k / sqrt(d)`, `dK = dS^T q / sqrt(d)` (summed over
 /// blocks and over each group's query heads).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (b, heads, tq, _) = q.dims4()?;
-    let tk = k.dim(2)?;
-    causal_attention_in_blocks(q, k, v, (ATTENTION_BLOCK / (b * heads * tk).max(1)).clamp(1, tq.max(1)))
+    causal_attention_with(q, k, v, Attention::default())
 }
 
-/// [`causal_attention`] with blocks of `rows` query rows.
-fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
+/// How [`causal_attention_with`] scores and masks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Attention {
+    /// The factor of `q k^T`; `None` is `1 / sqrt(d)`.
+    pub scale: Option<f64>,
+    /// Sliding-window attention (Mistral, Qwen2's sliding layers, Gemma's local layers): the
+    /// query at position `p` sees the `window` keys `p - window < j <= p` (transformers'
+    /// `sliding_window_causal_mask_function`, itself included); `None` is every earlier key.
+    pub window: Option<usize>,
+}
+
+/// [`causal_attention`] with a scale and an optional sliding window (see [`Attention`]); the
+/// blocks of query rows then read only the keys inside their rows' windows.
+pub fn causal_attention_with(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention) -> Result<Tensor> {
+    let (b, heads, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    if how.window == Some(0) {
+        return Err(crate::Error::Unsupported("a sliding window of 0 keys: every query sees at least itself".into()));
+    }
+    // A block of `n` rows reads at most `n + window - 1` keys: with `n <= window`, at most twice
+    // the window's.
+    let (keys_per_row, most_rows) = match how.window {
+        Some(w) => (2 * w.min(tk), w),
+        None => (tk, tq),
+    };
+    let rows = (ATTENTION_BLOCK / (b * heads * keys_per_row).max(1)).clamp(1, most_rows.clamp(1, tq.max(1)));
+    causal_attention_in_blocks(q, k, v, how, rows)
+}
+
+/// [`causal_attention_with`] with blocks of `rows` query rows.
+fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention, rows: usize) -> Result<Tensor> {
     let (b, heads, tq, d) = q.dims4()?;
     let (kv, tk) = (k.dim(1)?, k.dim(2)?);
     if heads % kv != 0 || tk < tq || k.dims() != v.dims() || k.dims() != [b, kv, tk, d] {
@@ -306,30 +333,41 @@ fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -
         });
     }
     let group = heads / kv;
-    let scale = 1.0 / (d as f64).sqrt();
-    // Blocks of query rows: (first row, rows, keys the last row sees).
-    let blocks: Vec<(usize, usize, usize)> =
-        (0..tq).step_by(rows).map(|r0| (r0, rows.min(tq - r0), (r0 + rows.min(tq - r0) + tk - tq).min(tk))).collect();
+    let scale = how.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let window = how.window.unwrap_or(usize::MAX);
+    // Blocks of query rows: (first row, rows, first key the first row sees, keys up to the
+    // one the last row sees). Query row `i` is at position `i + tk - tq`.
+    let blocks: Vec<(usize, usize, usize, usize)> = (0..tq)
+        .step_by(rows)
+        .map(|r0| {
+            let n = rows.min(tq - r0);
+            (r0, n, (r0 + tk - tq + 1).saturating_sub(window), r0 + n + tk - tq)
+        })
+        .collect();
     // Rows `r0..r0 + n` of a `(b, heads, tq, d)` tensor, grouped by key/value head:
     // `(b, kv, group * n, d)`.
     let rows_of = move |x: &Tensor, r0: usize, n: usize| {
         x.reshape((b, kv, group, tq, d))?.narrow(3, r0, n)?.contiguous()?.reshape((b, kv, group * n, d))
     };
-    let probs = move |qb: &Tensor, kb: &Tensor, r0: usize, n: usize, m: usize| -> candle_core::Result<Tensor> {
+    let probs = move |qb: &Tensor, kb: &Tensor, r0: usize, n: usize, k0: usize| -> candle_core::Result<Tensor> {
         let dtype = qb.dtype();
+        let m = kb.dim(2)?;
         let scores = (qb.matmul(&kb.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((b, kv, group, n, m))?;
         let mask: Vec<f32> = (r0..r0 + n)
-            .flat_map(|i| (0..m).map(move |j| if j > i + tk - tq { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                let p = i + tk - tq;
+                (k0..k0 + m).map(move |j| if j > p || p - j >= window { f32::NEG_INFINITY } else { 0.0 })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (n, m), qb.device())?;
         let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         p.to_dtype(dtype)?.reshape((b, kv, group * n, m))
     };
-    let keys = move |x: &Tensor, m: usize| x.detach().narrow(2, 0, m)?.contiguous();
+    let keys = move |x: &Tensor, k0: usize, m: usize| x.detach().narrow(2, k0, m - k0)?.contiguous();
     let (qd, kd, vd) = (q.detach().contiguous()?, k.detach(), v.detach());
     let mut parts = Vec::with_capacity(blocks.len());
-    for &(r0, n, m) in &blocks {
-        let o = probs(&rows_of(&qd, r0, n)?, &keys(&kd, m)?, r0, n, m)?.matmul(&keys(&vd, m)?)?;
+    for &(r0, n, k0, m) in &blocks {
+        let o = probs(&rows_of(&qd, r0, n)?, &keys(&kd, k0, m)?, r0, n, k0)?.matmul(&keys(&vd, k0, m)?)?;
         parts.push(o.reshape((b, kv, group, n, d))?);
     }
     let out = Tensor::cat(&parts, 3)?.reshape((b, heads, tq, d))?;
@@ -337,7 +375,14 @@ fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -
     with_backward("causal-attention", &[q, k, v], out, move |inputs, out, grad| {
         let (q, k, v) = (inputs[0].detach().contiguous()?, inputs[1].detach(), inputs[2].detach());
         let (grad, out) = (grad.contiguous()?, out.detach().contiguous()?);
-        let pad = |x: Tensor, m: usize| if m == tk { Ok(x) } else { x.pad_with_zeros(2, 0, tk - m) };
+        // A block's key gradient `(.., m - k0, d)` placed at keys `k0..m` of `tk`.
+        let pad = |x: Tensor, k0: usize, m: usize| {
+            if k0 == 0 && m == tk {
+                Ok(x)
+            } else {
+                x.pad_with_zeros(2, k0, tk - m)
+            }
+        };
         let (mut dq_parts, mut dk, mut dv) = (Vec::with_capacity(blocks.len()), None::<Tensor>, None::<Tensor>);
         let add = |acc: Option<Tensor>, x: Tensor| -> candle_core::Result<Option<Tensor>> {
             Ok(Some(match acc {
@@ -345,12 +390,12 @@ fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -
                 None => x,
             }))
         };
-        for &(r0, n, m) in &blocks {
-            let (qb, kb, vb) = (rows_of(&q, r0, n)?, keys(&k, m)?, keys(&v, m)?);
-            let p = probs(&qb, &kb, r0, n, m)?;
+        for &(r0, n, k0, m) in &blocks {
+            let (qb, kb, vb) = (rows_of(&q, r0, n)?, keys(&k, k0, m)?, keys(&v, k0, m)?);
+            let p = probs(&qb, &kb, r0, n, k0)?;
             let dout = rows_of(&grad, r0, n)?;
             if inputs[2].track_op() {
-                dv = add(dv, pad(p.t()?.matmul(&dout)?, m)?)?;
+                dv = add(dv, pad(p.t()?.matmul(&dout)?, k0, m)?)?;
             }
             let rowsum = (&dout * rows_of(&out, r0, n)?)?.sum_keepdim(D::Minus1)?;
             let ds = (p * dout.matmul(&vb.t()?)?.broadcast_sub(&rowsum)?)?;
@@ -358,7 +403,7 @@ fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -
                 dq_parts.push((ds.matmul(&kb)? * scale)?.reshape((b, kv, group, n, d))?);
             }
             if inputs[1].track_op() {
-                dk = add(dk, pad((ds.t()?.matmul(&qb)? * scale)?, m)?)?;
+                dk = add(dk, pad((ds.t()?.matmul(&qb)? * scale)?, k0, m)?)?;
             }
         }
         let dq = if dq_parts.is_empty() { None } else { Some(Tensor::cat(&dq_parts, 3)?.reshape((b, heads, tq, d))?) };
@@ -424,39 +469,49 @@ mod tests {
         check(&[var(&[4, 6]), var(&[4, 6])], |x| swiglu(&x[0], &x[1]), |x| Ok((candle_nn::ops::silu(&x[0])? * &x[1])?));
     }
 
+    /// Against transformers' eager attention (repeat_kv, scores, mask, softmax), with the
+    /// causal mask and with sliding windows of 1, 2 and 3 keys (`0 <= i - j < window`, as
+    /// transformers' `sliding_window_causal_mask_function`), at the default and another scale.
     #[test]
     fn grouped_causal_attention_matches_autograd() {
         let (b, heads, kv, t, d) = (2, 6, 2, 5, 4);
-        check(
-            &[var(&[b, heads, t, d]), var(&[b, kv, t, d]), var(&[b, kv, t, d])],
-            |x| causal_attention(&x[0], &x[1], &x[2]),
-            move |x| {
-                // transformers' eager attention: repeat_kv, scores, causal mask, softmax.
-                let repeat = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, heads / kv, t, d))?.reshape((b, heads, t, d))?)
-                };
-                let (k, v) = (repeat(&x[1])?, repeat(&x[2])?);
-                let mask: Vec<f32> =
-                    (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-                let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
-                let scores = (x[0].matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
-                Ok(candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?)
-            },
-        );
+        for (window, scale) in [(None, None), (Some(1), None), (Some(2), Some(0.3)), (Some(3), None)] {
+            check(
+                &[var(&[b, heads, t, d]), var(&[b, kv, t, d]), var(&[b, kv, t, d])],
+                |x| causal_attention_with(&x[0], &x[1], &x[2], Attention { scale, window }),
+                move |x| {
+                    let repeat = |x: &Tensor| -> Result<Tensor> {
+                        Ok(x.unsqueeze(2)?.broadcast_as((b, kv, heads / kv, t, d))?.reshape((b, heads, t, d))?)
+                    };
+                    let (k, v) = (repeat(&x[1])?, repeat(&x[2])?);
+                    let w = window.unwrap_or(t);
+                    let mask: Vec<f32> = (0..t)
+                        .flat_map(|i| (0..t).map(move |j| if j > i || i - j >= w { f32::NEG_INFINITY } else { 0.0 }))
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+                    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+                    let scores = (x[0].matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+                    Ok(candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?)
+                },
+            );
+        }
     }
 
-    /// Blocks of 1, 2 and 3 query rows, with and without earlier keys from a cache (`tk > tq`):
-    /// the same outputs and gradients as one block.
+    /// Blocks of 1, 2 and 3 query rows, with and without earlier keys from a cache (`tk > tq`)
+    /// and sliding windows: the same outputs and gradients as one block.
     #[test]
     fn attention_in_blocks_of_rows_matches_one_block() {
         let (b, heads, kv, d) = (2, 6, 3, 4);
         for (tq, tk) in [(5, 5), (3, 7)] {
-            for rows in [1, 2, 3] {
-                check(
-                    &[var(&[b, heads, tq, d]), var(&[b, kv, tk, d]), var(&[b, kv, tk, d])],
-                    |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], rows),
-                    |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], tq),
-                );
+            for window in [None, Some(2), Some(4)] {
+                let how = Attention { window, scale: None };
+                for rows in [1, 2, 3] {
+                    check(
+                        &[var(&[b, heads, tq, d]), var(&[b, kv, tk, d]), var(&[b, kv, tk, d])],
+                        |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], how, rows),
+                        |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], how, tq),
+                    );
+                }
             }
         }
     }

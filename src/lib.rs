@@ -14,7 +14,8 @@
 //!   collects trainable variables, merges, saves and loads `adapter_config.json` +
 //!   `adapter_model.safetensors` as PEFT does.
 //! - [`device()`]: `auto | cpu | cuda:N | metal` at run time.
-//! - [`models::Llama`] (HF dirs and GGUF files, KV-cached generation), [`train::Trainer`],
+//! - [`models::Llama`]: LLaMA, Llama 3, Mistral, Qwen2 and Qwen3 ([`models::Family`]) from HF
+//!   dirs, GGUF files or Hub ids ([`hub`]), KV-cached generation; [`train::Trainer`],
 //!   [`chat::ChatTemplate`]: fine-tuning a real model; [`fused`]: the training ops that keep
 //!   only what their backward pass needs.
 //! - [`sweep`]: scaling strategies compared across ranks (rsLoRA / RoRA in miniature).
@@ -45,6 +46,7 @@ pub mod format;
 pub mod frozen;
 pub mod fused;
 pub mod gguf;
+pub mod hub;
 pub mod layer;
 pub mod linalg;
 pub mod method;

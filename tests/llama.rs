@@ -177,8 +177,10 @@ fn a_config_built_in_code_is_checked_by_every_constructor() {
     let e =
         Llama::random(LlamaConfig { num_key_value_heads: Some(0), ..small_config() }, 0, &test_device()).unwrap_err();
     assert!(matches!(&e, Error::ModelConfig { field, .. } if field == "num_key_value_heads"), "{e}");
+    let rope = LlamaConfig { rope_scaling: Some(serde_json::json!({"type": "yarn"})), ..small_config() };
+    assert!(matches!(rope.validate(), Err(Error::ModelConfig { field, .. }) if field == "rope_scaling.rope_type"));
     let rope = LlamaConfig { rope_scaling: Some(serde_json::json!({"type": "linear"})), ..small_config() };
-    assert!(matches!(rope.validate(), Err(Error::ModelConfig { field, .. }) if field == "rope_scaling"));
+    assert!(matches!(rope.validate(), Err(Error::ModelConfig { field, .. }) if field == "rope_scaling.factor"));
 }
 
 /// llama.cpp's name of an HF tensor name (the inverse of the loader's table).

@@ -2,6 +2,12 @@
 //! attention and a SwiGLU MLP, with HF's module names, so that adapters injected here are keyed
 //! as PEFT keys them (`model.layers.N.self_attn.q_proj`).
 //!
+//! The same decoder runs the families that share LLaMA's layout, by a few switches of
+//! [`LlamaConfig`] (see [`Family`]): Llama 3's RoPE scaling and optional biases (`llama`),
+//! Mistral's sliding-window attention (`mistral`), Qwen2's q/k/v biases and per-layer windows
+//! (`qwen2`), Qwen3's RMSNorm of each query and key head before RoPE (`qwen3`). A config key
+//! that would change the math and is not implemented is refused by name.
+//!
 //! ```text
 //! h_0 = embed(ids)
 //! h   = h + o_proj(attn(rope(q_proj(rms(h))), rope(k_proj(rms(h))), v_proj(rms(h))))   per layer
@@ -15,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
 use candle_core::quantized::gguf_file::Value;
@@ -23,9 +29,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 
+use super::rope::RopeParameters;
 use crate::format::read_safetensors;
 use crate::frozen::FrozenWeight;
-use crate::fused::{causal_attention, rms_norm, rope, swiglu};
+use crate::fused::{causal_attention_with, rms_norm, rope, swiglu, Attention};
 use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::LinearHost;
@@ -55,10 +62,11 @@ pub struct LlamaConfig {
     /// RoPE base (older configs); see also `rope_parameters`.
     #[serde(default)]
     pub rope_theta: Option<f64>,
-    /// RoPE parameters (transformers >= 5).
+    /// RoPE parameters (transformers >= 5): `rope_type` default, linear or llama3 (see
+    /// [`RopeParameters`]).
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
-    /// RoPE scaling (older configs); only `null` is supported.
+    /// RoPE scaling (older configs), read as `rope_parameters` is.
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
     /// Vocabulary size.
@@ -66,10 +74,99 @@ pub struct LlamaConfig {
     /// Whether `lm_head` shares the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// `model_type` (must be a LLaMA-family architecture).
+    /// `model_type`: `llama` (the default), `mistral`, `qwen2` or `qwen3` (see [`Family`]).
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Biases on q/k/v/o (LLaMA's and Qwen3's `attention_bias`; Qwen2 always has them on q/k/v).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on gate/up/down (LLaMA's `mlp_bias`).
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// The sliding-window length (Mistral: every layer; Qwen2/3: see `use_sliding_window`).
+    /// A Mistral `config.json` without the key gets transformers' default, 4096.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2/3: whether `sliding_window` is used at all (released Qwen configs say false).
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    /// Qwen2/3: the layers from this index on slide (when `layer_types` is absent); default 28.
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// Per layer, `full_attention` or `sliding_attention` (transformers >= 5 writes it).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// The MLP's activation; only `silu` (SwiGLU) is supported.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    /// The config's other keys, kept (and written back by [`Llama::save_hf_dir`]); those known
+    /// to change the math are refused by [`LlamaConfig::validate`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The decoder families [`Llama`] implements: LLaMA's layout with a few switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// LLaMA 1-3 (`llama`): optional `attention_bias` / `mlp_bias`, Llama 3's RoPE scaling.
+    Llama,
+    /// Mistral (`mistral`): no biases, sliding-window attention on every layer when set.
+    Mistral,
+    /// Qwen2 / Qwen2.5 (`qwen2`): biases on q/k/v, sliding window on the layers from
+    /// `max_window_layers` on when `use_sliding_window`.
+    Qwen2,
+    /// Qwen3 (`qwen3`): RMSNorm of each query and key head before RoPE, `head_dim` 128 by
+    /// default, Qwen2's windows.
+    Qwen3,
+}
+
+impl Family {
+    /// Every family with its `model_type`.
+    pub const ALL: [(&'static str, Family); 4] =
+        [("llama", Family::Llama), ("mistral", Family::Mistral), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3)];
+
+    /// The family of a `model_type`.
+    pub fn from_model_type(t: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == t).map(|(_, f)| *f)
+    }
+
+    /// The `model_type`.
+    pub fn model_type(self) -> &'static str {
+        Self::ALL.iter().find(|(_, f)| *f == self).map(|(n, _)| *n).expect("every family is listed")
+    }
+
+    /// transformers' class (`architectures` of a config.json).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// llama.cpp's `general.architecture` (Mistral's checkpoints convert to `llama`).
+    pub fn gguf_architecture(self) -> &'static str {
+        match self {
+            Self::Llama | Self::Mistral => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Config keys that change the forward pass of some model and are not implemented: refused when
+/// set (to something other than their neutral value), by name.
+const UNSUPPORTED_KEYS: [(&str, &str); 8] = [
+    ("quantization_config", "pre-quantized weights (bitsandbytes, GPTQ, AWQ, FP8, ...)"),
+    ("compression_config", "compressed weights"),
+    ("partial_rotary_factor", "partial rotary embeddings"),
+    ("attn_logit_softcapping", "soft-capping of the attention scores"),
+    ("final_logit_softcapping", "soft-capping of the logits"),
+    ("query_pre_attn_scalar", "a query scale other than 1 / sqrt(head_dim)"),
+    ("num_local_experts", "mixture-of-experts layers"),
+    ("num_experts", "mixture-of-experts layers"),
+];
 
 fn default_eps() -> f64 {
     1e-6
@@ -79,17 +176,29 @@ impl LlamaConfig {
     /// Reads and checks a `config.json` (see [`LlamaConfig::validate`]); errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("not a LLaMA config.json: {e}") })?;
+        let bad = |e: serde_json::Error| Error::Config {
+            path: path.to_path_buf(),
+            reason: format!("not a config.json of a LLaMA-family model: {e}"),
+        };
+        let raw: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+        let mut c: Self = serde_json::from_value(raw.clone()).map_err(bad)?;
+        // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 when the key
+        // is absent (Qwen's applies only with use_sliding_window).
+        if c.family() != Family::Llama && raw.get("sliding_window").is_none() {
+            c.sliding_window = Some(4096);
+        }
         c.check(Some(path), &|field| field.to_string())?;
         Ok(c)
     }
 
-    /// Checks that the config describes a model that can be built: no size of zero, query heads
-    /// that split `hidden_size` evenly (unless `head_dim` is given) into heads of even width (RoPE
-    /// rotates pairs), key/value heads that divide the query heads, a positive `rms_norm_eps` and
-    /// RoPE base, a LLaMA-family `model_type`, and no RoPE scaling. Every constructor of
-    /// [`Llama`] calls it; the error is an [`Error::ModelConfig`] naming the field.
+    /// Checks that the config describes a model that can be built: a `model_type` of a
+    /// [`Family`], no size of zero, query heads that split `hidden_size` evenly (unless
+    /// `head_dim` is given) into heads of even width (RoPE rotates pairs), key/value heads that
+    /// divide the query heads, a positive `rms_norm_eps`, `hidden_act` silu, a RoPE base and
+    /// scaling of [`RopeParameters`], valid `layer_types`, and none of the keys that change the
+    /// math without being implemented here (soft-capping, partial rotary, mixture of experts,
+    /// ...). Every constructor of [`Llama`] calls it; the error is an [`Error::ModelConfig`]
+    /// naming the field.
     pub fn validate(&self) -> Result<()> {
         self.check(None, &|field| field.to_string())
     }
@@ -133,6 +242,22 @@ impl LlamaConfig {
                 ),
             );
         }
+        let family = match self.model_type.as_deref() {
+            None => Family::Llama,
+            Some(t) => match Family::from_model_type(t) {
+                Some(f) => f,
+                None => {
+                    let names: Vec<&str> = Family::ALL.iter().map(|(n, _)| *n).collect();
+                    return fail(
+                        "model_type",
+                        format!(
+                            "is \"{t}\", which this decoder does not implement; expected one of {}",
+                            names.join(", ")
+                        ),
+                    );
+                }
+            },
+        };
         match self.head_dim {
             Some(d) if d == 0 || d % 2 == 1 => {
                 return fail(
@@ -141,6 +266,7 @@ impl LlamaConfig {
                 )
             }
             Some(_) => {}
+            None if family == Family::Qwen3 => {}
             None if hidden % heads != 0 => {
                 return fail(
                     "num_attention_heads",
@@ -171,29 +297,97 @@ impl LlamaConfig {
                 format!("is {}; expected a small positive number such as 1e-6", self.rms_norm_eps),
             );
         }
-        if let Some(t) = self.model_type.as_deref() {
-            if !["llama", "mistral", "qwen2"].contains(&t) {
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return fail("hidden_act", format!("is \"{act}\"; only silu (a SwiGLU MLP) is supported"));
+        }
+        if self.sliding_window == Some(0) {
+            return fail("sliding_window", "is 0; expected the number of keys each query sees, or null".into());
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
                 return fail(
-                    "model_type",
-                    format!("is \"{t}\", not a LLaMA-family model; expected llama, mistral or qwen2"),
+                    "layer_types",
+                    format!(
+                        "has {} entries; expected one per layer ({} = {})",
+                        types.len(),
+                        name("num_hidden_layers"),
+                        self.num_hidden_layers
+                    ),
                 );
             }
+            if let Some(bad) = types.iter().find(|t| !["full_attention", "sliding_attention"].contains(&t.as_str())) {
+                return fail("layer_types", format!("has \"{bad}\"; expected full_attention or sliding_attention"));
+            }
         }
-        if let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-            return fail("rope_scaling", format!("is {s}; only null (no RoPE scaling) is supported"));
+        for (key, what) in UNSUPPORTED_KEYS {
+            let neutral =
+                |v: &serde_json::Value| v.is_null() || (key == "partial_rotary_factor" && v.as_f64() == Some(1.0));
+            if let Some(v) = self.other.get(key).filter(|v| !neutral(v)) {
+                return fail(key, format!("is {v}: {what}, which this decoder does not implement; expected null"));
+            }
         }
-        let parameters = self.rope_parameters.as_ref();
-        let kind = parameters.and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).unwrap_or("default");
-        if kind != "default" {
-            return fail("rope_parameters.rope_type", format!("is \"{kind}\"; only \"default\" RoPE is supported"));
-        }
-        let theta = self.rope_base()?;
-        if !(theta.is_finite() && theta > 0.0) {
-            let in_parameters = parameters.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()).is_some();
-            let field = if in_parameters { "rope_parameters.rope_theta" } else { "rope_theta" };
-            return fail(field, format!("is {theta}; expected a positive RoPE base such as 10000"));
+        if let Err((field, reason)) = self.rope() {
+            return fail(&field, reason);
         }
         Ok(())
+    }
+
+    /// The decoder family of `model_type` (LLaMA when absent); [`LlamaConfig::validate`] refuses
+    /// other types.
+    pub fn family(&self) -> Family {
+        self.model_type.as_deref().and_then(Family::from_model_type).unwrap_or(Family::Llama)
+    }
+
+    /// Whether q, k and v have biases.
+    pub fn qkv_bias(&self) -> bool {
+        match self.family() {
+            Family::Qwen2 => true,
+            Family::Llama | Family::Qwen3 => self.attention_bias,
+            Family::Mistral => false,
+        }
+    }
+
+    /// Whether o has a bias.
+    pub fn o_bias(&self) -> bool {
+        matches!(self.family(), Family::Llama | Family::Qwen3) && self.attention_bias
+    }
+
+    /// Whether gate, up and down have biases.
+    pub fn mlp_has_bias(&self) -> bool {
+        self.family() == Family::Llama && self.mlp_bias
+    }
+
+    /// Whether each query and key head is RMS-normalized before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.family() == Family::Qwen3
+    }
+
+    /// The sliding window of layer `i`, `None` for full causal attention: Mistral's on every
+    /// layer; for Qwen2/3, `layer_types` or else the layers from `max_window_layers` on, when
+    /// `use_sliding_window`; never for LLaMA (transformers' LLaMA has no window).
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let window = self.sliding_window?;
+        let by_types = || self.layer_types.as_ref().and_then(|t| t.get(i)).map(|t| t == "sliding_attention");
+        let slides = match self.family() {
+            Family::Mistral => true,
+            Family::Qwen2 | Family::Qwen3 => {
+                self.use_sliding_window && by_types().unwrap_or(i >= self.max_window_layers.unwrap_or(28))
+            }
+            // transformers' LlamaModel builds only the causal mask.
+            Family::Llama => false,
+        };
+        slides.then_some(window)
+    }
+
+    /// The RoPE base and scaling (see [`RopeParameters::from_config`]); the error is the field
+    /// and what is wrong with it.
+    fn rope(&self) -> std::result::Result<RopeParameters, (String, String)> {
+        RopeParameters::from_config(
+            self.rope_parameters.as_ref(),
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            10_000.0,
+        )
     }
 
     /// Key/value heads.
@@ -201,43 +395,39 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Per-head width (0 when `num_attention_heads` is 0, which [`LlamaConfig::validate`] refuses).
+    /// Per-head width: `head_dim`, else 128 for Qwen3 and `hidden_size / num_attention_heads`
+    /// for the others (0 when `num_attention_heads` is 0, which [`LlamaConfig::validate`]
+    /// refuses).
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or_else(|| self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
+        self.head_dim.unwrap_or_else(|| match self.family() {
+            Family::Qwen3 => 128,
+            _ => self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0),
+        })
     }
 
-    /// The RoPE base `theta`; errors on a RoPE scaling that is not implemented.
-    pub fn rope_base(&self) -> Result<f64> {
-        if let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-            return Err(Error::Unsupported(format!("rope_scaling {s}")));
-        }
-        if let Some(p) = &self.rope_parameters {
-            let kind = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
-            if kind != "default" {
-                return Err(Error::Unsupported(format!("rope_type \"{kind}\"")));
-            }
-            if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
-                return Ok(t);
-            }
-        }
-        Ok(self.rope_theta.unwrap_or(10_000.0))
+    /// The RoPE inverse frequencies, `head_dim / 2` of them.
+    pub fn rope_inv_freq(&self) -> Result<Vec<f32>> {
+        let rope = self.rope().map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
+        Ok(rope.inv_freq(self.head_dim()))
     }
 }
 
-/// The GGUF key (or tensor) that a [`LlamaConfig`] field is read from, for error messages.
-fn gguf_field(field: &str) -> String {
-    match field {
-        "hidden_size" => "llama.embedding_length",
-        "intermediate_size" => "llama.feed_forward_length",
-        "num_hidden_layers" => "llama.block_count",
-        "num_attention_heads" => "llama.attention.head_count",
-        "num_key_value_heads" => "llama.attention.head_count_kv",
-        "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
-        "rope_theta" => "llama.rope.freq_base",
-        "vocab_size" => "the row count of token_embd.weight (the vocabulary size)",
-        other => other,
-    }
-    .to_string()
+/// The GGUF key (or tensor) that a [`LlamaConfig`] field is read from in a file of architecture
+/// `arch`, for error messages.
+fn gguf_field(arch: &str, field: &str) -> String {
+    let key = match field {
+        "hidden_size" => "embedding_length",
+        "intermediate_size" => "feed_forward_length",
+        "num_hidden_layers" => "block_count",
+        "num_attention_heads" => "attention.head_count",
+        "num_key_value_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        "vocab_size" => return "the row count of token_embd.weight (the vocabulary size)".into(),
+        other => return other.into(),
+    };
+    format!("{arch}.{key}")
 }
 
 /// The linears of a decoder layer, by their HF names (relative to `model.layers.N`), in the
@@ -264,6 +454,10 @@ const DOWN: usize = 6;
 struct Block {
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
+    /// Qwen3's per-head RMSNorm weights of the queries and keys (`head_dim`).
+    qk_norm: Option<(Tensor, Tensor)>,
+    /// The sliding window of this layer's attention, if it has one.
+    window: Option<usize>,
     /// q, k, v, o, gate, up, down (see [`LAYER_LINEARS`]).
     linears: [AdaptedLinear; 7],
 }
@@ -297,7 +491,8 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Option<AdaptedLinear>,
-    rope_theta: f64,
+    /// RoPE's inverse frequencies (`head_dim / 2`).
+    inv_freq: Vec<f32>,
 }
 
 impl Llama {
@@ -324,33 +519,57 @@ impl Llama {
             }
         };
         let get = |name: &str| get_tensor(tensors, name, dtype);
-        let mut linear = |name: &str| -> Result<AdaptedLinear> {
-            let bias = tensors.get(&format!("{name}.bias")).map(|b| b.to_dtype(dtype)).transpose()?;
+        let family = config.family();
+        let mut linear = |name: &str, has_bias: bool| -> Result<AdaptedLinear> {
+            let bias_name = format!("{name}.bias");
+            let bias = match (has_bias, tensors.contains_key(&bias_name)) {
+                (true, _) => Some(get(&bias_name)?),
+                (false, false) => None,
+                (false, true) => {
+                    return Err(Error::Unsupported(format!(
+                        "the weights have `{bias_name}`, which a {} config without attention_bias / mlp_bias does \
+                         not use; set the config's bias flag, or remove the tensor",
+                        family.model_type()
+                    )))
+                }
+            };
             AdaptedLinear::new(frozen(&format!("{name}.weight"))?, bias)
         };
+        let biases = [config.qkv_bias(), config.qkv_bias(), config.qkv_bias(), config.o_bias()]
+            .into_iter()
+            .chain([config.mlp_has_bias(); 3]);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let linears: Vec<AdaptedLinear> =
-                LAYER_LINEARS.iter().map(|n| linear(&format!("{p}.{n}"))).collect::<Result<_>>()?;
+            let linears: Vec<AdaptedLinear> = LAYER_LINEARS
+                .iter()
+                .zip(biases.clone())
+                .map(|(n, bias)| linear(&format!("{p}.{n}"), bias))
+                .collect::<Result<_>>()?;
+            let qk_norm = if config.qk_norm() {
+                Some((get(&format!("{p}.self_attn.q_norm.weight"))?, get(&format!("{p}.self_attn.k_norm.weight"))?))
+            } else {
+                None
+            };
             layers.push(Block {
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                qk_norm,
+                window: config.layer_window(i),
                 linears: linears.try_into().expect("seven linears"),
             });
         }
         let lm_head = match (config.tie_word_embeddings, has_head) {
-            (false, _) | (true, true) => Some(linear("lm_head")?),
+            (false, _) | (true, true) => Some(linear("lm_head", false)?),
             (true, false) => None,
         };
-        let rope_theta = config.rope_base()?;
         Ok(Self {
             embed_tokens: frozen("model.embed_tokens.weight")?,
             dtype,
             norm: get("model.norm.weight")?,
             layers,
             lm_head,
-            rope_theta,
+            inv_freq: config.rope_inv_freq()?,
             config,
         })
     }
@@ -396,10 +615,22 @@ impl Llama {
         }
         let ones = Tensor::ones(h, DType::F32, device)?;
         loading.tensors.insert("model.norm.weight".to_string(), ones.clone());
+        let biases = [config.qkv_bias(), config.qkv_bias(), config.qkv_bias(), config.o_bias()]
+            .into_iter()
+            .chain([config.mlp_has_bias(); 3]);
+        let bias_sizes = [q, kv, kv, h, i, i, h];
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             loading.tensors.insert(format!("{p}.input_layernorm.weight"), ones.clone());
             loading.tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+            for ((name, size), _) in LAYER_LINEARS.iter().zip(bias_sizes).zip(biases.clone()).filter(|(_, b)| *b) {
+                loading.tensors.insert(format!("{p}.{name}.bias"), Tensor::zeros(size, DType::F32, device)?);
+            }
+            if config.qk_norm() {
+                let ones = Tensor::ones(hd, DType::F32, device)?;
+                loading.tensors.insert(format!("{p}.self_attn.q_norm.weight"), ones.clone());
+                loading.tensors.insert(format!("{p}.self_attn.k_norm.weight"), ones);
+            }
         }
         loading.build(config, "random weights")
     }
@@ -413,12 +644,21 @@ impl Llama {
     /// `quant` (QLoRA from an HF checkpoint); [`BaseQuant::Keep`] is for GGUF files and is refused.
     pub fn from_hf_dir_quantized(dir: &Path, device: &Device, dtype: DType, quant: BaseQuant) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && !p.ends_with("adapter_model.safetensors"))
-            .collect();
-        files.sort();
+        // Sharded checkpoints: the shards the index names, each of which must be there.
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            crate::format::safetensors_index_files(&index)?.iter().map(|f| dir.join(f)).collect()
+        } else {
+            let mut files: Vec<_> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension().is_some_and(|e| e == "safetensors") && !p.ends_with("adapter_model.safetensors")
+                })
+                .collect();
+            files.sort();
+            files
+        };
         if files.is_empty() {
             return Err(Error::Io {
                 path: dir.to_path_buf(),
@@ -473,49 +713,84 @@ impl Llama {
         let content = crate::gguf::read_content(path, &mut file)?;
         let meta = GgufMetadata::from_content(path, &content);
         let arch = meta.string("general.architecture")?;
-        if arch != "llama" {
-            return Err(err(format!("general.architecture is \"{arch}\"; only llama GGUF files are supported")));
-        }
-        let num = |k: &str| meta.u32(&format!("llama.{k}")).map(|v| v as usize);
+        let family = match arch.as_str() {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => {
+                return Err(err(format!(
+                    "general.architecture is \"{arch}\"; supported GGUF architectures are llama (LLaMA, Mistral), \
+                     qwen2 and qwen3"
+                )))
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let num = |k: &str| meta.u32(&key(k)).map(|v| v as usize);
         let heads = num("attention.head_count")?;
         let kv_heads =
-            if meta.contains("llama.attention.head_count_kv") { num("attention.head_count_kv")? } else { heads };
+            if meta.contains(&key("attention.head_count_kv")) { num("attention.head_count_kv")? } else { heads };
+        let head_dim =
+            if meta.contains(&key("attention.key_length")) { Some(num("attention.key_length")?) } else { None };
         let vocab_size = match content.tensor_infos.get("token_embd.weight") {
             Some(t) => t.shape.dims().first().copied().unwrap_or(0),
             None => return Err(err("the GGUF file has no `token_embd.weight` tensor (the token embeddings)".into())),
         };
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(err(
+                "the file has `rope_freqs.weight` (Llama 3's RoPE scaling as llama.cpp stores it), which is not \
+                 supported from GGUF yet; load the model's HF checkpoint (its config.json has rope_type llama3)"
+                    .into(),
+            ));
+        }
+        if let Ok(kind) = meta.string(&key("rope.scaling.type")) {
+            if kind != "none" {
+                return Err(err(format!(
+                    "{} is \"{kind}\": RoPE scaling in a GGUF file is not supported yet; load the model's HF \
+                     checkpoint",
+                    key("rope.scaling.type")
+                )));
+            }
+        }
         let rope_theta =
-            if meta.contains("llama.rope.freq_base") { meta.f32("llama.rope.freq_base")? } else { 10_000.0 };
-        let config = LlamaConfig {
-            hidden_size: num("embedding_length")?,
-            intermediate_size: num("feed_forward_length")?,
-            num_hidden_layers: num("block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: Some(kv_heads),
-            head_dim: None,
-            rms_norm_eps: meta.f32("llama.attention.layer_norm_rms_epsilon")? as f64,
-            rope_theta: Some(rope_theta as f64),
-            rope_parameters: None,
-            rope_scaling: None,
-            vocab_size,
-            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-            model_type: Some("llama".into()),
-        };
+            if meta.contains(&key("rope.freq_base")) { meta.f32(&key("rope.freq_base"))? } else { 10_000.0 };
+        let mut config: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": num("embedding_length")?,
+            "intermediate_size": num("feed_forward_length")?,
+            "num_hidden_layers": num("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "rms_norm_eps": meta.f32(&key("attention.layer_norm_rms_epsilon"))?,
+            "rope_theta": rope_theta,
+            "vocab_size": vocab_size,
+            "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+            "model_type": family.model_type(),
+        }))?;
+        config.head_dim = head_dim;
+        // llama.cpp's converter writes biases only where the checkpoint has them.
+        config.attention_bias = family == Family::Llama && content.tensor_infos.contains_key("blk.0.attn_q.bias");
         // Before any tensor is read: the q/k row permutation divides by the head counts.
-        config.check(Some(path), &gguf_field)?;
+        config.check(Some(path), &|f| gguf_field(&arch, f))?;
+        if meta.contains(&key("rope.dimension_count")) && num("rope.dimension_count")? != config.head_dim() {
+            return Err(err(format!(
+                "{} is {}, not the head width {}: partial rotary embeddings are not supported",
+                key("rope.dimension_count"),
+                num("rope.dimension_count")?,
+                config.head_dim()
+            )));
+        }
         let kv = config.kv_heads();
+        // llama.cpp permutes the q/k rows of `llama` files only (for its adjacent-pair RoPE).
+        let permuted = arch == "llama";
         let mut loading = Loading::new(quant.target(), dtype);
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         for name in names {
             let hf =
-                gguf_to_hf_name(&name).ok_or_else(|| err(format!("unexpected tensor `{name}` in a llama GGUF")))?;
+                gguf_to_hf_name(&name).ok_or_else(|| err(format!("unexpected tensor `{name}` in a {arch} GGUF")))?;
             let q = content.tensor(&mut file, &name, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
-            let heads_of_rows = if name.ends_with("attn_q.weight") {
-                Some(heads)
-            } else if name.ends_with("attn_k.weight") {
-                Some(kv)
-            } else {
-                None
+            let heads_of_rows = match name.split('.').nth(2) {
+                Some("attn_q") if permuted => Some(heads),
+                Some("attn_k") if permuted => Some(kv),
+                _ => None,
             };
             let keep = quant == BaseQuant::Keep && q.dtype() != GgmlDType::F32 && q.shape().rank() == 2;
             if keep {
@@ -544,6 +819,10 @@ impl Llama {
         for (i, b) in self.layers.iter().enumerate() {
             t.insert(format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone());
             t.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone());
+            if let Some((q, k)) = &b.qk_norm {
+                t.insert(format!("model.layers.{i}.self_attn.q_norm.weight"), q.clone());
+                t.insert(format!("model.layers.{i}.self_attn.k_norm.weight"), k.clone());
+            }
         }
         for (path, l) in self.linears() {
             t.insert(format!("{path}.weight"), l.weight().dense()?);
@@ -555,34 +834,47 @@ impl Llama {
     }
 
     /// Writes an HF model directory (`config.json`, `model.safetensors`) that transformers'
-    /// `LlamaForCausalLM.from_pretrained` loads.
+    /// `AutoModelForCausalLM.from_pretrained` loads as the model's family.
     pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let family = self.config.family();
         let mut config = serde_json::to_value(&self.config)?;
         let map = config.as_object_mut().expect("an object");
-        map.retain(|_, v| !v.is_null());
-        map.insert("model_type".into(), "llama".into());
-        map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        // A null window is kept (a config without the key means 4096), and so are the source
+        // config's own nulls (`"eos_token_id": null` is not transformers' default).
+        map.retain(|k, v| !v.is_null() || k == "sliding_window" || self.config.other.contains_key(k));
+        map.insert("model_type".into(), family.model_type().into());
+        map.insert("architectures".into(), serde_json::json!([family.architecture()]));
         map.insert("num_key_value_heads".into(), self.config.kv_heads().into());
         map.insert("head_dim".into(), self.config.head_dim().into());
-        map.insert("rope_theta".into(), self.rope_theta.into());
+        if self.config.rope_theta.is_none() && self.config.rope_parameters.is_none() {
+            map.insert("rope_theta".into(), 10_000.0.into());
+        }
         map.insert("hidden_act".into(), "silu".into());
-        map.insert("torch_dtype".into(), "float32".into());
+        let dtype = match self.dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        map.insert("torch_dtype".into(), dtype.into());
+        map.insert("dtype".into(), dtype.into());
         let json = serde_json::to_string_pretty(&config)?;
         crate::format::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         let tensors: Vec<(String, Tensor)> = self.tensors()?.into_iter().collect();
         crate::format::write_safetensors(&dir.join("model.safetensors"), &tensors)
     }
 
-    /// Writes the model as a llama.cpp GGUF file: llama.cpp's tensor names, its q/k row
-    /// permutation, the `llama.*` shape keys, and every other key of `source` (the GGUF the model
-    /// came from: its tokenizer, chat template, ...). Weights held quantized
-    /// ([`BaseQuant::Keep`]: those a merge left alone) are copied as stored, in their own types;
-    /// the dense 2-D weights (the merged ones, or all of them on a dequantized base) are quantized
-    /// to `quant` (rows its blocks do not divide fall back as in
-    /// [`crate::quantized::fallback_type`]); the norms stay F32. Each linear's current weight is
-    /// written (the merged one after [`crate::PeftModel::merge`]). Quantizing loses precision:
-    /// `tests/cli.rs` measures it on SmolLM2.
+    /// Writes the model as a llama.cpp GGUF file: llama.cpp's architecture (`llama` for LLaMA and
+    /// Mistral, `qwen2`, `qwen3`), tensor names and shape keys, its q/k row permutation (`llama`
+    /// files only), and every other key of `source` (the GGUF the model came from: its
+    /// tokenizer, chat template, ...). Weights held quantized ([`BaseQuant::Keep`]: those a merge
+    /// left alone) are copied as stored, in their own types; the dense 2-D weights (the merged
+    /// ones, or all of them on a dequantized base) are quantized to `quant` (rows its blocks do
+    /// not divide fall back as in [`crate::quantized::fallback_type`]); norms and biases stay
+    /// F32. Each linear's current weight is written (the merged one after
+    /// [`crate::PeftModel::merge`]). Quantizing loses precision: `tests/cli.rs` measures it on
+    /// SmolLM2. A RoPE scaling or a sliding window, which llama.cpp's `llama` keys cannot say,
+    /// is refused.
     pub fn save_gguf(&self, path: &Path, quant: GgmlDType, source: &GgufMetadata) -> Result<SavedGguf> {
         if matches!(quant, GgmlDType::Q8_1 | GgmlDType::Q8K) {
             return Err(Error::config(
@@ -591,18 +883,38 @@ impl Llama {
             ));
         }
         let c = &self.config;
+        let family = c.family();
+        let rope = c.rope().map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
+        if rope.scaling != super::rope::RopeScaling::None {
+            return Err(Error::Unsupported(format!(
+                "a GGUF file of a model with RoPE scaling {:?} (llama.cpp stores it as its own tensor, which this \
+                 writer does not produce yet); write an HF directory",
+                rope.scaling
+            )));
+        }
+        if let Some(i) = (0..c.num_hidden_layers).find(|&i| c.layer_window(i).is_some()) {
+            return Err(Error::Unsupported(format!(
+                "a GGUF file of a model with sliding-window attention (layer {i}): llama.cpp's {} files have no \
+                 key for it and would attend to every key; write an HF directory",
+                family.gguf_architecture()
+            )));
+        }
+        let arch = family.gguf_architecture();
         let (heads, kv) = (c.num_attention_heads as u32, c.kv_heads() as u32);
+        let key = |k: &str| format!("{arch}.{k}");
         let own = [
-            ("general.architecture", Value::String("llama".into())),
-            ("llama.embedding_length", Value::U32(c.hidden_size as u32)),
-            ("llama.feed_forward_length", Value::U32(c.intermediate_size as u32)),
-            ("llama.block_count", Value::U32(c.num_hidden_layers as u32)),
-            ("llama.attention.head_count", Value::U32(heads)),
-            ("llama.attention.head_count_kv", Value::U32(kv)),
-            ("llama.attention.layer_norm_rms_epsilon", Value::F32(c.rms_norm_eps as f32)),
-            ("llama.rope.freq_base", Value::F32(self.rope_theta as f32)),
-            ("llama.rope.dimension_count", Value::U32(c.head_dim() as u32)),
-            ("llama.vocab_size", Value::U32(c.vocab_size as u32)),
+            ("general.architecture".to_string(), Value::String(arch.into())),
+            (key("embedding_length"), Value::U32(c.hidden_size as u32)),
+            (key("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+            (key("block_count"), Value::U32(c.num_hidden_layers as u32)),
+            (key("attention.head_count"), Value::U32(heads)),
+            (key("attention.head_count_kv"), Value::U32(kv)),
+            (key("attention.key_length"), Value::U32(c.head_dim() as u32)),
+            (key("attention.value_length"), Value::U32(c.head_dim() as u32)),
+            (key("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+            (key("rope.freq_base"), Value::F32(rope.theta as f32)),
+            (key("rope.dimension_count"), Value::U32(c.head_dim() as u32)),
+            (key("vocab_size"), Value::U32(c.vocab_size as u32)),
         ];
         // candle writes its own alignment; the file type is this file's.
         let dropped = ["general.alignment", "general.file_type"];
@@ -612,7 +924,7 @@ impl Llama {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         metadata.sort_by(|a, b| a.0.cmp(&b.0));
-        metadata.extend(own.into_iter().map(|(k, v)| (k.to_string(), v)));
+        metadata.extend(own);
         if let Some(t) = llama_file_type(quant) {
             metadata.push(("general.file_type".into(), Value::U32(t)));
         }
@@ -620,14 +932,21 @@ impl Llama {
         let mut tensors = Vec::new();
         let mut add = |hf: &str, w: &FrozenWeight| -> Result<()> {
             let name = rename(hf, false).ok_or_else(|| Error::Unsupported(format!("no GGUF name for `{hf}`")))?;
-            if let Some(norm) = w.as_dense().filter(|t| t.rank() == 1) {
-                tensors.push((name, QTensor::quantize(&norm.to_dtype(DType::F32)?, GgmlDType::F32)?));
+            if let Some(v) = w.as_dense().filter(|t| t.rank() == 1) {
+                let v = v.to_dtype(DType::F32)?;
+                // A q/k bias of a `llama` file is permuted with its rows.
+                let v = match name.rsplit('.').nth(1) {
+                    Some("attn_q") if arch == "llama" => permute_rows(&v, heads as usize)?,
+                    Some("attn_k") if arch == "llama" => permute_rows(&v, kv as usize)?,
+                    _ => v,
+                };
+                tensors.push((name, QTensor::quantize(&v, GgmlDType::F32)?));
                 return Ok(());
             }
             let (out, inp) = w.dims2()?;
             let permuted_heads = match name.rsplit('.').nth(1) {
-                Some("attn_q") => Some(heads as usize),
-                Some("attn_k") => Some(kv as usize),
+                Some("attn_q") if arch == "llama" => Some(heads as usize),
+                Some("attn_k") if arch == "llama" => Some(kv as usize),
                 _ => None,
             };
             let q = match w {
@@ -661,13 +980,17 @@ impl Llama {
             )?;
         }
         add("model.norm.weight", &self.norm.clone().into())?;
-        for (path, l) in self.linears() {
-            if l.bias().is_some() {
-                return Err(Error::Unsupported(format!(
-                    "`{path}` has a bias, which the llama GGUF layout has no tensor for"
-                )));
+        for (i, b) in self.layers.iter().enumerate() {
+            if let Some((q, k)) = &b.qk_norm {
+                add(&format!("model.layers.{i}.self_attn.q_norm.weight"), &q.clone().into())?;
+                add(&format!("model.layers.{i}.self_attn.k_norm.weight"), &k.clone().into())?;
             }
+        }
+        for (path, l) in self.linears() {
             add(&format!("{path}.weight"), l.weight())?;
+            if let Some(bias) = l.bias() {
+                add(&format!("{path}.bias"), &bias.clone().into())?;
+            }
         }
         crate::gguf::write_gguf(path, &metadata, &tensors)?;
         Ok(saved)
@@ -704,10 +1027,7 @@ impl Llama {
 
     /// RoPE's `cos` and `sin` for positions `offset..offset + t`, `(t, head_dim / 2)`.
     fn rope_tables(&self, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let hd = self.config.head_dim();
-        let inv_freq: Vec<f32> =
-            (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+        let inv_freq = Tensor::from_slice(&self.inv_freq, (1, self.inv_freq.len()), device)?;
         let pos = Tensor::arange(offset as u32, (offset + t) as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
         Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
@@ -728,10 +1048,19 @@ impl Llama {
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let x = rms_norm(h, &layer.input_layernorm, c.rms_norm_eps)?;
         let l = &layer.linears;
-        let heads_first = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = rope(&heads_first(l[Q].forward_checked(&x)?, heads)?, cos, sin)?;
-        let mut k = rope(&heads_first(l[K].forward_checked(&x)?, kv)?, cos, sin)?;
-        let mut v = heads_first(l[V].forward_checked(&x)?, kv)?;
+        // (b, t, n * hd) -> (b, n, t, hd), each head RMS-normalized first where the family says.
+        let heads_first = |y: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+            let y = y.reshape((b, t, n, hd))?;
+            let y = match norm {
+                Some(w) => rms_norm(&y, w, c.rms_norm_eps)?,
+                None => y,
+            };
+            Ok(y.transpose(1, 2)?)
+        };
+        let (q_norm, k_norm) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+        let q = rope(&heads_first(l[Q].forward_checked(&x)?, heads, q_norm)?, cos, sin)?;
+        let mut k = rope(&heads_first(l[K].forward_checked(&x)?, kv, k_norm)?, cos, sin)?;
+        let mut v = heads_first(l[V].forward_checked(&x)?, kv, None)?;
         if let Some(cached) = cached {
             if let Some((k0, v0)) = cached.as_ref() {
                 (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
@@ -739,7 +1068,8 @@ impl Llama {
             // Kept for the next call (views of the same storage: no copy).
             *cached = Some((k.detach(), v.detach()));
         }
-        let attn = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let how = Attention { scale: None, window: layer.window };
+        let attn = causal_attention_with(&q, &k, &v, how)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let h = (h + l[O].forward_checked(&attn)?)?;
         let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
         let act = swiglu(&l[GATE].forward_checked(&x)?, &l[UP].forward_checked(&x)?)?;
@@ -906,36 +1236,37 @@ fn get_tensor(tensors: &BTreeMap<String, Tensor>, name: &str, dtype: DType) -> R
     Ok(t.to_dtype(dtype)?)
 }
 
-/// llama.cpp's tensor names and HF's, for the whole model and (after `blk.N.` /
-/// `model.layers.N.`) per layer.
-const MODEL_TENSORS: [(&str, &str); 3] = [
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-];
-const LAYER_TENSORS: [(&str, &str); 9] = [
-    ("attn_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-    ("attn_q.weight", "self_attn.q_proj.weight"),
-    ("attn_k.weight", "self_attn.k_proj.weight"),
-    ("attn_v.weight", "self_attn.v_proj.weight"),
-    ("attn_output.weight", "self_attn.o_proj.weight"),
-    ("ffn_gate.weight", "mlp.gate_proj.weight"),
-    ("ffn_up.weight", "mlp.up_proj.weight"),
-    ("ffn_down.weight", "mlp.down_proj.weight"),
+/// llama.cpp's tensor names and HF's (without the `.weight` / `.bias` suffix), for the whole
+/// model and (after `blk.N.` / `model.layers.N.`) per layer.
+const MODEL_TENSORS: [(&str, &str); 3] =
+    [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+const LAYER_TENSORS: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
 ];
 
-/// The name of a tensor in the other convention: `to_hf` maps llama.cpp's names to HF's, else
-/// HF's to llama.cpp's. `None` for a name the tables do not have.
+/// The name of a tensor (`<module>.weight` or `<module>.bias`) in the other convention: `to_hf`
+/// maps llama.cpp's names to HF's, else HF's to llama.cpp's. `None` for a name the tables do
+/// not have.
 fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let (module, suffix) = name.rsplit_once('.').filter(|(_, s)| ["weight", "bias"].contains(s))?;
     let pick = |(gguf, hf): &(&'static str, &'static str)| if to_hf { (*gguf, *hf) } else { (*hf, *gguf) };
-    if let Some((_, to)) = MODEL_TENSORS.iter().map(pick).find(|(from, _)| *from == name) {
-        return Some(to.to_string());
+    if let Some((_, to)) = MODEL_TENSORS.iter().map(pick).find(|(from, _)| *from == module) {
+        return Some(format!("{to}.{suffix}"));
     }
     let (from_prefix, to_prefix) = if to_hf { ("blk.", "model.layers.") } else { ("model.layers.", "blk.") };
-    let (layer, tail) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    let (layer, tail) = module.strip_prefix(from_prefix)?.split_once('.')?;
     let (_, to) = LAYER_TENSORS.iter().map(pick).find(|(from, _)| *from == tail)?;
-    Some(format!("{to_prefix}{layer}.{to}"))
+    Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
 }
 
 /// HF's name of a llama.cpp tensor name.
@@ -1046,17 +1377,17 @@ impl Loading {
 /// llama.cpp's `permute(w, n_head)` of q/k rows (what `convert_hf_to_gguf.py` applies), the
 /// inverse of [`unpermute_rows`].
 fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
+    let (out, inp) = (w.dim(0)?, w.elem_count() / w.dim(0)?.max(1));
     let hd = out / n_head;
-    Ok(w.reshape((n_head, 2, hd / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+    Ok(w.reshape((n_head, 2, hd / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape(w.shape())?)
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)` of q/k rows: GGUF stores each head's rows as
 /// interleaved pairs; HF's rotate-half layout has the two halves apart.
 fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
+    let (out, inp) = (w.dim(0)?, w.elem_count() / w.dim(0)?.max(1));
     let hd = out / n_head;
-    Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+    Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape(w.shape())?)
 }
 
 impl LinearHost for Llama {

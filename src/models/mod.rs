@@ -1,9 +1,10 @@
 //! Trainable models whose linear layers carry adapters.
 
 pub mod llama;
+pub mod rope;
 
 pub use crate::gguf::GgufMetadata;
-pub use llama::{KvCache, Llama, LlamaConfig, SavedGguf};
+pub use llama::{Family, KvCache, Llama, LlamaConfig, SavedGguf};
 
 use std::path::Path;
 
@@ -11,6 +12,25 @@ use candle_core::{DType, Device};
 
 use crate::quantized::BaseQuant;
 use crate::Result;
+
+/// The local path of a `--model` argument: the path itself when it exists, else the snapshot
+/// directory of a Hub id (`org/name[@revision]`, see [`crate::hub`]). Errors say which of the
+/// two it was taken for.
+pub fn resolve(model: &Path) -> Result<std::path::PathBuf> {
+    if model.exists() {
+        return Ok(model.to_path_buf());
+    }
+    match model.to_str().map(|s| s.parse::<crate::hub::HubId>()) {
+        Some(Ok(id)) => crate::hub::resolve_model(&id),
+        _ => Err(crate::Error::io(
+            model,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such GGUF file or model directory, and not a Hub id (org/name[@revision])",
+            ),
+        )),
+    }
+}
 
 /// Loads a model and its tokenizer from a GGUF file (tokenizer from its metadata) or an HF
 /// directory (`config.json`, `*.safetensors`, `tokenizer.json`).

@@ -35,7 +35,7 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Merge an adapter into its base model and write an HF model directory.
     Merge {
-        /// The base model: a GGUF file or an HF model directory.
+        /// The base model: a GGUF file, an HF model directory or a Hub id (org/name[@revision]).
         #[arg(long)]
         base: PathBuf,
         /// The adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -58,7 +58,7 @@ enum Command {
     },
     /// Mean token loss and perplexity on a data set (labels = input ids, as transformers).
     Eval {
-        /// The model: a GGUF file or an HF model directory.
+        /// The model: a GGUF file, an HF model directory or a Hub id (org/name[@revision]).
         #[arg(long)]
         model: PathBuf,
         /// An adapter to apply.
@@ -75,7 +75,7 @@ enum Command {
     },
     /// Greedy generation from a prompt.
     Generate {
-        /// The model: a GGUF file or an HF model directory.
+        /// The model: a GGUF file, an HF model directory or a Hub id (org/name[@revision]).
         #[arg(long)]
         model: PathBuf,
         /// An adapter to apply.
@@ -170,7 +170,7 @@ fn field_value(s: &str) -> Result<(String, serde_json::Value), String> {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// The model: a GGUF file or an HF model directory.
+    /// The model: a GGUF file, an HF model directory or a Hub id (org/name[@revision]).
     #[arg(long)]
     model: PathBuf,
     /// JSONL training data: {"prompt", "completion"} or {"text"} per line.
@@ -276,6 +276,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
         Command::Train(args) => train(*args),
         Command::Merge { base, adapter, output, output_gguf, quant, run } => {
             let (device, dtype) = run.open()?;
+            let base = models::resolve(&base)?;
             let quant = match quant.parse::<BaseQuant>()? {
                 BaseQuant::To(t) => t,
                 _ => return Err(format!("--quant {quant}: expected a type such as q8_0, q4_k or f16").into()),
@@ -341,6 +342,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
         }
         Command::Eval { model, adapter, data, json, run } => {
             let (device, dtype) = run.open()?;
+            let model = models::resolve(&model)?;
             let (lm, tokenizer) = load_with_adapter(&run, &model, adapter.as_deref(), &device, dtype)?;
             let (loss, tokens) = eval_loss(lm.model(), &tokenizer, &read_jsonl(&data)?, &device)?;
             if json {
@@ -352,6 +354,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
         }
         Command::Generate { model, adapter, prompt, max_new_tokens, chat, run } => {
             let (device, dtype) = run.open()?;
+            let model = models::resolve(&model)?;
             let prompt = if chat {
                 let template = ChatTemplate::from_model(&model)?.ok_or("--chat: the model has no chat template")?;
                 template.render(&[Message::new("user", &prompt)], true)?
@@ -510,11 +513,12 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
     // --scaling fails at once.
     let adapter_config = adapter_config(&args)?;
     let (device, dtype) = args.run.open()?;
-    let (model, tokenizer) = args.run.load(&args.model, &device, dtype)?;
+    let model_path = models::resolve(&args.model)?;
+    let (model, tokenizer) = args.run.load(&model_path, &device, dtype)?;
     let eos = end_token(&tokenizer);
     let enc = |s: &str| encode(&tokenizer, s);
     let template = match args.chat_template.as_str() {
-        "auto" => ChatTemplate::from_model(&args.model)?,
+        "auto" => ChatTemplate::from_model(&model_path)?,
         "none" => None,
         other => return Err(format!("unknown --chat-template {other} (auto, none)").into()),
     };
