@@ -26,6 +26,13 @@ fn every_family_matches_transformers_and_peft() -> candle_peft::Result<()> {
         assert_eq!(base.config().family(), family, "{name}");
         assert_close(&base.forward(&r["ids"])?, &r["base_logits"], 1e-5, &format!("{name} base logits"));
         let peft = PeftModel::from_pretrained(base, &fixture(&format!("families/{name}/lora")), DType::F32)?;
+        // Every tensor of the checkpoint is counted once (a tied head is the embedding).
+        let file = candle_peft::format::read_safetensors(
+            &fixture(&format!("families/{name}/model.safetensors")),
+            &test_device(),
+        )?;
+        let count = peft.parameter_count();
+        assert_eq!(count.all - count.trainable, file.values().map(Tensor::elem_count).sum::<usize>(), "{name}");
         let logits = peft.model().forward(&r["ids"])?;
         assert_close(&logits, &r["logits"], 1e-5, &format!("{name} logits with LoRA"));
         let grads = (&logits * &r["g"])?.sum_all()?.backward()?;

@@ -1406,8 +1406,14 @@ impl LinearHost for Llama {
     }
 
     fn other_params(&self) -> usize {
-        let norms: usize =
-            self.layers.iter().map(|l| l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()).sum();
+        let norms: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let qk = l.qk_norm.as_ref().map_or(0, |(q, k)| q.elem_count() + k.elem_count());
+                l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count() + qk
+            })
+            .sum();
         self.embed_tokens.elem_count() + self.norm.elem_count() + norms
     }
 }
