@@ -83,7 +83,7 @@ fn accuracy(
     template: Option<&ChatTemplate>,
     encode: &Encode,
     decode: &Decode,
-    eos: Option<u32>,
+    stop: &[u32],
 ) -> candle_peft::Result<f64> {
     let mut hits = 0;
     let mut total = 0;
@@ -95,8 +95,8 @@ fn accuracy(
                 Some(t) => t.prompt_completion(prompt, completion)?.0,
                 None => prompt.clone(),
             };
-            let got = model.generate_greedy(&encode(&prompt)?, max_new, eos)?;
-            let got: Vec<u32> = got.into_iter().take_while(|&t| Some(t) != eos).collect();
+            let got = model.generate_greedy(&encode(&prompt)?, max_new, stop)?;
+            let got: Vec<u32> = got.into_iter().take_while(|t| !stop.contains(t)).collect();
             hits += usize::from(decode(&got).trim() == want);
             total += 1;
         }
@@ -142,8 +142,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(path) if !args.iter().any(|a| a == "--no-chat-template") => ChatTemplate::from_model(path.as_ref())?,
         _ => None,
     };
-    // The model, a text-to-ids function, the end and padding ids, and extra adapter targets.
-    let (model, encode, decode, eos, pad, mut targets): (Llama, Encode, Decode, _, _, Vec<&str>) =
+    // The model, a text-to-ids function, the end, stop and padding ids, and extra adapter targets.
+    let (model, encode, decode, eos, stop, pad, mut targets): (Llama, Encode, Decode, _, Vec<u32>, _, Vec<&str>) =
         match arg(&args, "--model") {
             None => {
                 let config: LlamaConfig = serde_json::from_str(
@@ -157,15 +157,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let decode: Decode = Box::new(|ids: &[u32]| {
                     String::from_utf8_lossy(&ids.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned()
                 });
-                (model, encode, decode, Some(0), 0, vec!["lm_head"])
+                (model, encode, decode, Some(0), vec![0], 0, vec!["lm_head"])
             }
             Some(path) => {
                 let (model, tokenizer) = candle_peft::models::load(path.as_ref(), &device, DType::F32)?;
                 let eos = candle_peft::tokenizer::end_token(&tokenizer);
+                let stop = candle_peft::tokenizer::stop_tokens(&tokenizer);
                 let tok = tokenizer.clone();
                 let decode: Decode = Box::new(move |ids: &[u32]| tok.decode(ids, true).unwrap_or_default());
                 let encode = move |s: &str| candle_peft::tokenizer::encode(&tokenizer, s);
-                (model, Box::new(encode), decode, eos, eos.unwrap_or(0), vec![])
+                (model, Box::new(encode), decode, eos, stop, eos.unwrap_or(0), vec![])
             }
         };
     targets.extend(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
@@ -211,13 +212,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         progress: true,
         ..Default::default()
     };
-    let acc_before = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, eos)?;
+    let acc_before = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, &stop)?;
     let mut trainer = Trainer::new(peft, config)?;
     let before = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     trainer.train(train, Some(eval))?;
     let after = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     let peft = trainer.into_peft();
-    let acc_after = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, eos)?;
+    let acc_after = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, &stop)?;
     println!("train loss {:.3} -> {:.3}, held-out loss {:.3} -> {:.3}", before.0, after.0, before.1, after.1);
     println!(
         "held-out exact-match accuracy {:.1}% -> {:.1}% ({} examples)",

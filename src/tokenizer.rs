@@ -42,6 +42,17 @@ pub fn end_token(tokenizer: &Tokenizer) -> Option<u32> {
     ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"].iter().find_map(|t| tokenizer.token_to_id(t))
 }
 
+/// The tokens that end generation: every end-of-turn and end-of-text token of the known chat
+/// formats that the vocabulary has (ChatML's `<|im_end|>` and `<|endoftext|>`, Llama 3's
+/// `<|eot_id|>` and `<|end_of_text|>`, Gemma's `<end_of_turn>` and `<eos>`, Phi-3's `<|end|>`,
+/// SentencePiece's `</s>`).
+pub fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
+    ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<eos>", "<|end|>", "</s>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect()
+}
+
 /// Reads an HF `tokenizer.json`.
 pub fn from_file(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path)

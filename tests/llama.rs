@@ -101,8 +101,11 @@ fn the_kv_cache_gives_the_full_forward_logits_and_the_same_greedy_tokens() -> ca
         let logits = model.forward(&Tensor::new(reference.as_slice(), &test_device())?.unsqueeze(0)?)?;
         reference.push(logits.squeeze(0)?.get(reference.len() - 1)?.argmax(0)?.to_scalar::<u32>()?);
     }
-    assert_eq!(model.generate_greedy(&ids[..4], 8, None)?, reference[4..]);
-    assert!(model.generate_greedy(&[], 3, None).is_err());
+    assert_eq!(model.generate_greedy(&ids[..4], 8, &[])?, reference[4..]);
+    // Any of the stop tokens ends generation, itself included.
+    let first_stop = reference[4..].iter().position(|&t| t == reference[5]).unwrap();
+    assert_eq!(model.generate_greedy(&ids[..4], 8, &[999, reference[5]])?, reference[4..4 + first_stop + 1]);
+    assert!(model.generate_greedy(&[], 3, &[]).is_err());
     Ok(())
 }
 

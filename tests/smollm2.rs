@@ -54,7 +54,7 @@ fn gguf_logits_and_greedy_continuation_match_transformers() -> candle_peft::Resu
     assert_eq!(logits.argmax(D::Minus1)?.to_vec1::<u32>()?, r.argmax);
 
     // Greedy decoding (transformers stopped at 12 new tokens, no end token on the way).
-    let seq = [r.ids.clone(), model.generate_greedy(&r.ids, r.greedy.len(), None)?].concat();
+    let seq = [r.ids.clone(), model.generate_greedy(&r.ids, r.greedy.len(), &[])?].concat();
     assert_eq!(&seq[r.ids.len()..], r.greedy.as_slice());
     Ok(())
 }
@@ -81,6 +81,8 @@ fn gguf_tokenizer_matches_transformers() -> candle_peft::Result<()> {
         serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap()).unwrap();
     let (_, meta) = Llama::from_gguf(&model_path(), &Device::Cpu, DType::F32)?;
     let tok = candle_peft::tokenizer::from_gguf(&meta)?;
+    // SmolLM2's ChatML: <|im_end|> (2) ends a turn, <|endoftext|> (0) the text.
+    assert_eq!(candle_peft::tokenizer::stop_tokens(&tok), vec![2, 0]);
     let encode = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
     assert_eq!(encode(&r.prompt), r.ids);
     for case in &r.tokenizer {

@@ -1158,9 +1158,10 @@ impl Llama {
         Ok((loss, grads))
     }
 
-    /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after `eos`
-    /// (with a KV cache: each new token costs one position's forward pass).
-    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+    /// Greedy decoding: appends up to `max_new` argmax tokens to `prompt`, stopping after any of
+    /// `stop` (which ends the returned tokens; see [`crate::tokenizer::stop_tokens`]), with a KV
+    /// cache: each new token costs one position's forward pass.
+    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             return Err(Error::config("prompt", "generation needs at least one prompt token"));
         }
@@ -1173,7 +1174,7 @@ impl Llama {
             let last = logits.squeeze(0)?.get(input.dim(1)? - 1)?;
             let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
             new.push(next);
-            if Some(next) == eos {
+            if stop.contains(&next) {
                 break;
             }
             input = Tensor::new(&[next], device)?.unsqueeze(0)?;

@@ -12,7 +12,7 @@ use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
 use candle_peft::quantized::BaseQuant;
 use candle_peft::sweep::{Sweep, SweepConfig};
-use candle_peft::tokenizer::{encode, end_token};
+use candle_peft::tokenizer::{encode, end_token, stop_tokens};
 use candle_peft::train::data::{read_jsonl, Example, Record};
 use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
@@ -364,7 +364,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             let (lm, tokenizer) = load_with_adapter(&run, &model, adapter.as_deref(), &device, dtype)?;
             let lm = lm.model();
             let ids = encode(&tokenizer, &prompt)?;
-            let new = lm.generate_greedy(&ids, max_new_tokens, end_token(&tokenizer))?;
+            let new = lm.generate_greedy(&ids, max_new_tokens, &stop_tokens(&tokenizer))?;
             println!("{}", tokenizer.decode(&new, true).map_err(|e| e.to_string())?);
             Ok(())
         }
