@@ -272,6 +272,34 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// GeGLU's gate with the tanh approximation of GELU (transformers' `gelu_pytorch_tanh`, Gemma's
+/// MLP): `gelu(g) * u`, `gelu(g) = g (1 + tanh(a)) / 2`, `a = sqrt(2 / pi) (g + 0.044715 g^3)`.
+/// Backward with `t = tanh(a)`: `dg = dy u ((1 + t) / 2 + g (1 - t^2) sqrt(2 / pi)
+/// (1 + 3 0.044715 g^2) / 2)`, `du = dy gelu(g)`. Computed in f32.
+pub fn geglu_tanh(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    const C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
+    let dtype = g.dtype();
+    let gelu_parts = |g: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+        let g = g.to_dtype(DType::F32)?;
+        let t = ((&g + (g.powf(3.0)? * 0.044715)?)? * C)?.tanh()?;
+        Ok((((&t + 1.0)? * 0.5)?, t))
+    };
+    let (half, _) = gelu_parts(&g.detach())?;
+    let out = ((g.detach().to_dtype(DType::F32)? * half)? * u.detach().to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    with_backward("geglu-tanh", &[g, u], out, move |inputs, _, grad| {
+        let (g, u) = (inputs[0].detach().to_dtype(DType::F32)?, inputs[1].detach().to_dtype(DType::F32)?);
+        let (half, t) = gelu_parts(&g)?;
+        let grad = grad.to_dtype(DType::F32)?;
+        let dg = needed(inputs[0], || {
+            let slope = ((g.sqr()? * (3.0 * 0.044715))? + 1.0)?;
+            let dgelu = (&half + ((&g * (1.0 - t.sqr()?)?)? * slope)?.affine(0.5 * C, 0.0)?)?;
+            (&grad * &u)?.mul(&dgelu)?.to_dtype(dtype)
+        })?;
+        let du = needed(inputs[1], || (&grad * (&g * &half)?)?.to_dtype(dtype))?;
+        Ok(vec![dg, du])
+    })
+}
+
 /// The most attention scores [`causal_attention`] computes at once (64 MiB in f32): the queries
 /// are taken in blocks of rows of that many scores.
 pub const ATTENTION_BLOCK: usize = 1 << 24;
@@ -467,6 +495,8 @@ mod tests {
         );
 
         check(&[var(&[4, 6]), var(&[4, 6])], |x| swiglu(&x[0], &x[1]), |x| Ok((candle_nn::ops::silu(&x[0])? * &x[1])?));
+        // candle's gelu is the tanh approximation, as transformers' gelu_pytorch_tanh.
+        check(&[var(&[4, 6]), var(&[4, 6])], |x| geglu_tanh(&x[0], &x[1]), |x| Ok((x[0].gelu()? * &x[1])?));
     }
 
     /// Against transformers' eager attention (repeat_kv, scores, mask, softmax), with the

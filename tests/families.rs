@@ -1,4 +1,4 @@
-//! The LLaMA-layout families (Llama 3, Mistral, Qwen2, Qwen3) against transformers' own model
+//! The LLaMA-layout families (Llama 3, Mistral, Qwen2, Qwen3, Gemma 3) against transformers' own model
 //! classes (fixtures from `generate.py --families`): logits of the base model, logits with a
 //! PEFT LoRA adapter on every linear and the gradient of every LoRA tensor; the KV cache and
 //! activation checkpointing through their switches (windows, biases, q/k norms); configs whose
@@ -11,8 +11,13 @@ use candle_peft::models::{Family, KvCache, Llama, LlamaConfig};
 use candle_peft::PeftModel;
 use common::{assert_close, fixture, load, test_device};
 
-const FAMILIES: [(&str, Family); 4] =
-    [("llama3", Family::Llama), ("mistral", Family::Mistral), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3)];
+const FAMILIES: [(&str, Family); 5] = [
+    ("llama3", Family::Llama),
+    ("mistral", Family::Mistral),
+    ("qwen2", Family::Qwen2),
+    ("qwen3", Family::Qwen3),
+    ("gemma3", Family::Gemma3),
+];
 
 fn model(name: &str) -> Llama {
     Llama::from_hf_dir(&fixture(&format!("families/{name}")), &test_device(), DType::F32).unwrap()
@@ -37,7 +42,8 @@ fn every_family_matches_transformers_and_peft() -> candle_peft::Result<()> {
         assert_close(&logits, &r["logits"], 1e-5, &format!("{name} logits with LoRA"));
         let grads = (&logits * &r["g"])?.sum_all()?.backward()?;
         let named = peft.named_trainable_vars()?;
-        assert_eq!(named.len(), 2 * 7 * 2, "{name}: LoRA A and B on 7 linears of 2 layers");
+        let layers = peft.model().config().num_hidden_layers;
+        assert_eq!(named.len(), 2 * 7 * layers, "{name}: LoRA A and B on 7 linears of every layer");
         for (key, var) in named {
             assert_close(
                 grads.get(var.as_tensor()).unwrap(),
@@ -71,6 +77,14 @@ fn the_family_switches_are_what_the_reference_needs() -> candle_peft::Result<()>
     assert!(no_window > 1e-3, "qwen2 without its window: {no_window}");
     let plain_rope = edited("llama3", &|c| c["rope_parameters"] = serde_json::json!({"rope_theta": 10000.0}))?;
     assert!(plain_rope > 1e-3, "llama3 without its RoPE scaling: {plain_rope}");
+    let all_global = edited("gemma3", &|c| {
+        c["layer_types"] = serde_json::json!(["full_attention", "full_attention", "full_attention"])
+    })?;
+    assert!(all_global > 1e-3, "gemma3 without its local layers: {all_global}");
+    let one_base = edited("gemma3", &|c| c["rope_parameters"]["sliding_attention"]["rope_theta"] = 1e6.into())?;
+    assert!(one_base > 1e-3, "gemma3 with the global RoPE base on local layers: {one_base}");
+    let head_scale = edited("gemma3", &|c| c["query_pre_attn_scalar"] = 16.into())?;
+    assert!(head_scale > 1e-3, "gemma3 scaled by 1 / sqrt(head_dim): {head_scale}");
     Ok(())
 }
 

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use super::rope::RopeParameters;
 use crate::format::read_safetensors;
 use crate::frozen::FrozenWeight;
-use crate::fused::{causal_attention_with, rms_norm, rope, swiglu, Attention};
+use crate::fused::{causal_attention_with, geglu_tanh, rms_norm, rope, swiglu, Attention};
 use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::LinearHost;
@@ -118,12 +118,24 @@ pub enum Family {
     /// Qwen3 (`qwen3`): RMSNorm of each query and key head before RoPE, `head_dim` 128 by
     /// default, Qwen2's windows.
     Qwen3,
+    /// Gemma 3's text model (`gemma3_text`; Gemma Team 2025): `(1 + w)` RMSNorms, also after
+    /// attention and around the MLP and on each query and key head; embeddings scaled by
+    /// `sqrt(hidden)`; a GeGLU MLP (tanh GELU); queries scaled by `query_pre_attn_scalar^-1/2`;
+    /// local sliding-window layers (RoPE base `rope_local_base_freq`) and global ones (every
+    /// `sliding_window_pattern`-th, RoPE base `rope_theta` with its scaling); `head_dim` 256
+    /// and tied embeddings by default.
+    Gemma3,
 }
 
 impl Family {
     /// Every family with its `model_type`.
-    pub const ALL: [(&'static str, Family); 4] =
-        [("llama", Family::Llama), ("mistral", Family::Mistral), ("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3)];
+    pub const ALL: [(&'static str, Family); 5] = [
+        ("llama", Family::Llama),
+        ("mistral", Family::Mistral),
+        ("qwen2", Family::Qwen2),
+        ("qwen3", Family::Qwen3),
+        ("gemma3_text", Family::Gemma3),
+    ];
 
     /// The family of a `model_type`.
     pub fn from_model_type(t: &str) -> Option<Self> {
@@ -142,6 +154,7 @@ impl Family {
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -151,6 +164,7 @@ impl Family {
             Self::Llama | Self::Mistral => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
         }
     }
 }
@@ -186,6 +200,10 @@ impl LlamaConfig {
         // is absent (Qwen's applies only with use_sliding_window).
         if c.family() != Family::Llama && raw.get("sliding_window").is_none() {
             c.sliding_window = Some(4096);
+        }
+        // Gemma3TextConfig ties the embeddings unless told otherwise.
+        if c.family() == Family::Gemma3 && raw.get("tie_word_embeddings").is_none() {
+            c.tie_word_embeddings = true;
         }
         c.check(Some(path), &|field| field.to_string())?;
         Ok(c)
@@ -266,7 +284,7 @@ impl LlamaConfig {
                 )
             }
             Some(_) => {}
-            None if family == Family::Qwen3 => {}
+            None if matches!(family, Family::Qwen3 | Family::Gemma3) => {}
             None if hidden % heads != 0 => {
                 return fail(
                     "num_attention_heads",
@@ -297,7 +315,15 @@ impl LlamaConfig {
                 format!("is {}; expected a small positive number such as 1e-6", self.rms_norm_eps),
             );
         }
-        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+        if family == Family::Gemma3 {
+            // Gemma3TextConfig reads `hidden_activation` (and ignores `hidden_act`).
+            if let Some(act) = self.other_str("hidden_activation").filter(|a| *a != "gelu_pytorch_tanh") {
+                return fail(
+                    "hidden_activation",
+                    format!("is \"{act}\"; only gelu_pytorch_tanh (Gemma's GeGLU) is supported"),
+                );
+            }
+        } else if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
             return fail("hidden_act", format!("is \"{act}\"; only silu (a SwiGLU MLP) is supported"));
         }
         if self.sliding_window == Some(0) {
@@ -320,16 +346,53 @@ impl LlamaConfig {
             }
         }
         for (key, what) in UNSUPPORTED_KEYS {
+            // Gemma's query scale is implemented; its attention soft-capping is a config field
+            // that transformers' Gemma 3 never applies.
+            if family == Family::Gemma3 && ["query_pre_attn_scalar", "attn_logit_softcapping"].contains(&key) {
+                continue;
+            }
             let neutral =
                 |v: &serde_json::Value| v.is_null() || (key == "partial_rotary_factor" && v.as_f64() == Some(1.0));
             if let Some(v) = self.other.get(key).filter(|v| !neutral(v)) {
                 return fail(key, format!("is {v}: {what}, which this decoder does not implement; expected null"));
             }
         }
-        if let Err((field, reason)) = self.rope() {
-            return fail(&field, reason);
+        for sliding in [false, true] {
+            if let Err((field, reason)) = self.rope_for(sliding) {
+                return fail(&field, reason);
+            }
+        }
+        if let Some(s) = self.other.get("query_pre_attn_scalar").filter(|v| !v.is_null()) {
+            if !s.as_f64().is_some_and(|s| s.is_finite() && s > 0.0) {
+                return fail("query_pre_attn_scalar", format!("is {s}; expected a positive number"));
+            }
         }
         Ok(())
+    }
+
+    /// A string of the config's other keys.
+    fn other_str(&self, key: &str) -> Option<&str> {
+        self.other.get(key).and_then(|v| v.as_str())
+    }
+
+    /// A number of the config's other keys.
+    fn other_f64(&self, key: &str) -> Option<f64> {
+        self.other.get(key).and_then(|v| v.as_f64())
+    }
+
+    /// What a norm adds to its stored weight: 1 for Gemma (`x_hat (1 + w)`), else 0.
+    pub fn norm_offset(&self) -> f64 {
+        if self.family() == Family::Gemma3 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The factor of the attention scores: `query_pre_attn_scalar^-1/2` for Gemma 3 (256 by
+    /// default), else `None` (`1 / sqrt(head_dim)`).
+    pub fn attention_scale(&self) -> Option<f64> {
+        (self.family() == Family::Gemma3).then(|| 1.0 / self.other_f64("query_pre_attn_scalar").unwrap_or(256.0).sqrt())
     }
 
     /// The decoder family of `model_type` (LLaMA when absent); [`LlamaConfig::validate`] refuses
@@ -342,14 +405,14 @@ impl LlamaConfig {
     pub fn qkv_bias(&self) -> bool {
         match self.family() {
             Family::Qwen2 => true,
-            Family::Llama | Family::Qwen3 => self.attention_bias,
+            Family::Llama | Family::Qwen3 | Family::Gemma3 => self.attention_bias,
             Family::Mistral => false,
         }
     }
 
     /// Whether o has a bias.
     pub fn o_bias(&self) -> bool {
-        matches!(self.family(), Family::Llama | Family::Qwen3) && self.attention_bias
+        matches!(self.family(), Family::Llama | Family::Qwen3 | Family::Gemma3) && self.attention_bias
     }
 
     /// Whether gate, up and down have biases.
@@ -359,7 +422,7 @@ impl LlamaConfig {
 
     /// Whether each query and key head is RMS-normalized before RoPE (Qwen3).
     pub fn qk_norm(&self) -> bool {
-        self.family() == Family::Qwen3
+        matches!(self.family(), Family::Qwen3 | Family::Gemma3)
     }
 
     /// The sliding window of layer `i`, `None` for full causal attention: Mistral's on every
@@ -375,19 +438,46 @@ impl LlamaConfig {
             }
             // transformers' LlamaModel builds only the causal mask.
             Family::Llama => false,
+            // Every `sliding_window_pattern`-th layer (6) is global.
+            Family::Gemma3 => by_types().unwrap_or_else(|| {
+                let pattern = self.other_f64("sliding_window_pattern").map_or(6, |p| p as usize).max(1);
+                (i + 1) % pattern != 0
+            }),
         };
         slides.then_some(window)
     }
 
-    /// The RoPE base and scaling (see [`RopeParameters::from_config`]); the error is the field
-    /// and what is wrong with it.
+    /// The RoPE base and scaling (see [`RopeParameters::from_config`]) of the full-attention
+    /// layers; the error is the field and what is wrong with it.
     fn rope(&self) -> std::result::Result<RopeParameters, (String, String)> {
-        RopeParameters::from_config(
-            self.rope_parameters.as_ref(),
-            self.rope_theta,
-            self.rope_scaling.as_ref(),
-            10_000.0,
-        )
+        self.rope_for(false)
+    }
+
+    /// The RoPE of the sliding-window layers (`sliding`) or the others. They differ for Gemma 3
+    /// only: `rope_parameters` nested by layer type (transformers >= 5), or `rope_theta` (1e6)
+    /// with `rope_scaling` for the global layers and `rope_local_base_freq` (1e4), unscaled,
+    /// for the local ones.
+    fn rope_for(&self, sliding: bool) -> std::result::Result<RopeParameters, (String, String)> {
+        if self.family() != Family::Gemma3 {
+            return RopeParameters::from_config(
+                self.rope_parameters.as_ref(),
+                self.rope_theta,
+                self.rope_scaling.as_ref(),
+                10_000.0,
+            );
+        }
+        let kind = if sliding { "sliding_attention" } else { "full_attention" };
+        if let Some(nested) = self.rope_parameters.as_ref().and_then(|p| p.get(kind)) {
+            let default = if sliding { 1e4 } else { 1e6 };
+            return RopeParameters::from_config(Some(nested), None, None, default).map_err(|(field, reason)| {
+                (field.replacen("rope_parameters", &format!("rope_parameters.{kind}"), 1), reason)
+            });
+        }
+        if sliding {
+            RopeParameters::from_config(None, self.other_f64("rope_local_base_freq"), None, 1e4)
+        } else {
+            RopeParameters::from_config(self.rope_parameters.as_ref(), self.rope_theta, self.rope_scaling.as_ref(), 1e6)
+        }
     }
 
     /// Key/value heads.
@@ -401,14 +491,20 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or_else(|| match self.family() {
             Family::Qwen3 => 128,
+            Family::Gemma3 => 256,
             _ => self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0),
         })
     }
 
-    /// The RoPE inverse frequencies, `head_dim / 2` of them.
-    pub fn rope_inv_freq(&self) -> Result<Vec<f32>> {
-        let rope = self.rope().map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
-        Ok(rope.inv_freq(self.head_dim()))
+    /// The RoPE inverse frequencies, `head_dim / 2` of them, of the full-attention layers and of
+    /// the sliding-window ones.
+    pub fn rope_inv_freq(&self) -> Result<[Vec<f32>; 2]> {
+        let freqs = |sliding| -> Result<Vec<f32>> {
+            let rope =
+                self.rope_for(sliding).map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
+            Ok(rope.inv_freq(self.head_dim()))
+        };
+        Ok([freqs(false)?, freqs(true)?])
     }
 }
 
@@ -449,17 +545,51 @@ const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
 
-/// One decoder layer.
+/// One decoder layer. Norm weights are held as the multipliers the norms apply: Gemma's
+/// `1 + w` (see [`LlamaConfig::norm_offset`]).
 #[derive(Debug)]
 struct Block {
-    input_layernorm: Tensor,
-    post_attention_layernorm: Tensor,
-    /// Qwen3's per-head RMSNorm weights of the queries and keys (`head_dim`).
+    /// Before attention (`input_layernorm`).
+    attn_norm: Tensor,
+    /// Before the MLP (`post_attention_layernorm`; Gemma's `pre_feedforward_layernorm`).
+    mlp_norm: Tensor,
+    /// Gemma's norms of the attention's and the MLP's outputs (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`).
+    output_norms: Option<(Tensor, Tensor)>,
+    /// Qwen3's and Gemma's per-head RMSNorm weights of the queries and keys (`head_dim`).
     qk_norm: Option<(Tensor, Tensor)>,
     /// The sliding window of this layer's attention, if it has one.
     window: Option<usize>,
     /// q, k, v, o, gate, up, down (see [`LAYER_LINEARS`]).
     linears: [AdaptedLinear; 7],
+}
+
+impl Block {
+    /// The HF names (after `model.layers.N.`) of a layer's norms, in the order of [`Block::norms`].
+    fn norm_names(config: &LlamaConfig) -> Vec<&'static str> {
+        let mut names = vec!["input_layernorm"];
+        if config.family() == Family::Gemma3 {
+            names.extend(["pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"]);
+        } else {
+            names.push("post_attention_layernorm");
+        }
+        if config.qk_norm() {
+            names.extend(["self_attn.q_norm", "self_attn.k_norm"]);
+        }
+        names
+    }
+
+    /// The layer's norm weights, in the order of [`Block::norm_names`].
+    fn norms(&self) -> Vec<&Tensor> {
+        let mut norms = vec![&self.attn_norm, &self.mlp_norm];
+        if let Some((a, m)) = &self.output_norms {
+            norms.extend([a, m]);
+        }
+        if let Some((q, k)) = &self.qk_norm {
+            norms.extend([q, k]);
+        }
+        norms
+    }
 }
 
 /// The keys and values of the positions a [`Llama`] has seen, per layer, for
@@ -491,8 +621,9 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Option<AdaptedLinear>,
-    /// RoPE's inverse frequencies (`head_dim / 2`).
-    inv_freq: Vec<f32>,
+    /// RoPE's inverse frequencies (`head_dim / 2`) of the full-attention and the sliding-window
+    /// layers.
+    inv_freq: [Vec<f32>; 2],
 }
 
 impl Llama {
@@ -520,6 +651,14 @@ impl Llama {
         };
         let get = |name: &str| get_tensor(tensors, name, dtype);
         let family = config.family();
+        // A norm's multiplier: Gemma stores `w` for `1 + w`.
+        let norm = |name: &str| -> Result<Tensor> {
+            let offset = config.norm_offset();
+            if offset == 0.0 {
+                return get(name);
+            }
+            Ok((get_tensor(tensors, name, DType::F32)? + offset)?.to_dtype(dtype)?)
+        };
         let mut linear = |name: &str, has_bias: bool| -> Result<AdaptedLinear> {
             let bias_name = format!("{name}.bias");
             let bias = match (has_bias, tensors.contains_key(&bias_name)) {
@@ -546,14 +685,19 @@ impl Llama {
                 .zip(biases.clone())
                 .map(|(n, bias)| linear(&format!("{p}.{n}"), bias))
                 .collect::<Result<_>>()?;
-            let qk_norm = if config.qk_norm() {
-                Some((get(&format!("{p}.self_attn.q_norm.weight"))?, get(&format!("{p}.self_attn.k_norm.weight"))?))
-            } else {
-                None
-            };
+            let mut norms = Block::norm_names(&config)
+                .into_iter()
+                .map(|n| norm(&format!("{p}.{n}.weight")))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter();
+            let mut next = || norms.next().expect("a norm per name");
+            let (attn_norm, mlp_norm) = (next(), next());
+            let output_norms = (family == Family::Gemma3).then(|| (next(), next()));
+            let qk_norm = config.qk_norm().then(|| (next(), next()));
             layers.push(Block {
-                input_layernorm: get(&format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                attn_norm,
+                mlp_norm,
+                output_norms,
                 qk_norm,
                 window: config.layer_window(i),
                 linears: linears.try_into().expect("seven linears"),
@@ -566,7 +710,7 @@ impl Llama {
         Ok(Self {
             embed_tokens: frozen("model.embed_tokens.weight")?,
             dtype,
-            norm: get("model.norm.weight")?,
+            norm: norm("model.norm.weight")?,
             layers,
             lm_head,
             inv_freq: config.rope_inv_freq()?,
@@ -613,23 +757,21 @@ impl Llama {
                 draw(format!("{p}.{name}.weight"), shape)?;
             }
         }
-        let ones = Tensor::ones(h, DType::F32, device)?;
-        loading.tensors.insert("model.norm.weight".to_string(), ones.clone());
+        // Norms that multiply by 1: weights of 1, or Gemma's 0 (for `1 + w`).
+        let unit = |n: usize| Tensor::full(1.0 - config.norm_offset() as f32, n, device);
+        loading.tensors.insert("model.norm.weight".to_string(), unit(h)?);
         let biases = [config.qkv_bias(), config.qkv_bias(), config.qkv_bias(), config.o_bias()]
             .into_iter()
             .chain([config.mlp_has_bias(); 3]);
         let bias_sizes = [q, kv, kv, h, i, i, h];
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            loading.tensors.insert(format!("{p}.input_layernorm.weight"), ones.clone());
-            loading.tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+            for name in Block::norm_names(&config) {
+                let width = if name.starts_with("self_attn.") { hd } else { h };
+                loading.tensors.insert(format!("{p}.{name}.weight"), unit(width)?);
+            }
             for ((name, size), _) in LAYER_LINEARS.iter().zip(bias_sizes).zip(biases.clone()).filter(|(_, b)| *b) {
                 loading.tensors.insert(format!("{p}.{name}.bias"), Tensor::zeros(size, DType::F32, device)?);
-            }
-            if config.qk_norm() {
-                let ones = Tensor::ones(hd, DType::F32, device)?;
-                loading.tensors.insert(format!("{p}.self_attn.q_norm.weight"), ones.clone());
-                loading.tensors.insert(format!("{p}.self_attn.k_norm.weight"), ones);
             }
         }
         loading.build(config, "random weights")
@@ -815,13 +957,19 @@ impl Llama {
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut t = BTreeMap::new();
         t.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.dense()?);
-        t.insert("model.norm.weight".to_string(), self.norm.clone());
+        // Stored as the checkpoint stores them: Gemma's `w` of `1 + w`.
+        let offset = self.config.norm_offset();
+        let stored = |w: &Tensor| -> Result<Tensor> {
+            if offset == 0.0 {
+                return Ok(w.clone());
+            }
+            Ok((w.to_dtype(DType::F32)? - offset)?.to_dtype(w.dtype())?)
+        };
+        t.insert("model.norm.weight".to_string(), stored(&self.norm)?);
+        let names = Block::norm_names(&self.config);
         for (i, b) in self.layers.iter().enumerate() {
-            t.insert(format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone());
-            t.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone());
-            if let Some((q, k)) = &b.qk_norm {
-                t.insert(format!("model.layers.{i}.self_attn.q_norm.weight"), q.clone());
-                t.insert(format!("model.layers.{i}.self_attn.k_norm.weight"), k.clone());
+            for (name, w) in names.iter().zip(b.norms()) {
+                t.insert(format!("model.layers.{i}.{name}.weight"), stored(w)?);
             }
         }
         for (path, l) in self.linears() {
@@ -884,6 +1032,13 @@ impl Llama {
         }
         let c = &self.config;
         let family = c.family();
+        if family == Family::Gemma3 {
+            return Err(Error::Unsupported(
+                "a GGUF file of a Gemma 3 model (its tensor names and norms differ; not written yet); write an HF \
+                 directory"
+                    .into(),
+            ));
+        }
         let rope = c.rope().map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
         if rope.scaling != super::rope::RopeScaling::None {
             return Err(Error::Unsupported(format!(
@@ -972,20 +1127,13 @@ impl Llama {
             Ok(())
         };
         add("model.embed_tokens.weight", &self.embed_tokens)?;
+        let names = Block::norm_names(c);
         for (i, b) in self.layers.iter().enumerate() {
-            add(&format!("model.layers.{i}.input_layernorm.weight"), &b.input_layernorm.clone().into())?;
-            add(
-                &format!("model.layers.{i}.post_attention_layernorm.weight"),
-                &b.post_attention_layernorm.clone().into(),
-            )?;
-        }
-        add("model.norm.weight", &self.norm.clone().into())?;
-        for (i, b) in self.layers.iter().enumerate() {
-            if let Some((q, k)) = &b.qk_norm {
-                add(&format!("model.layers.{i}.self_attn.q_norm.weight"), &q.clone().into())?;
-                add(&format!("model.layers.{i}.self_attn.k_norm.weight"), &k.clone().into())?;
+            for (name, w) in names.iter().zip(b.norms()) {
+                add(&format!("model.layers.{i}.{name}.weight"), &w.clone().into())?;
             }
         }
+        add("model.norm.weight", &self.norm.clone().into())?;
         for (path, l) in self.linears() {
             add(&format!("{path}.weight"), l.weight())?;
             if let Some(bias) = l.bias() {
@@ -1016,21 +1164,37 @@ impl Llama {
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
         }
-        let mut h = self.embed_tokens.embedding(ids)?;
-        let (cos, sin) = self.rope_tables(offset, t, device)?;
+        let mut h = self.embed(ids)?;
+        let tables = self.rope_tables(offset, t, device)?;
         for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = self.block(layer, &h, &cos, &sin, Some(cached))?;
+            h = self.block(layer, &h, &tables, Some(cached))?;
         }
         cache.len = offset + t;
         self.head(&h)
     }
 
-    /// RoPE's `cos` and `sin` for positions `offset..offset + t`, `(t, head_dim / 2)`.
-    fn rope_tables(&self, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let inv_freq = Tensor::from_slice(&self.inv_freq, (1, self.inv_freq.len()), device)?;
+    /// The token embeddings of `ids`, scaled by `sqrt(hidden)` for Gemma (the factor rounded to
+    /// the compute dtype first, as transformers does).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let h = self.embed_tokens.embedding(ids)?;
+        if self.config.family() != Family::Gemma3 {
+            return Ok(h);
+        }
+        let scale = Tensor::new((self.config.hidden_size as f32).sqrt(), h.device())?.to_dtype(h.dtype())?;
+        Ok(h.broadcast_mul(&scale)?)
+    }
+
+    /// RoPE's `cos` and `sin` for positions `offset..offset + t`, `(t, head_dim / 2)`, of the
+    /// full-attention layers and of the sliding-window ones.
+    fn rope_tables(&self, offset: usize, t: usize, device: &Device) -> Result<[(Tensor, Tensor); 2]> {
         let pos = Tensor::arange(offset as u32, (offset + t) as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
-        let freqs = pos.broadcast_mul(&inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+        let table = |inv_freq: &[f32]| -> Result<(Tensor, Tensor)> {
+            let freqs = pos.broadcast_mul(&Tensor::from_slice(inv_freq, (1, inv_freq.len()), device)?)?;
+            Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+        };
+        let full = table(&self.inv_freq[0])?;
+        let sliding = if self.inv_freq[1] == self.inv_freq[0] { full.clone() } else { table(&self.inv_freq[1])? };
+        Ok([full, sliding])
     }
 
     /// One decoder layer on `h: (b, t, hidden)`; with `cached`, after the keys and values it
@@ -1039,14 +1203,14 @@ impl Llama {
         &self,
         layer: &Block,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        tables: &[(Tensor, Tensor); 2],
         cached: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let c = &self.config;
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let x = rms_norm(h, &layer.input_layernorm, c.rms_norm_eps)?;
+        let (cos, sin) = &tables[usize::from(layer.window.is_some())];
+        let x = rms_norm(h, &layer.attn_norm, c.rms_norm_eps)?;
         let l = &layer.linears;
         // (b, t, n * hd) -> (b, n, t, hd), each head RMS-normalized first where the family says.
         let heads_first = |y: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
@@ -1068,12 +1232,23 @@ impl Llama {
             // Kept for the next call (views of the same storage: no copy).
             *cached = Some((k.detach(), v.detach()));
         }
-        let how = Attention { scale: None, window: layer.window };
+        let how = Attention { scale: c.attention_scale(), window: layer.window };
         let attn = causal_attention_with(&q, &k, &v, how)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-        let h = (h + l[O].forward_checked(&attn)?)?;
-        let x = rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        let act = swiglu(&l[GATE].forward_checked(&x)?, &l[UP].forward_checked(&x)?)?;
-        Ok((h + l[DOWN].forward_checked(&act)?)?)
+        let out = l[O].forward_checked(&attn)?;
+        let out = match &layer.output_norms {
+            Some((after_attention, _)) => rms_norm(&out, after_attention, c.rms_norm_eps)?,
+            None => out,
+        };
+        let h = (h + out)?;
+        let x = rms_norm(&h, &layer.mlp_norm, c.rms_norm_eps)?;
+        let (gate, up) = (l[GATE].forward_checked(&x)?, l[UP].forward_checked(&x)?);
+        let act = if c.family() == Family::Gemma3 { geglu_tanh(&gate, &up)? } else { swiglu(&gate, &up)? };
+        let out = l[DOWN].forward_checked(&act)?;
+        let out = match &layer.output_norms {
+            Some((_, after_mlp)) => rms_norm(&out, after_mlp, c.rms_norm_eps)?,
+            None => out,
+        };
+        Ok((h + out)?)
     }
 
     /// The final norm and the output projection: logits for the last hidden states.
@@ -1118,12 +1293,12 @@ impl Llama {
     ) -> Result<(Tensor, GradStore)> {
         let _recomputing = crate::adapters::common::Recomputation::start();
         let (_, t) = ids.dims2()?;
-        let (cos, sin) = self.rope_tables(0, t, ids.device())?;
+        let tables = self.rope_tables(0, t, ids.device())?;
         let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut h = self.embed_tokens.embedding(ids)?.detach();
+        let mut h = self.embed(ids)?.detach();
         for layer in &self.layers {
             // The layer's graph is dropped with its output's: only the detached values stay.
-            let out = self.block(layer, &h, &cos, &sin, None)?.detach();
+            let out = self.block(layer, &h, &tables, None)?.detach();
             inputs.push(std::mem::replace(&mut h, out));
         }
         let (b, t, hidden) = h.dims3()?;
@@ -1149,7 +1324,7 @@ impl Llama {
         drop(parts);
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let x = Var::from_tensor(&input)?;
-            let out = self.block(layer, x.as_tensor(), &cos, &sin, None)?;
+            let out = self.block(layer, x.as_tensor(), &tables, None)?;
             let mut layer_grads = (out * &grad)?.sum_all()?.backward()?;
             grad = layer_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("a decoder layer's input"))?;
             let vars: Vec<Var> = layer.linears.iter().flat_map(adapter_vars).collect();
@@ -1407,14 +1582,7 @@ impl LinearHost for Llama {
     }
 
     fn other_params(&self) -> usize {
-        let norms: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let qk = l.qk_norm.as_ref().map_or(0, |(q, k)| q.elem_count() + k.elem_count());
-                l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count() + qk
-            })
-            .sum();
+        let norms: usize = self.layers.iter().flat_map(Block::norms).map(Tensor::elem_count).sum();
         self.embed_tokens.elem_count() + self.norm.elem_count() + norms
     }
 }
