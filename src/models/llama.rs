@@ -5,8 +5,10 @@
 //! The same decoder runs the families that share LLaMA's layout, by a few switches of
 //! [`LlamaConfig`] (see [`Family`]): Llama 3's RoPE scaling and optional biases (`llama`),
 //! Mistral's sliding-window attention (`mistral`), Qwen2's q/k/v biases and per-layer windows
-//! (`qwen2`), Qwen3's RMSNorm of each query and key head before RoPE (`qwen3`). A config key
-//! that would change the math and is not implemented is refused by name.
+//! (`qwen2`), Qwen3's RMSNorm of each query and key head before RoPE (`qwen3`), Gemma 3's
+//! `(1 + w)` norms around attention and the MLP, GeGLU, scaled embeddings and local/global
+//! layers (`gemma3_text`). A config key that would change the math and is not implemented is
+//! refused by name.
 //!
 //! ```text
 //! h_0 = embed(ids)
