@@ -104,7 +104,7 @@ pub fn resolve_model_in(cache: &Path, id: &HubId, offline: bool) -> Result<PathB
 
 /// The files of [`resolve_model`], downloading what the cache lacks unless `offline`.
 fn resolve_files(cache: &Path, id: &HubId, offline: bool) -> Result<PathBuf> {
-    let mut repo = CachedRepo::new(cache, id, offline)?;
+    let mut repo = CachedRepo::new(cache, id, offline);
     repo.require("config.json")?;
     if repo.optional("model.safetensors.index.json")? {
         let index = repo.snapshot()?.join("model.safetensors.index.json");
@@ -132,10 +132,10 @@ struct CachedRepo<'a> {
 }
 
 impl<'a> CachedRepo<'a> {
-    fn new(cache: &'a Path, id: &'a HubId, offline: bool) -> Result<Self> {
+    fn new(cache: &'a Path, id: &'a HubId, offline: bool) -> Self {
         let mut repo = Self { cache, id, offline, commit: None, missing: Vec::new() };
         repo.commit = repo.cached_commit();
-        Ok(repo)
+        repo
     }
 
     /// `models--org--name`.

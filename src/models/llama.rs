@@ -422,6 +422,12 @@ impl LlamaConfig {
         self.family() == Family::Llama && self.mlp_bias
     }
 
+    /// Whether each linear of a layer has a bias, in the order of [`LAYER_LINEARS`].
+    pub fn linear_biases(&self) -> [bool; 7] {
+        let (qkv, mlp) = (self.qkv_bias(), self.mlp_has_bias());
+        [qkv, qkv, qkv, self.o_bias(), mlp, mlp, mlp]
+    }
+
     /// Whether each query and key head is RMS-normalized before RoPE (Qwen3).
     pub fn qk_norm(&self) -> bool {
         matches!(self.family(), Family::Qwen3 | Family::Gemma3)
@@ -676,15 +682,13 @@ impl Llama {
             };
             AdaptedLinear::new(frozen(&format!("{name}.weight"))?, bias)
         };
-        let biases = [config.qkv_bias(), config.qkv_bias(), config.qkv_bias(), config.o_bias()]
-            .into_iter()
-            .chain([config.mlp_has_bias(); 3]);
+        let biases = config.linear_biases();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let linears: Vec<AdaptedLinear> = LAYER_LINEARS
                 .iter()
-                .zip(biases.clone())
+                .zip(biases)
                 .map(|(n, bias)| linear(&format!("{p}.{n}"), bias))
                 .collect::<Result<_>>()?;
             let mut norms = Block::norm_names(&config)
@@ -762,9 +766,7 @@ impl Llama {
         // Norms that multiply by 1: weights of 1, or Gemma's 0 (for `1 + w`).
         let unit = |n: usize| Tensor::full(1.0 - config.norm_offset() as f32, n, device);
         loading.tensors.insert("model.norm.weight".to_string(), unit(h)?);
-        let biases = [config.qkv_bias(), config.qkv_bias(), config.qkv_bias(), config.o_bias()]
-            .into_iter()
-            .chain([config.mlp_has_bias(); 3]);
+        let biases = config.linear_biases();
         let bias_sizes = [q, kv, kv, h, i, i, h];
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -772,7 +774,7 @@ impl Llama {
                 let width = if name.starts_with("self_attn.") { hd } else { h };
                 loading.tensors.insert(format!("{p}.{name}.weight"), unit(width)?);
             }
-            for ((name, size), _) in LAYER_LINEARS.iter().zip(bias_sizes).zip(biases.clone()).filter(|(_, b)| *b) {
+            for ((name, size), _) in LAYER_LINEARS.iter().zip(bias_sizes).zip(biases).filter(|(_, b)| *b) {
                 loading.tensors.insert(format!("{p}.{name}.bias"), Tensor::zeros(size, DType::F32, device)?);
             }
         }
