@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use candle_core::DType;
 use candle_peft::chat::ChatTemplate;
 use candle_peft::models::{Llama, LlamaConfig};
-use candle_peft::train::data::{read_jsonl, Example, Record};
+use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
 use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
 use candle_peft::{AdapterConfig, InitOptions, LoraConfig, PeftModel};
 
@@ -83,6 +83,7 @@ fn accuracy(
     template: Option<&ChatTemplate>,
     encode: &Encode,
     decode: &Decode,
+    ends: Ends,
     stop: &[u32],
 ) -> candle_peft::Result<f64> {
     let mut hits = 0;
@@ -95,7 +96,11 @@ fn accuracy(
                 Some(t) => t.prompt_completion(prompt, completion)?.0,
                 None => prompt.clone(),
             };
-            let got = model.generate_greedy(&encode(&prompt)?, max_new, stop)?;
+            // The prompt as the start of a sequence: after the BOS, if the model has one.
+            let ids =
+                Example::from_record(&Record::Text { text: prompt }, encode, Ends { eos: None, ..ends }, usize::MAX)?
+                    .ids;
+            let got = model.generate_greedy(&ids, max_new, stop)?;
             let got: Vec<u32> = got.into_iter().take_while(|t| !stop.contains(t)).collect();
             hits += usize::from(decode(&got).trim() == want);
             total += 1;
@@ -143,7 +148,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     // The model, a text-to-ids function, the end, stop and padding ids, and extra adapter targets.
-    let (model, encode, decode, eos, stop, pad, mut targets): (Llama, Encode, Decode, _, Vec<u32>, _, Vec<&str>) =
+    let (model, encode, decode, ends, stop, pad, mut targets): (Llama, Encode, Decode, Ends, Vec<u32>, _, Vec<&str>) =
         match arg(&args, "--model") {
             None => {
                 let config: LlamaConfig = serde_json::from_str(
@@ -157,16 +162,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let decode: Decode = Box::new(|ids: &[u32]| {
                     String::from_utf8_lossy(&ids.iter().map(|&t| t as u8).collect::<Vec<_>>()).into_owned()
                 });
-                (model, encode, decode, Some(0), vec![0], 0, vec!["lm_head"])
+                (model, encode, decode, Ends { bos: None, eos: Some(0) }, vec![0], 0, vec!["lm_head"])
             }
             Some(path) => {
                 let (model, tokenizer) = candle_peft::models::load(path.as_ref(), &device, DType::F32)?;
-                let eos = candle_peft::tokenizer::end_token(&tokenizer);
+                let ends = candle_peft::tokenizer::ends(&tokenizer);
                 let stop = candle_peft::tokenizer::stop_tokens(&tokenizer);
                 let tok = tokenizer.clone();
                 let decode: Decode = Box::new(move |ids: &[u32]| tok.decode(ids, true).unwrap_or_default());
                 let encode = move |s: &str| candle_peft::tokenizer::encode(&tokenizer, s);
-                (model, Box::new(encode), decode, eos, stop, eos.unwrap_or(0), vec![])
+                (model, Box::new(encode), decode, ends, stop, ends.eos.unwrap_or(0), vec![])
             }
         };
     targets.extend(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
@@ -175,8 +180,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|r| match &template {
             // The template ends the assistant turn itself.
-            Some(t) => Example::from_record(&r.with_chat_template(t)?, &encode, None, 256),
-            None => Example::from_record(r, &encode, eos, 256),
+            Some(t) => Example::from_record(&r.with_chat_template(t)?, &encode, Ends { eos: None, ..ends }, 256),
+            None => Example::from_record(r, &encode, ends, 256),
         })
         .collect::<candle_peft::Result<_>>()?;
     if template.is_some() {
@@ -212,13 +217,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         progress: true,
         ..Default::default()
     };
-    let acc_before = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, &stop)?;
+    let acc_before = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, ends, &stop)?;
     let mut trainer = Trainer::new(peft, config)?;
     let before = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     trainer.train(train, Some(eval))?;
     let after = (trainer.evaluate(train)?, trainer.evaluate(eval)?);
     let peft = trainer.into_peft();
-    let acc_after = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, &stop)?;
+    let acc_after = accuracy(peft.model(), held_out, template.as_ref(), &encode, &decode, ends, &stop)?;
     println!("train loss {:.3} -> {:.3}, held-out loss {:.3} -> {:.3}", before.0, after.0, before.1, after.1);
     println!(
         "held-out exact-match accuracy {:.1}% -> {:.1}% ({} examples)",

@@ -71,6 +71,11 @@ impl GgufMetadata {
         self.typed(key, Value::to_u32)
     }
 
+    /// A boolean value.
+    pub fn bool(&self, key: &str) -> Result<bool> {
+        self.typed(key, Value::to_bool)
+    }
+
     /// A float value (stored as f32).
     pub fn f32(&self, key: &str) -> Result<f32> {
         self.typed(key, Value::to_f32)

@@ -1,15 +1,27 @@
 //! Tokenizers for the models: an HF `tokenizer.json`, or one built from a GGUF file's metadata
-//! the way transformers builds it (`tokenizer.ggml.model = "gpt2"`: byte-level BPE from the
-//! file's tokens and merges, control tokens as special tokens).
+//! the way transformers 5 builds it (`integrations/gguf/gguf_tokenizer_mapping.py`):
+//! - `tokenizer.ggml.model = "gpt2"`: byte-level BPE from the file's tokens and merges;
+//! - `"llama"` in a `gemma3` file: Gemma's SentencePiece-style BPE (spaces as `▁`, byte
+//!   fallback), with the merges rebuilt from the vocabulary's order (the file has none);
+//!
+//! control tokens as special tokens, user-defined ones as added tokens, and a BOS in front of a
+//! sequence when the file says `tokenizer.ggml.add_bos_token` (see [`encode_sequence`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::gguf::GgufMetadata;
+use crate::train::data::Ends;
 use crate::{Error, Result};
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the others to code points
@@ -36,21 +48,58 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(encoding.get_ids().to_vec())
 }
 
-/// The token that ends a turn or a sequence: the first of `<|im_end|>`, `<|endoftext|>`, `</s>`
-/// and `<|eot_id|>` that the vocabulary has.
+/// The token a tokenizer puts in front of a sequence (its BOS, e.g. Gemma's `<bos>`), if any:
+/// what `encode(text, add_special_tokens = true)` adds before the text.
+pub fn bos_token(tokenizer: &Tokenizer) -> Option<u32> {
+    let ids = |special| tokenizer.encode("a", special).ok().map(|e| e.get_ids().to_vec());
+    let (with, without) = (ids(true)?, ids(false)?);
+    (with.len() > without.len() && with.ends_with(&without)).then(|| with[0])
+}
+
+/// Text to token ids as the start of a sequence: [`encode`], after the tokenizer's BOS
+/// ([`bos_token`]) unless the text already starts with it (a chat template that writes
+/// `<bos>` itself). What evaluation and generation feed the model.
+pub fn encode_sequence(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let ids = encode(tokenizer, text)?;
+    Ok(match bos_token(tokenizer) {
+        Some(bos) if ids.first() != Some(&bos) => [vec![bos], ids].concat(),
+        _ => ids,
+    })
+}
+
+/// The ids of those of `names` that the tokenizer has as special tokens, in that order (a plain
+/// token spelled the same, such as the HTML `</s>` of Gemma's vocabulary, does not count).
+fn special_ids(tokenizer: &Tokenizer, names: &[&str]) -> Vec<u32> {
+    let special = tokenizer.get_added_tokens_decoder();
+    names
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .filter(|id| special.get(id).is_some_and(|t| t.special))
+        .collect()
+}
+
+/// The tokenizer's BOS ([`bos_token`]) and end token ([`end_token`]): what a training example
+/// from a record is framed with.
+pub fn ends(tokenizer: &Tokenizer) -> Ends {
+    Ends { bos: bos_token(tokenizer), eos: end_token(tokenizer) }
+}
+
+/// The token that ends a turn or a sequence: the first of `<|im_end|>`, `<|endoftext|>`,
+/// `<eos>`, `</s>` and `<|eot_id|>` that the tokenizer has as a special token.
 pub fn end_token(tokenizer: &Tokenizer) -> Option<u32> {
-    ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"].iter().find_map(|t| tokenizer.token_to_id(t))
+    special_ids(tokenizer, &["<|im_end|>", "<|endoftext|>", "<eos>", "</s>", "<|eot_id|>"]).first().copied()
 }
 
 /// The tokens that end generation: every end-of-turn and end-of-text token of the known chat
-/// formats that the vocabulary has (ChatML's `<|im_end|>` and `<|endoftext|>`, Llama 3's
-/// `<|eot_id|>` and `<|end_of_text|>`, Gemma's `<end_of_turn>` and `<eos>`, Phi-3's `<|end|>`,
-/// SentencePiece's `</s>`).
+/// formats that the vocabulary has as a special token (ChatML's `<|im_end|>` and
+/// `<|endoftext|>`, Llama 3's `<|eot_id|>` and `<|end_of_text|>`, Gemma's `<end_of_turn>` and
+/// `<eos>`, Phi-3's `<|end|>`, SentencePiece's `</s>`); a plain token spelled the same (Gemma's
+/// vocabulary has an HTML `</s>`) does not count.
 pub fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
-    ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<eos>", "<|end|>", "</s>"]
-        .iter()
-        .filter_map(|t| tokenizer.token_to_id(t))
-        .collect()
+    special_ids(
+        tokenizer,
+        &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<eos>", "<|end|>", "</s>"],
+    )
 }
 
 /// Reads an HF `tokenizer.json`.
@@ -59,16 +108,51 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
         .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("tokenizer: {e}") })
 }
 
-/// The tokenizer a GGUF file describes. Supports `tokenizer.ggml.model = "gpt2"` (byte-level
-/// BPE, as SmolLM2 and LLaMA 3 use); SentencePiece (`"llama"`) vocabularies are refused.
+/// The tokenizer a GGUF file describes: byte-level BPE (`tokenizer.ggml.model = "gpt2"`, as
+/// SmolLM2, LLaMA 3 and Qwen use) or Gemma's SentencePiece-style BPE (`"llama"` in a `gemma3`
+/// file). Other SentencePiece vocabularies and pre-tokenizers are refused by name.
 pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
     let kind = meta.string("tokenizer.ggml.model")?;
-    if kind != "gpt2" {
-        return Err(Error::Unsupported(format!(
-            "{}: GGUF tokenizer model \"{kind}\" (only byte-level BPE, \"gpt2\", is supported; pass a tokenizer.json instead)",
-            meta.path().display()
-        )));
+    let arch = meta.string("general.architecture").unwrap_or_default();
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let types = meta.i32s("tokenizer.ggml.token_type").unwrap_or_default();
+    let mut tok = match kind.as_str() {
+        "gpt2" => byte_level_bpe(meta, &tokens)?,
+        "llama" if arch == "gemma3" => gemma_bpe(meta, &tokens)?,
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF tokenizer model \"{kind}\" of architecture \"{arch}\" (supported: byte-level BPE, \
+                 \"gpt2\", and Gemma 3's SentencePiece, \"llama\" in a gemma3 file); pass a tokenizer.json instead",
+                meta.path().display()
+            )))
+        }
+    };
+    add_control_and_user_tokens(meta, &mut tok, &tokens, &types, kind == "gpt2")?;
+    // transformers' default for a SentencePiece vocabulary that does not say (llama.cpp's too).
+    let add_bos = meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
+    if add_bos {
+        let bos = meta.u32("tokenizer.ggml.bos_token_id")?;
+        let name = tokens.get(bos as usize).ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "{}: tokenizer.ggml.bos_token_id {bos} is past the {} tokens of tokenizer.ggml.tokens",
+                meta.path().display(),
+                tokens.len()
+            ))
+        })?;
+        let template = TemplateProcessing::builder()
+            .try_single(format!("{name}:0 $A:0"))
+            .and_then(|b| b.try_pair(format!("{name}:0 $A:0 {name}:1 $B:1")))
+            .map_err(|e| Error::Tokenizer(format!("{}: BOS template: {e}", meta.path().display())))?
+            .special_tokens(vec![(name.clone(), bos)])
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("{}: BOS template: {e}", meta.path().display())))?;
+        tok.with_post_processor(Some(template));
     }
+    Ok(tok)
+}
+
+/// Byte-level BPE (GPT-2's scheme) from the file's tokens and merges.
+fn byte_level_bpe(meta: &GgufMetadata, tokens: &[String]) -> Result<Tokenizer> {
     if let Ok(pre) = meta.string("tokenizer.ggml.pre") {
         if !["smollm", "gpt-2", "default"].contains(&pre.as_str()) {
             return Err(Error::Unsupported(format!(
@@ -77,9 +161,7 @@ pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
             )));
         }
     }
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let merges = meta.strings("tokenizer.ggml.merges")?;
-    let types = meta.i32s("tokenizer.ggml.token_type").unwrap_or_default();
     let spelling = bytes_to_unicode();
     let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
     let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -111,15 +193,96 @@ pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tok.with_decoder(Some(ByteLevel::default()));
-    // Control tokens (type 3) spelled in the byte alphabet stay whole, as transformers adds them.
-    let special: Vec<AddedToken> = tokens
+    Ok(tok)
+}
+
+/// Gemma's SentencePiece-style BPE as transformers' `GemmaTokenizer` spells it: spaces normalized
+/// to `▁`, byte fallback (`<0x..>` tokens), unknowns fused. A Gemma GGUF has no merges: they are
+/// rebuilt from the vocabulary, every split of a token into two tokens, ranked by the merged
+/// token's position in the file (Gemma's scores do not follow its merge order), longer left
+/// pieces first. Tokens made only of whitespace with a space in them (`"  "`) are stored with
+/// real spaces and respelled `▁▁` first.
+fn gemma_bpe(meta: &GgufMetadata, tokens: &[String]) -> Result<Tokenizer> {
+    let spelled: Vec<String> = tokens
         .iter()
-        .zip(types.iter().chain(std::iter::repeat(&0)))
-        .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| alphabet.contains(&c)))
+        .map(|t| if t.contains(' ') && t.trim().is_empty() { "\u{2581}".repeat(t.chars().count()) } else { t.clone() })
+        .collect();
+    let vocab: tokenizers::models::bpe::Vocab =
+        spelled.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut merges: Vec<(u32, usize, String, String)> = Vec::new();
+    for (i, t) in spelled.iter().enumerate() {
+        // A token listed twice ranks by its last position, once.
+        if vocab[t] != i as u32 {
+            continue;
+        }
+        let bounds: Vec<usize> = t.char_indices().map(|(b, _)| b).skip(1).collect();
+        for b in bounds {
+            let (l, r) = t.split_at(b);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merges.push((i as u32, l.chars().count(), l.to_string(), r.to_string()));
+            }
+        }
+    }
+    merges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let merges = merges.into_iter().map(|(_, _, l, r)| (l, r)).collect();
+    let unk = meta
+        .u32("tokenizer.ggml.unknown_token_id")
+        .ok()
+        .and_then(|u| spelled.get(u as usize).cloned())
+        .unwrap_or_else(|| "<unk>".into());
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .unk_token(unk)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| {
+            Error::Tokenizer(format!(
+                "{}: cannot build Gemma's tokenizer from the GGUF file: {e}",
+                meta.path().display()
+            ))
+        })?;
+    let bad = |e: tokenizers::Error| Error::Tokenizer(format!("{}: Gemma's tokenizer: {e}", meta.path().display()));
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(bad)?)).map_err(bad)?;
+    tok.with_pre_tokenizer(Some(
+        Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false).map_err(bad)?,
+    ));
+    tok.with_decoder(Some(DecoderSequence::new(vec![
+        Replace::new("\u{2581}", " ").map_err(bad)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    Ok(tok)
+}
+
+/// The file's control tokens (type 3) as special tokens, and its user-defined ones (type 4, e.g.
+/// Gemma's runs of newlines) as added tokens, both matched whole in the text as transformers
+/// and llama.cpp do. In a byte-level vocabulary (`byte_level`) a control token spelled outside
+/// the byte alphabet is a llama.cpp mislabel and is skipped, as transformers skips it.
+fn add_control_and_user_tokens(
+    meta: &GgufMetadata,
+    tok: &mut Tokenizer,
+    tokens: &[String],
+    types: &[i32],
+    byte_level: bool,
+) -> Result<()> {
+    let alphabet: std::collections::HashSet<char> = bytes_to_unicode().values().copied().collect();
+    let typed = || tokens.iter().zip(types.iter().chain(std::iter::repeat(&0)));
+    let special: Vec<AddedToken> = typed()
+        .filter(|(t, ty)| **ty == 3 && (!byte_level || t.chars().all(|c| alphabet.contains(&c))))
         .map(|(t, _)| AddedToken::from(t.clone(), true))
         .collect();
     tok.add_special_tokens(special).map_err(|e| {
         Error::Tokenizer(format!("{}: cannot add the GGUF file's control tokens: {e}", meta.path().display()))
     })?;
-    Ok(tok)
+    let vocab = tok.get_vocab(true);
+    let user: Vec<AddedToken> = typed()
+        .filter(|(t, ty)| **ty == 4 && vocab.contains_key(*t))
+        .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    tok.add_tokens(user).map_err(|e| {
+        Error::Tokenizer(format!("{}: cannot add the GGUF file's user-defined tokens: {e}", meta.path().display()))
+    })?;
+    Ok(())
 }

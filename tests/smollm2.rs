@@ -8,55 +8,23 @@ mod common;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device};
 use candle_peft::models::Llama;
-use common::{fixture, load};
+use common::{fixture, real_model};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Reference {
-    prompt: String,
-    ids: Vec<u32>,
-    argmax: Vec<u32>,
-    greedy: Vec<u32>,
-    greedy_text: String,
-    tokenizer: Vec<TokenizerCase>,
-}
-
-#[derive(Deserialize)]
-struct TokenizerCase {
-    text: String,
-    ids: Vec<u32>,
-}
-
 fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch_smollm2.sh first", p.display());
-    p
+    real_model::model_path("SmolLM2-135M-Instruct.Q4_1.gguf", "fetch_smollm2.sh")
 }
 
 #[test]
 fn gguf_logits_and_greedy_continuation_match_transformers() -> candle_peft::Result<()> {
-    let r: Reference =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap()).unwrap();
     let (model, meta) = Llama::from_gguf(&model_path(), &Device::Cpu, DType::F32)?;
     let c = model.config();
     assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads()), (30, 576, 9, 3));
     assert!(c.tie_word_embeddings);
     assert_eq!(meta.string("tokenizer.ggml.model")?, "gpt2");
-
-    let ids = Tensor::new(r.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-    let logits = model.forward(&ids)?.squeeze(0)?;
-    let want = &load("smollm2_logits.safetensors")["logits"];
-    let got = logits.narrow(1, 0, 2048)?;
-    let diff = (&got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    assert!(diff < 1e-3, "logits differ by {diff}");
-    assert_eq!(logits.argmax(D::Minus1)?.to_vec1::<u32>()?, r.argmax);
-
-    // Greedy decoding (transformers stopped at 12 new tokens, no end token on the way).
-    let seq = [r.ids.clone(), model.generate_greedy(&r.ids, r.greedy.len(), &[])?].concat();
-    assert_eq!(&seq[r.ids.len()..], r.greedy.as_slice());
-    Ok(())
+    real_model::check_logits_and_greedy(&model, "smollm2", 1e-3)
 }
 
 #[test]
@@ -77,20 +45,12 @@ fn a_gguf_that_is_not_a_llama_is_refused() {
 
 #[test]
 fn gguf_tokenizer_matches_transformers() -> candle_peft::Result<()> {
-    let r: Reference =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap()).unwrap();
-    let (_, meta) = Llama::from_gguf(&model_path(), &Device::Cpu, DType::F32)?;
+    let meta = candle_peft::models::GgufMetadata::read(&model_path())?;
     let tok = candle_peft::tokenizer::from_gguf(&meta)?;
-    // SmolLM2's ChatML: <|im_end|> (2) ends a turn, <|endoftext|> (0) the text.
+    // SmolLM2's ChatML: <|im_end|> (2) ends a turn, <|endoftext|> (0) the text; no BOS.
     assert_eq!(candle_peft::tokenizer::stop_tokens(&tok), vec![2, 0]);
-    let encode = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
-    assert_eq!(encode(&r.prompt), r.ids);
-    for case in &r.tokenizer {
-        assert_eq!(encode(&case.text), case.ids, "{:?}", case.text);
-        assert_eq!(tok.decode(&case.ids, false).unwrap(), case.text);
-    }
-    assert_eq!(tok.decode(&r.greedy, false).unwrap(), r.greedy_text);
-    Ok(())
+    assert_eq!(candle_peft::tokenizer::bos_token(&tok), None);
+    real_model::check_tokenizer(&tok, "smollm2")
 }
 
 #[derive(Deserialize)]
@@ -106,7 +66,7 @@ struct ChatCase {
 #[test]
 fn chat_template_from_the_gguf_matches_transformers_apply_chat_template() -> candle_peft::Result<()> {
     use candle_peft::chat::{ChatTemplate, Message};
-    use candle_peft::train::data::{Example, Record};
+    use candle_peft::train::data::{Ends, Example, Record};
     use candle_peft::train::IGNORE_INDEX;
 
     let cases: Vec<ChatCase> =
@@ -121,7 +81,7 @@ fn chat_template_from_the_gguf_matches_transformers_apply_chat_template() -> can
         assert_eq!(template.render(&[user, Message::new("assistant", &c.completion)], false)?, c.full_text);
         // The training example: transformers' ids, the loss on the answer and the end of turn only.
         let record = Record::PromptCompletion { prompt: c.prompt.clone(), completion: c.completion.clone() };
-        let e = Example::from_record(&record.with_chat_template(&template)?, &encode, None, 4096)?;
+        let e = Example::from_record(&record.with_chat_template(&template)?, &encode, Ends::default(), 4096)?;
         assert_eq!(e.ids, c.full_ids);
         let n = c.prompt_ids.len();
         assert_eq!(&e.ids[..n], c.prompt_ids.as_slice());

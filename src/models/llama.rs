@@ -863,10 +863,11 @@ impl Llama {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma3" => Family::Gemma3,
             _ => {
                 return Err(err(format!(
                     "general.architecture is \"{arch}\"; supported GGUF architectures are llama (LLaMA, Mistral), \
-                     qwen2 and qwen3"
+                     qwen2, qwen3 and gemma3"
                 )))
             }
         };
@@ -888,17 +889,28 @@ impl Llama {
                     .into(),
             ));
         }
-        if let Ok(kind) = meta.string(&key("rope.scaling.type")) {
-            if kind != "none" {
+        // Linear scaling (Gemma 3 4B+: of the global layers only, as transformers applies it).
+        let rope_scaling = match meta.string(&key("rope.scaling.type")).ok().as_deref() {
+            None | Some("none") => serde_json::Value::Null,
+            Some("linear") => {
+                serde_json::json!({"rope_type": "linear", "factor": meta.f32(&key("rope.scaling.factor"))?})
+            }
+            Some(kind) => {
                 return Err(err(format!(
-                    "{} is \"{kind}\": RoPE scaling in a GGUF file is not supported yet; load the model's HF \
+                    "{} is \"{kind}\": only linear RoPE scaling is supported from GGUF files; load the model's HF \
                      checkpoint",
                     key("rope.scaling.type")
-                )));
+                )))
             }
-        }
-        let rope_theta =
-            if meta.contains(&key("rope.freq_base")) { meta.f32(&key("rope.freq_base"))? } else { 10_000.0 };
+        };
+        let optional_f32 = |k: &str| -> Result<Option<f32>> {
+            if meta.contains(&key(k)) {
+                meta.f32(&key(k)).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let rope_theta = optional_f32("rope.freq_base")?.unwrap_or(10_000.0);
         let mut config: LlamaConfig = serde_json::from_value(serde_json::json!({
             "hidden_size": num("embedding_length")?,
             "intermediate_size": num("feed_forward_length")?,
@@ -910,8 +922,27 @@ impl Llama {
             "vocab_size": vocab_size,
             "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
             "model_type": family.model_type(),
+            "rope_scaling": rope_scaling,
         }))?;
         config.head_dim = head_dim;
+        if meta.contains(&key("attention.sliding_window")) {
+            config.sliding_window = Some(num("attention.sliding_window")?);
+        }
+        if family == Family::Gemma3 {
+            // What llama.cpp hard-codes for Gemma 3 (its files do not say): local layers at RoPE
+            // base 1e4 (or `rope.freq_base_swa`), every 6th layer global, queries scaled by
+            // 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 62-layer 27B.
+            let local_base = optional_f32("rope.freq_base_swa")?.unwrap_or(10_000.0);
+            let scalar =
+                if config.num_hidden_layers == 62 { config.hidden_size / heads.max(1) } else { config.head_dim() };
+            config.other.insert("rope_local_base_freq".into(), local_base.into());
+            config.other.insert("query_pre_attn_scalar".into(), scalar.into());
+            config.other.insert("sliding_window_pattern".into(), 6.into());
+        }
+        // Refused by name by `check` below, as in a config.json.
+        if let Some(cap) = optional_f32("final_logit_softcapping")? {
+            config.other.insert("final_logit_softcapping".into(), cap.into());
+        }
         // llama.cpp's converter writes biases only where the checkpoint has them.
         config.attention_bias = family == Family::Llama && content.tensor_infos.contains_key("blk.0.attn_q.bias");
         // Before any tensor is read: the q/k row permutation divides by the head counts.
@@ -930,8 +961,8 @@ impl Llama {
         let mut loading = Loading::new(quant.target(), dtype);
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         for name in names {
-            let hf =
-                gguf_to_hf_name(&name).ok_or_else(|| err(format!("unexpected tensor `{name}` in a {arch} GGUF")))?;
+            let hf = rename(&name, true, family)
+                .ok_or_else(|| err(format!("unexpected tensor `{name}` in a {arch} GGUF")))?;
             let q = content.tensor(&mut file, &name, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
             let heads_of_rows = match name.split('.').nth(2) {
                 Some("attn_q") if permuted => Some(heads),
@@ -949,6 +980,11 @@ impl Llama {
             let mut t = q.dequantize(device)?;
             if let Some(h) = heads_of_rows {
                 t = unpermute_rows(&t, h)?;
+            }
+            // llama.cpp stores Gemma's norms as the multipliers `1 + w`; HF's `w` is kept, as
+            // transformers' loader does.
+            if family == Family::Gemma3 && name.ends_with("norm.weight") {
+                t = (t - 1.0)?;
             }
             loading.add(hf, &name, t)?;
         }
@@ -1090,7 +1126,8 @@ impl Llama {
         let mut saved = SavedGguf::default();
         let mut tensors = Vec::new();
         let mut add = |hf: &str, w: &FrozenWeight| -> Result<()> {
-            let name = rename(hf, false).ok_or_else(|| Error::Unsupported(format!("no GGUF name for `{hf}`")))?;
+            let name =
+                rename(hf, false, family).ok_or_else(|| Error::Unsupported(format!("no GGUF name for `{hf}`")))?;
             if let Some(v) = w.as_dense().filter(|t| t.rank() == 1) {
                 let v = v.to_dtype(DType::F32)?;
                 // A q/k bias of a `llama` file is permuted with its rows.
@@ -1420,9 +1457,8 @@ fn get_tensor(tensors: &BTreeMap<String, Tensor>, name: &str, dtype: DType) -> R
 /// model and (after `blk.N.` / `model.layers.N.`) per layer.
 const MODEL_TENSORS: [(&str, &str); 3] =
     [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
-const LAYER_TENSORS: [(&str, &str); 11] = [
+const LAYER_TENSORS: [(&str, &str); 10] = [
     ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
@@ -1433,11 +1469,20 @@ const LAYER_TENSORS: [(&str, &str); 11] = [
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
 ];
+/// The norms around the MLP: `ffn_norm` is LLaMA's `post_attention_layernorm` (before the MLP)
+/// but Gemma 3's `pre_feedforward_layernorm`, whose norm after attention llama.cpp calls
+/// `post_attention_norm`.
+const LLAMA_MLP_NORMS: [(&str, &str); 1] = [("ffn_norm", "post_attention_layernorm")];
+const GEMMA3_MLP_NORMS: [(&str, &str); 3] = [
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
 
-/// The name of a tensor (`<module>.weight` or `<module>.bias`) in the other convention: `to_hf`
-/// maps llama.cpp's names to HF's, else HF's to llama.cpp's. `None` for a name the tables do
-/// not have.
-fn rename(name: &str, to_hf: bool) -> Option<String> {
+/// The name of a tensor (`<module>.weight` or `<module>.bias`) of a `family` model in the other
+/// convention: `to_hf` maps llama.cpp's names to HF's, else HF's to llama.cpp's. `None` for a
+/// name the tables do not have.
+fn rename(name: &str, to_hf: bool, family: Family) -> Option<String> {
     let (module, suffix) = name.rsplit_once('.').filter(|(_, s)| ["weight", "bias"].contains(s))?;
     let pick = |(gguf, hf): &(&'static str, &'static str)| if to_hf { (*gguf, *hf) } else { (*hf, *gguf) };
     if let Some((_, to)) = MODEL_TENSORS.iter().map(pick).find(|(from, _)| *from == module) {
@@ -1445,13 +1490,9 @@ fn rename(name: &str, to_hf: bool) -> Option<String> {
     }
     let (from_prefix, to_prefix) = if to_hf { ("blk.", "model.layers.") } else { ("model.layers.", "blk.") };
     let (layer, tail) = module.strip_prefix(from_prefix)?.split_once('.')?;
-    let (_, to) = LAYER_TENSORS.iter().map(pick).find(|(from, _)| *from == tail)?;
+    let mlp_norms: &[(&str, &str)] = if family == Family::Gemma3 { &GEMMA3_MLP_NORMS } else { &LLAMA_MLP_NORMS };
+    let (_, to) = LAYER_TENSORS.iter().chain(mlp_norms).map(pick).find(|(from, _)| *from == tail)?;
     Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
-}
-
-/// HF's name of a llama.cpp tensor name.
-fn gguf_to_hf_name(name: &str) -> Option<String> {
-    rename(name, true)
 }
 
 /// llama.cpp's `general.file_type` for a model quantized to `t` (the `_M` mix for K-quants).

@@ -34,7 +34,7 @@ use crate::models::{Llama, LlamaConfig};
 use crate::peft_model::{InitOptions, LinearHost, PeftModel};
 use crate::scaling::{Fixed, RankStabilized, Scaling, ScalingStrategy, Standard};
 use crate::target::TargetConfig;
-use crate::train::data::{pack, read_jsonl, Example, Record};
+use crate::train::data::{pack, read_jsonl, Ends, Example, Record};
 use crate::train::{LrSchedule, TrainConfig, Trainer};
 use crate::{Error, Result};
 
@@ -334,14 +334,14 @@ impl Sweep {
     fn load(&self) -> Result<(Llama, Data)> {
         let c = &self.config;
         type Encode = Box<dyn Fn(&str) -> Result<Vec<u32>>>;
-        let (mut model, encode, eos): (Llama, Encode, Option<u32>) = if c.model == "builtin" {
+        let (mut model, encode, ends): (Llama, Encode, Ends) = if c.model == "builtin" {
             let config = c.builtin_model.clone().unwrap_or_else(builtin::default_model);
             let bytes = |s: &str| Ok(s.bytes().map(u32::from).collect());
-            (Llama::random(config, c.seed, &self.device)?, Box::new(bytes), None)
+            (Llama::random(config, c.seed, &self.device)?, Box::new(bytes), Ends::default())
         } else {
             let (model, tokenizer) = crate::models::load(Path::new(&c.model), &self.device, DType::F32)?;
-            let eos = crate::tokenizer::end_token(&tokenizer);
-            (model, Box::new(move |s: &str| crate::tokenizer::encode(&tokenizer, s)), eos)
+            let ends = crate::tokenizer::ends(&tokenizer);
+            (model, Box::new(move |s: &str| crate::tokenizer::encode(&tokenizer, s)), ends)
         };
         let records = if c.data == "builtin" {
             // Enough facts for about two epochs over the steps of a cell, plus the eval split.
@@ -351,8 +351,8 @@ impl Sweep {
         } else {
             read_jsonl(Path::new(&c.data))?
         };
-        let examples = to_examples(&records, &encode, eos, c.seq_len)?;
-        let pad = eos.unwrap_or(0);
+        let examples = to_examples(&records, &encode, ends, c.seq_len)?;
+        let pad = ends.eos.unwrap_or(0);
         if let Some(fraction) = c.prune {
             prune_magnitude(&mut model, fraction)?;
         }
@@ -481,14 +481,14 @@ impl Cell {
 fn to_examples(
     records: &[Record],
     encode: &dyn Fn(&str) -> Result<Vec<u32>>,
-    eos: Option<u32>,
+    ends: Ends,
     len: usize,
 ) -> Result<Vec<Example>> {
     let (mut sequences, mut text) = (Vec::new(), Vec::new());
     for r in records {
         match r {
-            Record::Text { .. } => text.push(Example::from_record(r, encode, eos, usize::MAX)?),
-            Record::PromptCompletion { .. } => sequences.push(Example::from_record(r, encode, eos, len)?),
+            Record::Text { .. } => text.push(Example::from_record(r, encode, ends, usize::MAX)?),
+            Record::PromptCompletion { .. } => sequences.push(Example::from_record(r, encode, ends, len)?),
         }
     }
     sequences.extend(pack(&text, len)?);

@@ -75,13 +75,24 @@ pub struct Example {
     pub labels: Vec<i64>,
 }
 
+/// The special tokens around a record's tokens: a BOS in front (unless the text already starts
+/// with it, as a chat template that writes `<bos>` makes it) and an EOS after. From a tokenizer:
+/// [`crate::tokenizer::ends`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ends {
+    /// The token a sequence starts with (Gemma's `<bos>`); `None` for none.
+    pub bos: Option<u32>,
+    /// The token appended after the text; `None` for none (a chat template ends its turns).
+    pub eos: Option<u32>,
+}
+
 impl Example {
-    /// Builds an example from a record with `encode` (text to ids), appending `eos` if given and
-    /// cutting to `max_len` tokens. Errors when the cut leaves no token to learn.
+    /// Builds an example from a record with `encode` (text to ids), between the tokens of `ends`,
+    /// cut to `max_len` tokens. Errors when the cut leaves no token to learn.
     pub fn from_record(
         record: &Record,
         encode: &dyn Fn(&str) -> Result<Vec<u32>>,
-        eos: Option<u32>,
+        ends: Ends,
         max_len: usize,
     ) -> Result<Self> {
         let (mut ids, mut labels) = match record {
@@ -98,7 +109,11 @@ impl Example {
                 (ids, labels)
             }
         };
-        if let Some(eos) = eos {
+        if let Some(bos) = ends.bos.filter(|b| ids.first() != Some(b)) {
+            ids.insert(0, bos);
+            labels.insert(0, IGNORE_INDEX);
+        }
+        if let Some(eos) = ends.eos {
             ids.push(eos);
             labels.push(eos as i64);
         }
@@ -206,7 +221,7 @@ mod tests {
     #[test]
     fn prompt_tokens_are_not_learned() -> Result<()> {
         let r = Record::PromptCompletion { prompt: "ab".into(), completion: "c".into() };
-        let e = Example::from_record(&r, &encode, Some(0), 16)?;
+        let e = Example::from_record(&r, &encode, Ends { bos: None, eos: Some(0) }, 16)?;
         assert_eq!(e.ids, vec![97, 98, 99, 0]);
         assert_eq!(e.labels, vec![IGNORE_INDEX, IGNORE_INDEX, 99, 0]);
         let b = collate(&[&e, &Example { ids: vec![1, 2], labels: vec![1, 2] }], 7, &Device::Cpu)?;

@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::{AdapterConfig, InitOptions, LinearHost, NamedLinears, PeftModel};
 
+pub mod real_model;
+
 /// The device the numeric tests run on: `CANDLE_PEFT_TEST_DEVICE` (`cpu`, `cuda:0`, `metal`,
 /// `auto`), `cpu` when unset. A device this build cannot use is a test failure that says why.
 pub fn test_device() -> Device {

@@ -12,8 +12,8 @@ use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
 use candle_peft::quantized::BaseQuant;
 use candle_peft::sweep::{Sweep, SweepConfig};
-use candle_peft::tokenizer::{encode, end_token, stop_tokens};
-use candle_peft::train::data::{read_jsonl, Example, Record};
+use candle_peft::tokenizer::{encode, encode_sequence, ends, stop_tokens};
+use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
 use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
     AdapterConfig, Fixed, InitOptions, MethodParams, PeftModel, RankStabilized, Standard, TargetConfig, TargetModules,
@@ -363,7 +363,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             };
             let (lm, tokenizer) = load_with_adapter(&run, &model, adapter.as_deref(), &device, dtype)?;
             let lm = lm.model();
-            let ids = encode(&tokenizer, &prompt)?;
+            let ids = encode_sequence(&tokenizer, &prompt)?;
             let new = lm.generate_greedy(&ids, max_new_tokens, &stop_tokens(&tokenizer))?;
             println!("{}", tokenizer.decode(&new, true).map_err(|e| e.to_string())?);
             Ok(())
@@ -429,7 +429,7 @@ fn eval_loss(
             Record::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
             Record::Text { text } => text.clone(),
         };
-        let ids = encode(tokenizer, &text)?;
+        let ids = encode_sequence(tokenizer, &text)?;
         if ids.len() < 2 {
             continue;
         }
@@ -515,7 +515,7 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
     let (device, dtype) = args.run.open()?;
     let model_path = models::resolve(&args.model)?;
     let (model, tokenizer) = args.run.load(&model_path, &device, dtype)?;
-    let eos = end_token(&tokenizer);
+    let ends = ends(&tokenizer);
     let enc = |s: &str| encode(&tokenizer, s);
     let template = match args.chat_template.as_str() {
         "auto" => ChatTemplate::from_model(&model_path)?,
@@ -534,9 +534,9 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
             .map(|r| match (&template, r) {
                 // The template ends the assistant turn itself.
                 (Some(t), Record::PromptCompletion { .. }) => {
-                    Example::from_record(&r.with_chat_template(t)?, &enc, None, args.max_len)
+                    Example::from_record(&r.with_chat_template(t)?, &enc, Ends { eos: None, ..ends }, args.max_len)
                 }
-                _ => Example::from_record(r, &enc, eos, args.max_len),
+                _ => Example::from_record(r, &enc, ends, args.max_len),
             })
             .collect::<candle_peft::Result<_>>()?)
     };
@@ -553,7 +553,7 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
         checkpoint_every: Some(args.every),
         output_dir: Some(args.output.clone()),
         seed: args.seed,
-        pad_id: eos.unwrap_or(0),
+        pad_id: ends.eos.unwrap_or(0),
         progress: true,
         checkpoint_activations: args.checkpoint_activations,
         ..Default::default()
