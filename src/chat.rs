@@ -47,16 +47,21 @@ impl ChatTemplate {
         Ok(t)
     }
 
-    /// The template of a model: a GGUF file's `tokenizer.chat_template` or an HF directory's
-    /// `tokenizer_config.json` `chat_template` (a string, or a list of named templates of which
-    /// `default` is taken). `None` when the model has none.
+    /// The template of a model: a GGUF file's `tokenizer.chat_template`; in an HF directory,
+    /// `chat_template.jinja` (transformers 5) or else `tokenizer_config.json`'s `chat_template`
+    /// (a string, or a list of named templates of which `default` is taken), with the BOS and
+    /// EOS tokens of `tokenizer_config.json`. `None` when the model has none.
     pub fn from_model(path: &Path) -> Result<Option<Self>> {
         if path.is_dir() {
             let config = path.join("tokenizer_config.json");
-            let Ok(text) = std::fs::read_to_string(&config) else { return Ok(None) };
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Config { path: config.clone(), reason: e.to_string() })?;
+            let json: serde_json::Value = match std::fs::read_to_string(&config) {
+                Ok(text) => serde_json::from_str(&text)
+                    .map_err(|e| Error::Config { path: config.clone(), reason: e.to_string() })?,
+                Err(_) => serde_json::Value::Null,
+            };
+            let jinja = path.join("chat_template.jinja");
             let source = match &json["chat_template"] {
+                _ if jinja.exists() => std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?,
                 serde_json::Value::String(s) => s.clone(),
                 serde_json::Value::Array(named) => match named.iter().find(|t| t["name"] == "default") {
                     Some(t) => t["template"].as_str().unwrap_or_default().to_string(),

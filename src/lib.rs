@@ -14,7 +14,7 @@
 //!   collects trainable variables, merges, saves and loads `adapter_config.json` +
 //!   `adapter_model.safetensors` as PEFT does.
 //! - [`device()`]: `auto | cpu | cuda:N | metal` at run time.
-//! - [`models::Llama`]: LLaMA, Llama 3, Mistral, Qwen2, Qwen3 and Gemma 3 ([`models::Family`]) from HF
+//! - [`models::Llama`]: LLaMA, Llama 3, Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 ([`models::Family`]) from HF
 //!   dirs, GGUF files or Hub ids ([`hub`]), KV-cached generation; [`train::Trainer`],
 //!   [`chat::ChatTemplate`]: fine-tuning a real model; [`fused`]: the training ops that keep
 //!   only what their backward pass needs.

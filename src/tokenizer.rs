@@ -102,6 +102,66 @@ pub fn stop_tokens(tokenizer: &Tokenizer) -> Vec<u32> {
     )
 }
 
+/// The HF files of a tokenizer that [`save_with_model`] copies from a model directory as they
+/// are (transformers 5 keeps the chat template in `chat_template.jinja`, 4.x in
+/// `tokenizer_config.json`).
+const TOKENIZER_FILES: [&str; 4] =
+    ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"];
+
+/// Writes the tokenizer of the model at `source` into the HF model directory `dir`, so that the
+/// directory is a whole model (`candle-peft generate --chat`, transformers'
+/// `AutoTokenizer.from_pretrained(dir).apply_chat_template`): `tokenizer.json`, and
+/// - from a model directory, its `tokenizer_config.json`, `special_tokens_map.json`,
+///   `chat_template.jinja` and `generation_config.json` that exist, as they are;
+/// - from a GGUF file, what transformers' GGUF loader reads from the metadata: the chat template
+///   (`chat_template.jinja`, and `chat_template` in `tokenizer_config.json` for transformers
+///   4), the BOS / EOS / UNK / PAD tokens and `add_bos_token` / `add_eos_token`.
+///
+/// Every file is written atomically.
+pub fn save_with_model(tokenizer: &Tokenizer, source: &Path, dir: &Path) -> Result<()> {
+    let json = tokenizer
+        .to_string(false)
+        .map_err(|e| Error::Tokenizer(format!("cannot serialize the tokenizer for {}: {e}", dir.display())))?;
+    crate::format::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    if source.is_dir() {
+        for name in TOKENIZER_FILES {
+            let from = source.join(name);
+            if from.exists() {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                crate::format::write_atomic(&dir.join(name), &bytes)?;
+            }
+        }
+        return Ok(());
+    }
+    let meta = GgufMetadata::read(source)?;
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let mut config = serde_json::Map::new();
+    config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    for (name, key) in [
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ] {
+        if let Some(t) = meta.u32(&format!("tokenizer.ggml.{key}")).ok().and_then(|id| tokens.get(id as usize)) {
+            config.insert(name.into(), t.clone().into());
+        }
+    }
+    let sentencepiece = meta.string("tokenizer.ggml.model").is_ok_and(|m| m == "llama");
+    for (name, default) in [("add_bos_token", sentencepiece), ("add_eos_token", false)] {
+        let value = meta.bool(&format!("tokenizer.ggml.{name}")).ok();
+        if let Some(v) = value.or(default.then_some(true)) {
+            config.insert(name.into(), v.into());
+        }
+    }
+    if let Ok(template) = meta.string("tokenizer.chat_template") {
+        crate::format::write_atomic(&dir.join("chat_template.jinja"), template.as_bytes())?;
+        config.insert("chat_template".into(), template.into());
+    }
+    let json = serde_json::to_string_pretty(&serde_json::Value::Object(config))?;
+    crate::format::write_atomic(&dir.join("tokenizer_config.json"), json.as_bytes())
+}
+
 /// Reads an HF `tokenizer.json`.
 pub fn from_file(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path)

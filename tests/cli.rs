@@ -397,4 +397,32 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
         eprintln!("eval loss: base {base:.4}, adapter on the Q4_1 base {unmerged:.4}, merged {quant} GGUF {loss:.4}");
         assert!((unmerged - loss).abs() < bound, "adapter {unmerged} vs merged {quant} {loss}");
     }
+
+    // Merged into an HF directory, the model carries its tokenizer and chat template: the
+    // template renders as the GGUF's, `generate --chat` runs on the directory, and it evaluates
+    // as the adapter on the f32 base.
+    let merged = dir.path().join("merged-hf");
+    let merge = ["merge", "--base", &smollm2(), "--adapter", adapter.to_str().unwrap(), "--device", "cpu"];
+    let (ok, _, err) = cli(&[&merge[..], &["--output", merged.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        assert!(merged.join(file).exists(), "the merged directory has no {file}");
+    }
+    use candle_peft::chat::{ChatTemplate, Message};
+    let conversation = [Message::new("user", "Hi"), Message::new("assistant", "Hello!")];
+    let render =
+        |path: &Path| ChatTemplate::from_model(path).unwrap().expect("a chat template").render(&conversation, false);
+    assert_eq!(render(&merged).unwrap(), render(Path::new(&smollm2())).unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["bos_token"].as_str(), config["eos_token"].as_str()),
+        (Some("<|im_start|>"), Some("<|im_end|>"))
+    );
+    let (ok, out, err) =
+        cli(&["generate", "--model", merged.to_str().unwrap(), "--chat", "--prompt", "Hi", "--max-new-tokens", "3"]);
+    assert!(ok && !out.trim().is_empty(), "{err}");
+    let dense = eval(&["--model", &smollm2(), "--adapter", adapter.to_str().unwrap()]);
+    let loss = eval(&["--model", merged.to_str().unwrap()]);
+    assert!((dense - loss).abs() < 1e-4, "adapter on the f32 base {dense} vs merged HF directory {loss}");
 }

@@ -1,4 +1,4 @@
-//! The LLaMA-layout families (Llama 3, Mistral, Qwen2, Qwen3, Gemma 3) against transformers' own model
+//! The LLaMA-layout families (Llama 3, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3) against transformers' own model
 //! classes (fixtures from `generate.py --families`): logits of the base model, logits with a
 //! PEFT LoRA adapter on every linear and the gradient of every LoRA tensor; the KV cache and
 //! activation checkpointing through their switches (windows, biases, q/k norms); configs whose
@@ -11,12 +11,13 @@ use candle_peft::models::{Family, KvCache, Llama, LlamaConfig};
 use candle_peft::PeftModel;
 use common::{assert_close, fixture, load, test_device};
 
-const FAMILIES: [(&str, Family); 5] = [
+const FAMILIES: [(&str, Family); 6] = [
     ("llama3", Family::Llama),
     ("mistral", Family::Mistral),
     ("qwen2", Family::Qwen2),
     ("qwen3", Family::Qwen3),
     ("gemma3", Family::Gemma3),
+    ("phi3", Family::Phi3),
 ];
 
 fn model(name: &str) -> Llama {
@@ -42,8 +43,8 @@ fn every_family_matches_transformers_and_peft() -> candle_peft::Result<()> {
         assert_close(&logits, &r["logits"], 1e-5, &format!("{name} logits with LoRA"));
         let grads = (&logits * &r["g"])?.sum_all()?.backward()?;
         let named = peft.named_trainable_vars()?;
-        let layers = peft.model().config().num_hidden_layers;
-        assert_eq!(named.len(), 2 * 7 * layers, "{name}: LoRA A and B on 7 linears of every layer");
+        let (layers, linears) = (peft.model().config().num_hidden_layers, peft.model().config().layer_linears().len());
+        assert_eq!(named.len(), 2 * linears * layers, "{name}: LoRA A and B on every linear of every layer");
         for (key, var) in named {
             assert_close(
                 grads.get(var.as_tensor()).unwrap(),
@@ -75,6 +76,8 @@ fn the_family_switches_are_what_the_reference_needs() -> candle_peft::Result<()>
     assert!(no_window > 1e-3, "mistral without its window: {no_window}");
     let no_window = edited("qwen2", &|c| c["use_sliding_window"] = false.into())?;
     assert!(no_window > 1e-3, "qwen2 without its window: {no_window}");
+    let no_window = edited("phi3", &|c| c["sliding_window"] = serde_json::Value::Null)?;
+    assert!(no_window > 1e-3, "phi3 without its window: {no_window}");
     let plain_rope = edited("llama3", &|c| c["rope_parameters"] = serde_json::json!({"rope_theta": 10000.0}))?;
     assert!(plain_rope > 1e-3, "llama3 without its RoPE scaling: {plain_rope}");
     let all_global = edited("gemma3", &|c| {
@@ -182,17 +185,19 @@ fn configs_that_change_the_math_are_read_or_refused_by_name() {
     }
 }
 
-/// Qwen2 and Qwen3 GGUF files (gguf-py's names and writer): no q/k row permutation, biases,
-/// q/k norms, Qwen3's `key_length`; kept quantized or not, the logits of transformers' reading
-/// of the same file (Qwen2) or of the HF model (Qwen3).
+/// Qwen2, Qwen3, Llama 3 and Phi-3 GGUF files (gguf-py's names and writer): Qwen's unpermuted q/k
+/// rows, biases, q/k norms, Qwen3's `key_length`; Llama 3's permuted q/k rows and biases and its
+/// RoPE scaling as llama.cpp's `rope_freqs` divisors; Phi-3's fused `attn_qkv` / `ffn_up` and
+/// its window. Kept quantized or not, and written back by the crate's writer, the logits of
+/// transformers' reading of the same file (Qwen2) or of the HF model (Qwen3, Llama 3, Phi-3).
 #[test]
-fn qwen_gguf_files_load() -> candle_peft::Result<()> {
-    for name in ["qwen2", "qwen3"] {
+fn gguf_files_of_the_families_load() -> candle_peft::Result<()> {
+    for (name, arch) in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("llama3", "llama"), ("phi3", "phi3")] {
         let r = load(&format!("families/{name}/reference.safetensors"));
         let path = fixture(&format!("families/{name}/model.gguf"));
         for quant in [candle_peft::quantized::BaseQuant::None, candle_peft::quantized::BaseQuant::Keep] {
             let (m, meta) = Llama::from_gguf_quantized(&path, &test_device(), DType::F32, quant)?;
-            assert_eq!(meta.string("general.architecture")?, name);
+            assert_eq!(meta.string("general.architecture")?, arch);
             assert_close(&m.forward(&r["ids"])?, &r["gguf_logits"], 1e-5, &format!("{name} GGUF {quant:?}"));
             // Written back by the crate's GGUF writer, it reads the same.
             let dir = tempfile::tempdir().unwrap();

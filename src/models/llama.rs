@@ -31,7 +31,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 
-use super::rope::RopeParameters;
+use super::rope::{RopeParameters, RopeScaling};
 use crate::format::read_safetensors;
 use crate::frozen::FrozenWeight;
 use crate::fused::{causal_attention_with, geglu_tanh, rms_norm, rope, swiglu, Attention};
@@ -127,16 +127,21 @@ pub enum Family {
     /// `sliding_window_pattern`-th, RoPE base `rope_theta` with its scaling); `head_dim` 256
     /// and tied embeddings by default.
     Gemma3,
+    /// Phi-3 / Phi-3.5 mini (`phi3`; Abdin et al. 2024): LLaMA's math with q, k and v fused into
+    /// one `qkv_proj` and gate and up into one `gate_up_proj` (which PEFT adapters target as
+    /// such), no biases, a sliding window on every layer when set.
+    Phi3,
 }
 
 impl Family {
     /// Every family with its `model_type`.
-    pub const ALL: [(&'static str, Family); 5] = [
+    pub const ALL: [(&'static str, Family); 6] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
         ("qwen3", Family::Qwen3),
         ("gemma3_text", Family::Gemma3),
+        ("phi3", Family::Phi3),
     ];
 
     /// The family of a `model_type`.
@@ -157,6 +162,7 @@ impl Family {
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
             Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -167,6 +173,7 @@ impl Family {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Phi3 => "phi3",
         }
     }
 }
@@ -199,9 +206,13 @@ impl LlamaConfig {
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
         let mut c: Self = serde_json::from_value(raw.clone()).map_err(bad)?;
         // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 when the key
-        // is absent (Qwen's applies only with use_sliding_window).
-        if c.family() != Family::Llama && raw.get("sliding_window").is_none() {
+        // is absent (Qwen's applies only with use_sliding_window); Phi-3's to none.
+        if !matches!(c.family(), Family::Llama | Family::Phi3) && raw.get("sliding_window").is_none() {
             c.sliding_window = Some(4096);
+        }
+        // Phi3Config's default epsilon.
+        if c.family() == Family::Phi3 && raw.get("rms_norm_eps").is_none() {
+            c.rms_norm_eps = 1e-5;
         }
         // Gemma3TextConfig ties the embeddings unless told otherwise.
         if c.family() == Family::Gemma3 && raw.get("tie_word_embeddings").is_none() {
@@ -408,7 +419,7 @@ impl LlamaConfig {
         match self.family() {
             Family::Qwen2 => true,
             Family::Llama | Family::Qwen3 | Family::Gemma3 => self.attention_bias,
-            Family::Mistral => false,
+            Family::Mistral | Family::Phi3 => false,
         }
     }
 
@@ -422,10 +433,41 @@ impl LlamaConfig {
         self.family() == Family::Llama && self.mlp_bias
     }
 
-    /// Whether each linear of a layer has a bias, in the order of [`LAYER_LINEARS`].
-    pub fn linear_biases(&self) -> [bool; 7] {
+    /// Whether q/k/v and gate/up are fused into one linear each (Phi-3).
+    pub fn fused_projections(&self) -> bool {
+        self.family() == Family::Phi3
+    }
+
+    /// The HF names (after `model.layers.N.`) of a layer's linears: [`LAYER_LINEARS`], or
+    /// [`FUSED_LAYER_LINEARS`] for Phi-3.
+    pub fn layer_linears(&self) -> &'static [&'static str] {
+        if self.fused_projections() {
+            &FUSED_LAYER_LINEARS
+        } else {
+            &LAYER_LINEARS
+        }
+    }
+
+    /// Whether each linear of a layer has a bias, in the order of
+    /// [`LlamaConfig::layer_linears`].
+    pub fn linear_biases(&self) -> Vec<bool> {
+        if self.fused_projections() {
+            return vec![false; FUSED_LAYER_LINEARS.len()];
+        }
         let (qkv, mlp) = (self.qkv_bias(), self.mlp_has_bias());
-        [qkv, qkv, qkv, self.o_bias(), mlp, mlp, mlp]
+        vec![qkv, qkv, qkv, self.o_bias(), mlp, mlp, mlp]
+    }
+
+    /// The `(out, in)` shape of each linear of a layer, in the order of
+    /// [`LlamaConfig::layer_linears`].
+    pub fn linear_shapes(&self) -> Vec<(usize, usize)> {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        if self.fused_projections() {
+            vec![(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]
+        } else {
+            vec![(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+        }
     }
 
     /// Whether each query and key head is RMS-normalized before RoPE (Qwen3).
@@ -440,7 +482,7 @@ impl LlamaConfig {
         let window = self.sliding_window?;
         let by_types = || self.layer_types.as_ref().and_then(|t| t.get(i)).map(|t| t == "sliding_attention");
         let slides = match self.family() {
-            Family::Mistral => true,
+            Family::Mistral | Family::Phi3 => true,
             Family::Qwen2 | Family::Qwen3 => {
                 self.use_sliding_window && by_types().unwrap_or(i >= self.max_window_layers.unwrap_or(28))
             }
@@ -545,13 +587,9 @@ pub const LAYER_LINEARS: [&str; 7] = [
     "mlp.up_proj",
     "mlp.down_proj",
 ];
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
+/// Phi-3's linears: q, k and v fused (rows in that order), gate and up fused (gate first).
+pub const FUSED_LAYER_LINEARS: [&str; 4] =
+    ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
 
 /// One decoder layer. Norm weights are held as the multipliers the norms apply: Gemma's
 /// `1 + w` (see [`LlamaConfig::norm_offset`]).
@@ -568,8 +606,45 @@ struct Block {
     qk_norm: Option<(Tensor, Tensor)>,
     /// The sliding window of this layer's attention, if it has one.
     window: Option<usize>,
-    /// q, k, v, o, gate, up, down (see [`LAYER_LINEARS`]).
-    linears: [AdaptedLinear; 7],
+    /// The linears of [`LlamaConfig::layer_linears`]: q, k, v, o, gate, up, down, or Phi-3's
+    /// qkv, o, gate_up, down.
+    linears: Vec<AdaptedLinear>,
+}
+
+impl Block {
+    /// The queries, keys and values of `x`, each `(.., heads * head_dim)`.
+    fn qkv(&self, x: &Tensor, c: &LlamaConfig) -> Result<[Tensor; 3]> {
+        let l = &self.linears;
+        if !c.fused_projections() {
+            return Ok([l[0].forward_checked(x)?, l[1].forward_checked(x)?, l[2].forward_checked(x)?]);
+        }
+        let (q, kv) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+        let qkv = l[0].forward_checked(x)?;
+        let last = qkv.rank() - 1;
+        Ok([qkv.narrow(last, 0, q)?, qkv.narrow(last, q, kv)?, qkv.narrow(last, q + kv, kv)?])
+    }
+
+    /// The attention output projection.
+    fn o(&self, c: &LlamaConfig) -> &AdaptedLinear {
+        &self.linears[if c.fused_projections() { 1 } else { 3 }]
+    }
+
+    /// The MLP's gate and up projections of `x`.
+    fn gate_up(&self, x: &Tensor, c: &LlamaConfig) -> Result<[Tensor; 2]> {
+        let l = &self.linears;
+        if !c.fused_projections() {
+            return Ok([l[4].forward_checked(x)?, l[5].forward_checked(x)?]);
+        }
+        let both = l[2].forward_checked(x)?;
+        let last = both.rank() - 1;
+        let i = c.intermediate_size;
+        Ok([both.narrow(last, 0, i)?, both.narrow(last, i, i)?])
+    }
+
+    /// The MLP's down projection (the layer's last linear).
+    fn down(&self) -> &AdaptedLinear {
+        self.linears.last().expect("a layer has linears")
+    }
 }
 
 impl Block {
@@ -686,10 +761,11 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let linears: Vec<AdaptedLinear> = LAYER_LINEARS
+            let linears: Vec<AdaptedLinear> = config
+                .layer_linears()
                 .iter()
-                .zip(biases)
-                .map(|(n, bias)| linear(&format!("{p}.{n}"), bias))
+                .zip(&biases)
+                .map(|(n, bias)| linear(&format!("{p}.{n}"), *bias))
                 .collect::<Result<_>>()?;
             let mut norms = Block::norm_names(&config)
                 .into_iter()
@@ -700,14 +776,7 @@ impl Llama {
             let (attn_norm, mlp_norm) = (next(), next());
             let output_norms = (family == Family::Gemma3).then(|| (next(), next()));
             let qk_norm = config.qk_norm().then(|| (next(), next()));
-            layers.push(Block {
-                attn_norm,
-                mlp_norm,
-                output_norms,
-                qk_norm,
-                window: config.layer_window(i),
-                linears: linears.try_into().expect("seven linears"),
-            });
+            layers.push(Block { attn_norm, mlp_norm, output_norms, qk_norm, window: config.layer_window(i), linears });
         }
         let lm_head = match (config.tie_word_embeddings, has_head) {
             (false, _) | (true, true) => Some(linear("lm_head", false)?),
@@ -751,15 +820,14 @@ impl Llama {
             let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| normal.sample(&mut rng)).collect();
             loading.add(name.clone(), &name, Tensor::from_vec(data, shape, device)?)
         };
-        let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
-        let (q, kv) = (config.num_attention_heads * hd, config.kv_heads() * hd);
+        let (h, hd) = (config.hidden_size, config.head_dim());
         draw("model.embed_tokens.weight".to_string(), (config.vocab_size, h))?;
         if !config.tie_word_embeddings {
             draw("lm_head.weight".to_string(), (config.vocab_size, h))?;
         }
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            for (name, shape) in LAYER_LINEARS.iter().zip([(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]) {
+            for (name, shape) in config.layer_linears().iter().zip(config.linear_shapes()) {
                 draw(format!("{p}.{name}.weight"), shape)?;
             }
         }
@@ -767,14 +835,16 @@ impl Llama {
         let unit = |n: usize| Tensor::full(1.0 - config.norm_offset() as f32, n, device);
         loading.tensors.insert("model.norm.weight".to_string(), unit(h)?);
         let biases = config.linear_biases();
-        let bias_sizes = [q, kv, kv, h, i, i, h];
+        let bias_sizes = config.linear_shapes().into_iter().map(|(out, _)| out);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             for name in Block::norm_names(&config) {
                 let width = if name.starts_with("self_attn.") { hd } else { h };
                 loading.tensors.insert(format!("{p}.{name}.weight"), unit(width)?);
             }
-            for ((name, size), _) in LAYER_LINEARS.iter().zip(bias_sizes).zip(biases).filter(|(_, b)| *b) {
+            for ((name, size), _) in
+                config.layer_linears().iter().zip(bias_sizes.clone()).zip(&biases).filter(|(_, b)| **b)
+            {
                 loading.tensors.insert(format!("{p}.{name}.bias"), Tensor::zeros(size, DType::F32, device)?);
             }
         }
@@ -837,9 +907,14 @@ impl Llama {
         loading.build(config, &dir.display().to_string())
     }
 
-    /// Loads a llama.cpp GGUF file (`general.architecture = "llama"`): every tensor dequantized
-    /// to f32 then cast to `dtype`, renamed to HF's names, with llama.cpp's q/k row permutation
-    /// undone so that the weights are in HF layout (and PEFT adapters fit them).
+    /// Loads a llama.cpp GGUF file (`general.architecture` `llama`, which includes Mistral,
+    /// `qwen2`, `qwen3`, `gemma3` or `phi3`): every tensor dequantized to f32 then cast to
+    /// `dtype`, renamed to HF's names, with llama.cpp's q/k row permutation (`llama` files)
+    /// undone and Gemma's `1 + w` norms stored back as `w`, so that the weights are in HF layout
+    /// (and PEFT adapters fit them). What the file does not say is llama.cpp's: a Gemma 3 file
+    /// has a global layer every 6th, local RoPE base 1e4 (or `rope.freq_base_swa`) and queries
+    /// scaled by `1 / sqrt(head_dim)`; Llama 3's RoPE scaling is read back from the
+    /// `rope_freqs` divisors ([`RopeParameters::from_llama_cpp_divisors`]).
     pub fn from_gguf(path: &Path, device: &Device, dtype: DType) -> Result<(Self, GgufMetadata)> {
         Self::from_gguf_quantized(path, device, dtype, BaseQuant::None)
     }
@@ -864,10 +939,11 @@ impl Llama {
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
             "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             _ => {
                 return Err(err(format!(
                     "general.architecture is \"{arch}\"; supported GGUF architectures are llama (LLaMA, Mistral), \
-                     qwen2, qwen3 and gemma3"
+                     qwen2, qwen3, gemma3 and phi3"
                 )))
             }
         };
@@ -882,13 +958,6 @@ impl Llama {
             Some(t) => t.shape.dims().first().copied().unwrap_or(0),
             None => return Err(err("the GGUF file has no `token_embd.weight` tensor (the token embeddings)".into())),
         };
-        if content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(err(
-                "the file has `rope_freqs.weight` (Llama 3's RoPE scaling as llama.cpp stores it), which is not \
-                 supported from GGUF yet; load the model's HF checkpoint (its config.json has rope_type llama3)"
-                    .into(),
-            ));
-        }
         // Linear scaling (Gemma 3 4B+: of the global layers only, as transformers applies it).
         let rope_scaling = match meta.string(&key("rope.scaling.type")).ok().as_deref() {
             None | Some("none") => serde_json::Value::Null,
@@ -925,8 +994,16 @@ impl Llama {
             "rope_scaling": rope_scaling,
         }))?;
         config.head_dim = head_dim;
+        // llama.cpp writes 0 for none (Phi-3).
         if meta.contains(&key("attention.sliding_window")) {
-            config.sliding_window = Some(num("attention.sliding_window")?);
+            config.sliding_window = Some(num("attention.sliding_window")?).filter(|&w| w > 0);
+        }
+        if content.tensor_infos.contains_key("rope_factors_long.weight") {
+            return Err(err(
+                "the file has `rope_factors_long.weight`: Phi-3's LongRoPE (its 128k-context models), which is not \
+                 supported; the 4k-context Phi-3 models are"
+                    .into(),
+            ));
         }
         if family == Family::Gemma3 {
             // What llama.cpp hard-codes for Gemma 3 (its files do not say): local layers at RoPE
@@ -939,12 +1016,30 @@ impl Llama {
             config.other.insert("query_pre_attn_scalar".into(), scalar.into());
             config.other.insert("sliding_window_pattern".into(), 6.into());
         }
+        // Llama 3's RoPE scaling, which llama.cpp stores as a divisor per frequency.
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            let divisors = content
+                .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| err(format!("tensor `rope_freqs.weight`: {e}")))?;
+            let head_dim = head_dim.unwrap_or(config.hidden_size / heads.max(1));
+            let rope = RopeParameters::from_llama_cpp_divisors(rope_theta as f64, head_dim, &divisors)
+                .map_err(|e| err(format!("tensor `rope_freqs.weight` (RoPE frequency divisors) {e}")))?;
+            if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } =
+                rope.scaling
+            {
+                config.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": factor,
+                    "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings}));
+            }
+        }
         // Refused by name by `check` below, as in a config.json.
         if let Some(cap) = optional_f32("final_logit_softcapping")? {
             config.other.insert("final_logit_softcapping".into(), cap.into());
         }
         // llama.cpp's converter writes biases only where the checkpoint has them.
         config.attention_bias = family == Family::Llama && content.tensor_infos.contains_key("blk.0.attn_q.bias");
+        config.mlp_bias = family == Family::Llama && content.tensor_infos.contains_key("blk.0.ffn_down.bias");
         // Before any tensor is read: the q/k row permutation divides by the head counts.
         config.check(Some(path), &|f| gguf_field(&arch, f))?;
         if meta.contains(&key("rope.dimension_count")) && num("rope.dimension_count")? != config.head_dim() {
@@ -960,7 +1055,7 @@ impl Llama {
         let permuted = arch == "llama";
         let mut loading = Loading::new(quant.target(), dtype);
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-        for name in names {
+        for name in names.into_iter().filter(|n| n != "rope_freqs.weight") {
             let hf = rename(&name, true, family)
                 .ok_or_else(|| err(format!("unexpected tensor `{name}` in a {arch} GGUF")))?;
             let q = content.tensor(&mut file, &name, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
@@ -1053,16 +1148,18 @@ impl Llama {
     }
 
     /// Writes the model as a llama.cpp GGUF file: llama.cpp's architecture (`llama` for LLaMA and
-    /// Mistral, `qwen2`, `qwen3`), tensor names and shape keys, its q/k row permutation (`llama`
-    /// files only), and every other key of `source` (the GGUF the model came from: its
+    /// Mistral, `qwen2`, `qwen3`, `phi3`), tensor names and shape keys, its q/k row permutation
+    /// (`llama` files only), Llama 3's RoPE scaling as the `rope_freqs` divisors, a linear one
+    /// as `rope.scaling.*`, Phi-3's window, and every other key of `source` (the GGUF the model
+    /// came from: its
     /// tokenizer, chat template, ...). Weights held quantized ([`BaseQuant::Keep`]: those a merge
     /// left alone) are copied as stored, in their own types; the dense 2-D weights (the merged
     /// ones, or all of them on a dequantized base) are quantized to `quant` (rows its blocks do
     /// not divide fall back as in [`crate::quantized::fallback_type`]); norms and biases stay
     /// F32. Each linear's current weight is written (the merged one after
     /// [`crate::PeftModel::merge`]). Quantizing loses precision: `tests/cli.rs` measures it on
-    /// SmolLM2. A RoPE scaling or a sliding window, which llama.cpp's `llama` keys cannot say,
-    /// is refused.
+    /// SmolLM2. A sliding window of a `llama` or Qwen file, which llama.cpp's keys cannot say,
+    /// is refused, and so is Gemma 3 (not written yet).
     pub fn save_gguf(&self, path: &Path, quant: GgmlDType, source: &GgufMetadata) -> Result<SavedGguf> {
         if matches!(quant, GgmlDType::Q8_1 | GgmlDType::Q8K) {
             return Err(Error::config(
@@ -1080,14 +1177,17 @@ impl Llama {
             ));
         }
         let rope = c.rope().map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
-        if rope.scaling != super::rope::RopeScaling::None {
+        // Llama 3's scaling is llama.cpp's `rope_freqs` tensor, which its `llama` models read.
+        let rope_freqs = rope.llama_cpp_divisors(c.head_dim());
+        if rope_freqs.is_some() && family.gguf_architecture() != "llama" {
             return Err(Error::Unsupported(format!(
-                "a GGUF file of a model with RoPE scaling {:?} (llama.cpp stores it as its own tensor, which this \
-                 writer does not produce yet); write an HF directory",
-                rope.scaling
+                "a {} GGUF file with Llama 3's RoPE scaling (llama.cpp reads it for `llama` files only); write an HF \
+                 directory",
+                family.gguf_architecture()
             )));
         }
-        if let Some(i) = (0..c.num_hidden_layers).find(|&i| c.layer_window(i).is_some()) {
+        let window_key = family == Family::Phi3;
+        if let Some(i) = (0..c.num_hidden_layers).find(|&i| c.layer_window(i).is_some()).filter(|_| !window_key) {
             return Err(Error::Unsupported(format!(
                 "a GGUF file of a model with sliding-window attention (layer {i}): llama.cpp's {} files have no \
                  key for it and would attend to every key; write an HF directory",
@@ -1119,7 +1219,16 @@ impl Llama {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         metadata.sort_by(|a, b| a.0.cmp(&b.0));
+        metadata.retain(|(k, _)| !k.starts_with(&key("rope.scaling.")) && *k != key("attention.sliding_window"));
         metadata.extend(own);
+        if window_key {
+            let window = c.sliding_window.unwrap_or(0) as u32;
+            metadata.push((key("attention.sliding_window"), Value::U32(window)));
+        }
+        if let RopeScaling::Linear { factor } = rope.scaling {
+            metadata.push((key("rope.scaling.type"), Value::String("linear".into())));
+            metadata.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
+        }
         if let Some(t) = llama_file_type(quant) {
             metadata.push(("general.file_type".into(), Value::U32(t)));
         }
@@ -1180,6 +1289,10 @@ impl Llama {
             if let Some(bias) = l.bias() {
                 add(&format!("{path}.bias"), &bias.clone().into())?;
             }
+        }
+        if let Some(divisors) = rope_freqs {
+            let t = Tensor::new(divisors, &Device::Cpu)?;
+            tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32)?));
         }
         crate::gguf::write_gguf(path, &metadata, &tensors)?;
         Ok(saved)
@@ -1252,7 +1365,6 @@ impl Llama {
         let (heads, kv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let (cos, sin) = &tables[usize::from(layer.window.is_some())];
         let x = rms_norm(h, &layer.attn_norm, c.rms_norm_eps)?;
-        let l = &layer.linears;
         // (b, t, n * hd) -> (b, n, t, hd), each head RMS-normalized first where the family says.
         let heads_first = |y: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
             let y = y.reshape((b, t, n, hd))?;
@@ -1263,9 +1375,10 @@ impl Llama {
             Ok(y.transpose(1, 2)?)
         };
         let (q_norm, k_norm) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
-        let q = rope(&heads_first(l[Q].forward_checked(&x)?, heads, q_norm)?, cos, sin)?;
-        let mut k = rope(&heads_first(l[K].forward_checked(&x)?, kv, k_norm)?, cos, sin)?;
-        let mut v = heads_first(l[V].forward_checked(&x)?, kv, None)?;
+        let [q, k, v] = layer.qkv(&x, c)?;
+        let q = rope(&heads_first(q, heads, q_norm)?, cos, sin)?;
+        let mut k = rope(&heads_first(k, kv, k_norm)?, cos, sin)?;
+        let mut v = heads_first(v, kv, None)?;
         if let Some(cached) = cached {
             if let Some((k0, v0)) = cached.as_ref() {
                 (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
@@ -1275,16 +1388,16 @@ impl Llama {
         }
         let how = Attention { scale: c.attention_scale(), window: layer.window };
         let attn = causal_attention_with(&q, &k, &v, how)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-        let out = l[O].forward_checked(&attn)?;
+        let out = layer.o(c).forward_checked(&attn)?;
         let out = match &layer.output_norms {
             Some((after_attention, _)) => rms_norm(&out, after_attention, c.rms_norm_eps)?,
             None => out,
         };
         let h = (h + out)?;
         let x = rms_norm(&h, &layer.mlp_norm, c.rms_norm_eps)?;
-        let (gate, up) = (l[GATE].forward_checked(&x)?, l[UP].forward_checked(&x)?);
+        let [gate, up] = layer.gate_up(&x, c)?;
         let act = if c.family() == Family::Gemma3 { geglu_tanh(&gate, &up)? } else { swiglu(&gate, &up)? };
-        let out = l[DOWN].forward_checked(&act)?;
+        let out = layer.down().forward_checked(&act)?;
         let out = match &layer.output_norms {
             Some((_, after_mlp)) => rms_norm(&out, after_mlp, c.rms_norm_eps)?,
             None => out,
@@ -1473,6 +1586,9 @@ const LAYER_TENSORS: [(&str, &str); 10] = [
 /// but Gemma 3's `pre_feedforward_layernorm`, whose norm after attention llama.cpp calls
 /// `post_attention_norm`.
 const LLAMA_MLP_NORMS: [(&str, &str); 1] = [("ffn_norm", "post_attention_layernorm")];
+/// Phi-3's fused linears (llama.cpp keeps `ffn_up` for the fused gate and up) and its MLP norm.
+const PHI3_TENSORS: [(&str, &str); 3] =
+    [("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj"), ("ffn_norm", "post_attention_layernorm")];
 const GEMMA3_MLP_NORMS: [(&str, &str); 3] = [
     ("ffn_norm", "pre_feedforward_layernorm"),
     ("post_attention_norm", "post_attention_layernorm"),
@@ -1490,8 +1606,12 @@ fn rename(name: &str, to_hf: bool, family: Family) -> Option<String> {
     }
     let (from_prefix, to_prefix) = if to_hf { ("blk.", "model.layers.") } else { ("model.layers.", "blk.") };
     let (layer, tail) = module.strip_prefix(from_prefix)?.split_once('.')?;
-    let mlp_norms: &[(&str, &str)] = if family == Family::Gemma3 { &GEMMA3_MLP_NORMS } else { &LLAMA_MLP_NORMS };
-    let (_, to) = LAYER_TENSORS.iter().chain(mlp_norms).map(pick).find(|(from, _)| *from == tail)?;
+    let own: &[(&str, &str)] = match family {
+        Family::Gemma3 => &GEMMA3_MLP_NORMS,
+        Family::Phi3 => &PHI3_TENSORS,
+        _ => &LLAMA_MLP_NORMS,
+    };
+    let (_, to) = own.iter().chain(&LAYER_TENSORS).map(pick).find(|(from, _)| *from == tail)?;
     Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
 }
 
@@ -1614,14 +1734,15 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
 impl LinearHost for Llama {
     fn linears(&self) -> Vec<(String, &AdaptedLinear)> {
         let blocks = self.layers.iter().enumerate().flat_map(|(i, b)| {
-            LAYER_LINEARS.iter().zip(&b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
+            self.config.layer_linears().iter().zip(&b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
         });
         blocks.chain(self.lm_head.iter().map(|h| ("lm_head".to_string(), h))).collect()
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
+        let names = self.config.layer_linears();
         let blocks = self.layers.iter_mut().enumerate().flat_map(|(i, b)| {
-            LAYER_LINEARS.iter().zip(&mut b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
+            names.iter().zip(&mut b.linears).map(move |(n, l)| (format!("model.layers.{i}.{n}"), l))
         });
         blocks.chain(self.lm_head.iter_mut().map(|h| ("lm_head".to_string(), h))).collect()
     }

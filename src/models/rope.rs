@@ -161,6 +161,105 @@ impl RopeParameters {
     }
 }
 
+impl RopeParameters {
+    /// llama.cpp's `rope_freqs` tensor for a Llama 3 scaling, as `convert_hf_to_gguf.py` writes
+    /// it: the divisor of each of the `head_dim / 2` frequencies (1 where kept, `factor` where
+    /// divided, `1 / ((1 - s) / factor + s)` on the ramp). `None` for the other scalings.
+    pub fn llama_cpp_divisors(&self, head_dim: usize) -> Option<Vec<f32>> {
+        let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } =
+            self.scaling
+        else {
+            return None;
+        };
+        let (low_wavelen, high_wavelen) =
+            (original_max_position_embeddings / low_freq_factor, original_max_position_embeddings / high_freq_factor);
+        let plain = Self { theta: self.theta, scaling: RopeScaling::None }.inv_freq(head_dim);
+        Some(
+            plain
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+                    let d = if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let s = (original_max_position_embeddings / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        1.0 / ((1.0 - s) / factor + s)
+                    };
+                    d as f32
+                })
+                .collect(),
+        )
+    }
+
+    /// The RoPE of base `theta` whose llama.cpp `rope_freqs` are `divisors` (a Llama 3 GGUF
+    /// file): a Llama 3 scaling with `factor` the largest divisor and the ramp's ends solved from
+    /// the divisors between 1 and `factor` (only the ratios `L / low_freq_factor` and
+    /// `L / high_freq_factor` matter, so `low_freq_factor` is 1; where the divisors leave the
+    /// ends free, any that fit are taken). Checked: the result's divisors equal `divisors`
+    /// (1e-5 relative). All ones is no scaling. The error says what does not fit.
+    pub fn from_llama_cpp_divisors(theta: f64, head_dim: usize, divisors: &[f32]) -> Result<Self, String> {
+        let plain = Self { theta, scaling: RopeScaling::None };
+        if divisors.len() != head_dim / 2 {
+            return Err(format!("has {} values; expected head_dim / 2 = {}", divisors.len(), head_dim / 2));
+        }
+        if let Some(d) = divisors.iter().find(|d| !(d.is_finite() && **d >= 1.0 - 1e-6)) {
+            return Err(format!("has the divisor {d}; Llama 3's are at least 1"));
+        }
+        let factor = divisors.iter().fold(1f64, |m, &d| m.max(d as f64));
+        if factor <= 1.0 + 1e-6 {
+            return Ok(plain);
+        }
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b;
+        // (wavelength, divisor) of each frequency, shortest wavelength first.
+        let points: Vec<(f64, f64)> = plain
+            .inv_freq(head_dim)
+            .iter()
+            .zip(divisors)
+            .map(|(&f, &d)| (2.0 * std::f64::consts::PI / f as f64, d as f64))
+            .collect();
+        let kept = points.iter().filter(|(_, d)| close(*d, 1.0)).map(|p| p.0).fold(0f64, f64::max);
+        let divided = points.iter().filter(|(_, d)| close(*d, factor)).map(|p| p.0).fold(f64::INFINITY, f64::min);
+        // On the ramp, s = (1 / d - 1 / factor) / (1 - 1 / factor) = (W_low / w - 1) / (W_low / W_high - 1).
+        let ramp: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|(_, d)| !close(*d, 1.0) && !close(*d, factor))
+            .map(|&(w, d)| (w, (1.0 / d - 1.0 / factor) / (1.0 - 1.0 / factor)))
+            .collect();
+        let (w_low, w_high) = match ramp.as_slice() {
+            [] if divided.is_finite() => (divided, if kept > 0.0 { kept } else { divided / 4.0 }),
+            [] => return Err("has no divisor equal to its largest".into()),
+            [(w, s)] => {
+                // Any W_high in (max(kept, s w), w) fits; W_low follows from s.
+                let w_high = (kept.max(s * w) + w) / 2.0;
+                ((1.0 - s) / (1.0 / w - s / w_high), w_high)
+            }
+            [(w0, s0), .., (w1, s1)] => {
+                // s = A / w - B, with W_low = A / B and W_high = W_low B / (B + 1).
+                let a = (s0 - s1) / (1.0 / w0 - 1.0 / w1);
+                let b = a / w0 - s0;
+                (a / b, a / (b + 1.0))
+            }
+        };
+        let solved = Self {
+            theta,
+            scaling: RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: w_low / w_high,
+                original_max_position_embeddings: w_low,
+            },
+        };
+        let again = solved.llama_cpp_divisors(head_dim).expect("a Llama 3 scaling");
+        match again.iter().zip(divisors).position(|(a, &d)| !close(*a as f64, d as f64)) {
+            None if w_high.is_finite() && w_low > w_high && w_high > 0.0 => Ok(solved),
+            _ => Err(format!("is not Llama 3's RoPE scaling of any parameters (divisors {divisors:?})")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +286,35 @@ mod tests {
         assert!(w30 > 2048.0 && w30 < 8192.0, "{w30}");
         let s = (8192.0 / w30 - 1.0) / 3.0;
         assert!((f[30] - ((1.0 - s) * plain[30] / 8.0 + s * plain[30])).abs() < 1e-9);
+    }
+
+    /// llama.cpp's divisors of Llama 3.1's scaling give its parameters back (with a ramp of
+    /// several frequencies), and so do those of ramps of one frequency and of none.
+    #[test]
+    fn llama3_scaling_from_llama_cpp_divisors() {
+        let llama31 = RopeParameters {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        };
+        for (p, head_dim) in [
+            (llama31.clone(), 128),
+            (RopeParameters { theta: 1e4, ..llama31.clone() }, 16),
+            (RopeParameters { theta: 1e4, ..llama31.clone() }, 6),
+        ] {
+            let divisors = p.llama_cpp_divisors(head_dim).unwrap();
+            let back = RopeParameters::from_llama_cpp_divisors(p.theta, head_dim, &divisors).unwrap();
+            for (a, b) in back.inv_freq(head_dim).iter().zip(p.inv_freq(head_dim)) {
+                assert!((a - b).abs() <= 1e-6 * b, "{head_dim}: {a} vs {b}");
+            }
+        }
+        assert_eq!(RopeParameters::from_llama_cpp_divisors(1e4, 8, &[1.0; 4]).unwrap().scaling, RopeScaling::None);
+        assert!(RopeParameters::from_llama_cpp_divisors(1e4, 8, &[1.0, 3.0, 1.0, 2.0]).is_err());
+        assert!(RopeParameters::from_llama_cpp_divisors(1e4, 8, &[1.0; 3]).is_err());
     }
 
     #[test]

@@ -308,7 +308,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             if let Some(output) = &output {
                 peft.model().save_hf_dir(output)?;
                 if let Some(tokenizer) = &tokenizer {
-                    tokenizer.save(output.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
+                    candle_peft::tokenizer::save_with_model(tokenizer, &base, output)?;
                 }
                 println!("merged model written to {}", output.display());
             }
