@@ -1133,7 +1133,11 @@ impl Llama {
         if self.config.rope_theta.is_none() && self.config.rope_parameters.is_none() {
             map.insert("rope_theta".into(), 10_000.0.into());
         }
-        map.insert("hidden_act".into(), "silu".into());
+        if family == Family::Gemma3 {
+            map.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+        } else {
+            map.insert("hidden_act".into(), "silu".into());
+        }
         let dtype = match self.dtype {
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
