@@ -172,12 +172,19 @@ fn in_file(path: &Option<PathBuf>) -> String {
 }
 
 fn describe_key_mismatch(missing: &[String], unexpected: &[String]) -> String {
+    // The first few of each (an adapter for another model can miss hundreds of keys).
+    const SHOWN: usize = 8;
+    let list = |what: &str, keys: &[String]| {
+        let more = keys.len().saturating_sub(SHOWN);
+        let tail = if more > 0 { format!(", ... and {more} more") } else { String::new() };
+        format!("{} {what} keys [{}{tail}]", keys.len(), keys[..keys.len().min(SHOWN)].join(", "))
+    };
     let mut parts = Vec::new();
     if !missing.is_empty() {
-        parts.push(format!("missing keys [{}]", missing.join(", ")));
+        parts.push(list("missing", missing));
     }
     if !unexpected.is_empty() {
-        parts.push(format!("unexpected keys [{}]", unexpected.join(", ")));
+        parts.push(list("unexpected", unexpected));
     }
     parts.join("; ")
 }
