@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::models::{Family, Llama};
 use candle_peft::quantized::BaseQuant;
-use candle_peft::train::data::Example;
+use candle_peft::train::data::{Ends, Example};
 use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
 use candle_peft::{AdapterConfig, FrozenWeight, InitOptions, LinearHost, MethodParams, PeftModel, TargetConfig};
 use common::real_model::{check_logits_and_greedy, check_tokenizer, model_path};
@@ -57,6 +57,36 @@ fn gguf_tokenizer_matches_transformers() -> candle_peft::Result<()> {
     check_tokenizer(&tok, "gemma3")?;
     // A text that starts with <bos> (as Gemma's chat template writes it) gets no second one.
     assert_eq!(candle_peft::tokenizer::encode_sequence(&tok, "<bos>Hi")?[..2], [2, 10979]);
+    Ok(())
+}
+
+/// Written back by `save_gguf` (what `merge --output-gguf` does; the weights held quantized are
+/// copied as stored), the file has the source's tensors in their own types, its norms as
+/// llama.cpp's `1 + w`, and reads back as the same model.
+#[test]
+fn a_gemma_gguf_written_back_is_the_same_model() -> candle_peft::Result<()> {
+    use candle_core::quantized::gguf_file::Content;
+    let (model, meta) = Llama::from_gguf_quantized(&path(), &Device::Cpu, DType::F32, BaseQuant::Keep)?;
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again.gguf");
+    let saved = model.save_gguf(&again, candle_core::quantized::GgmlDType::Q8_0, &meta)?;
+    assert!(saved.fallbacks.is_empty(), "{:?}", saved.fallbacks);
+    let read = |p: &std::path::Path| Content::read(&mut std::fs::File::open(p).unwrap()).unwrap();
+    let (source, written) = (read(&path()), read(&again));
+    assert_eq!(source.tensor_infos.len(), written.tensor_infos.len());
+    for (name, info) in &source.tensor_infos {
+        let w = written.tensor_infos.get(name).unwrap_or_else(|| panic!("{name} was not written"));
+        assert_eq!((w.ggml_dtype, w.shape.dims()), (info.ggml_dtype, info.shape.dims()), "{name}");
+    }
+    let norm = |c: &Content, p: &std::path::Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        c.tensor(&mut f, "blk.3.post_ffw_norm.weight", &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap()
+    };
+    assert_eq!(norm(&source, &path()).to_vec1::<f32>()?, norm(&written, &again).to_vec1::<f32>()?);
+    let (reread, _) = Llama::from_gguf_quantized(&again, &Device::Cpu, DType::F32, BaseQuant::Keep)?;
+    let ids = Tensor::new(&[[2u32, 818, 5279, 529, 7001, 563]], &Device::Cpu)?;
+    let e = common::rel_err(&reread.forward(&ids)?, &model.forward(&ids)?);
+    assert!(e == 0.0, "the written file's logits differ by {e:e} (relative)");
     Ok(())
 }
 
@@ -109,5 +139,48 @@ fn kept_quantized_gemma_computes_what_its_dequantized_weights_do() -> candle_pef
     let worst = lq.iter().zip(&lf).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-4, "losses differ by up to {worst}: {lq:?} (kept) vs {lf:?} (f32)");
     assert!(lq[2] < lq[0], "LoRA did not lower the loss: {lq:?}");
+    Ok(())
+}
+
+/// Gemma's turns: Gemma 3's chat template (as the instruction-tuned checkpoints ship it) renders
+/// through minijinja as transformers' `apply_chat_template` renders it, system turn folded into
+/// the first user turn and contents trimmed, and tokenizes to the same ids (its `<bos>` written
+/// by the template, not added twice); a prompt/completion record becomes that conversation, with
+/// only the answer and its `<end_of_turn>` learned.
+#[test]
+fn gemma_chat_template_matches_transformers_apply_chat_template() -> candle_peft::Result<()> {
+    use candle_peft::chat::{ChatTemplate, Message};
+    use candle_peft::train::data::Record;
+    use candle_peft::train::IGNORE_INDEX;
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("gemma3_chat.json")).unwrap()).unwrap();
+    let template = ChatTemplate::new(fixture["template"].as_str().unwrap(), "<bos>", "<eos>")?;
+    let tok = candle_peft::tokenizer::from_gguf(&candle_peft::models::GgufMetadata::read(&path())?)?;
+    let ends = candle_peft::tokenizer::ends(&tok);
+    for case in fixture["cases"].as_array().unwrap() {
+        let messages: Vec<Message> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let text = template.render(&messages, case["add_generation_prompt"].as_bool().unwrap())?;
+        assert_eq!(text, case["text"].as_str().unwrap());
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(candle_peft::tokenizer::encode_sequence(&tok, &text)?, ids);
+    }
+    let (whole, prompt) = (&fixture["cases"][0], &fixture["cases"][1]);
+    let record = Record::PromptCompletion {
+        prompt: whole["messages"][0]["content"].as_str().unwrap().into(),
+        completion: whole["messages"][1]["content"].as_str().unwrap().into(),
+    };
+    let encode = |s: &str| candle_peft::tokenizer::encode(&tok, s);
+    let e = Example::from_record(&record.with_chat_template(&template)?, &encode, Ends { eos: None, ..ends }, 4096)?;
+    let want: Vec<u32> = serde_json::from_value(whole["ids"].clone()).unwrap();
+    assert_eq!(e.ids, want);
+    let n = prompt["ids"].as_array().unwrap().len();
+    assert!(e.labels[..n].iter().all(|&l| l == IGNORE_INDEX));
+    assert_eq!(e.labels[n..], e.ids[n..].iter().map(|&t| t as i64).collect::<Vec<_>>()[..]);
+    assert_eq!(e.ids.last(), Some(&107), "the turn ends with <end_of_turn> and its newline");
     Ok(())
 }

@@ -1173,12 +1173,9 @@ impl Llama {
         }
         let c = &self.config;
         let family = c.family();
+        let mut extra = Vec::new();
         if family == Family::Gemma3 {
-            return Err(Error::Unsupported(
-                "a GGUF file of a Gemma 3 model (its tensor names and norms differ; not written yet); write an HF \
-                 directory"
-                    .into(),
-            ));
+            extra = self.gemma3_gguf_keys()?;
         }
         let rope = c.rope().map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
         // Llama 3's scaling is llama.cpp's `rope_freqs` tensor, which its `llama` models read.
@@ -1190,7 +1187,7 @@ impl Llama {
                 family.gguf_architecture()
             )));
         }
-        let window_key = family == Family::Phi3;
+        let window_key = matches!(family, Family::Phi3 | Family::Gemma3);
         if let Some(i) = (0..c.num_hidden_layers).find(|&i| c.layer_window(i).is_some()).filter(|_| !window_key) {
             return Err(Error::Unsupported(format!(
                 "a GGUF file of a model with sliding-window attention (layer {i}): llama.cpp's {} files have no \
@@ -1229,6 +1226,8 @@ impl Llama {
             let window = c.sliding_window.unwrap_or(0) as u32;
             metadata.push((key("attention.sliding_window"), Value::U32(window)));
         }
+        metadata.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+        metadata.extend(extra);
         if let RopeScaling::Linear { factor } = rope.scaling {
             metadata.push((key("rope.scaling.type"), Value::String("linear".into())));
             metadata.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
@@ -1300,6 +1299,37 @@ impl Llama {
         }
         crate::gguf::write_gguf(path, &metadata, &tensors)?;
         Ok(saved)
+    }
+
+    /// The keys of a Gemma 3 GGUF file beyond the common ones, after checking that llama.cpp's
+    /// fixed choices describe the model (what a `gemma3` file cannot say): a global layer every
+    /// 6th, queries scaled by `1 / sqrt(head_dim)` (`1 / sqrt(hidden / heads)` for 62 layers),
+    /// unscaled local RoPE. A local base other than 1e4 is written as `rope.freq_base_swa`.
+    fn gemma3_gguf_keys(&self) -> Result<Vec<(String, Value)>> {
+        let c = &self.config;
+        let refuse = |what: String| {
+            Err(Error::Unsupported(format!(
+                "a Gemma 3 GGUF file of this model: {what}, which llama.cpp's gemma3 files cannot say; write an HF \
+                 directory"
+            )))
+        };
+        if let Some(i) = (0..c.num_hidden_layers).find(|&i| c.layer_window(i).is_some() != ((i + 1) % 6 != 0)) {
+            return refuse(format!("layer {i} breaks the pattern of a global layer every 6th"));
+        }
+        let width = if c.num_hidden_layers == 62 { c.hidden_size / c.num_attention_heads } else { c.head_dim() };
+        let scale = c.attention_scale().unwrap_or(1.0 / (c.head_dim() as f64).sqrt());
+        if (scale * (width as f64).sqrt() - 1.0).abs() > 1e-9 {
+            return refuse(format!("queries scaled by {scale}, not 1 / sqrt({width})"));
+        }
+        let local = c.rope_for(true).map_err(|(field, reason)| Error::ModelConfig { path: None, field, reason })?;
+        if local.scaling != RopeScaling::None {
+            return refuse(format!("the local layers' RoPE scaling {:?}", local.scaling));
+        }
+        Ok(if local.theta == 10_000.0 {
+            Vec::new()
+        } else {
+            vec![("gemma3.rope.freq_base_swa".into(), Value::F32(local.theta as f32))]
+        })
     }
 
     /// The config.
