@@ -12,7 +12,8 @@ from llama_cpp import Llama
 
 path, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, n_threads=2)
-ids = llm.tokenize(prompt.encode(), add_bos=False)
+# The BOS the model adds, if any (llama.cpp reads it from the file, as candle-peft does).
+ids = llm.tokenize(prompt.encode(), add_bos=True)
 llm.eval(ids)
 last = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
 out = []

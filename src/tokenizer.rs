@@ -16,6 +16,7 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
@@ -211,16 +212,35 @@ pub fn from_gguf(meta: &GgufMetadata) -> Result<Tokenizer> {
     Ok(tok)
 }
 
-/// Byte-level BPE (GPT-2's scheme) from the file's tokens and merges.
-fn byte_level_bpe(meta: &GgufMetadata, tokens: &[String]) -> Result<Tokenizer> {
-    if let Ok(pre) = meta.string("tokenizer.ggml.pre") {
-        if !["smollm", "gpt-2", "default"].contains(&pre.as_str()) {
-            return Err(Error::Unsupported(format!(
-                "{}: GGUF pre-tokenizer \"{pre}\" (supported: smollm, gpt-2; pass a tokenizer.json instead)",
-                meta.path().display()
-            )));
-        }
+/// Llama 3's split of text into pieces before byte-level BPE (its `tokenizer.json`; transformers'
+/// GGUF loader uses it for the `llama-bpe` pre-tokenizer and its aliases).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split (digits one by one), for the `qwen2` pre-tokenizer (Qwen2, Qwen2.5, Qwen3).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The split regex of a llama.cpp pre-tokenizer name (`tokenizer.ggml.pre`): `None` for GPT-2's
+/// own (`gpt-2`, `smollm`, `default`), an error naming the supported ones otherwise.
+fn pre_split(meta: &GgufMetadata, pre: &str) -> Result<Option<&'static str>> {
+    match pre {
+        "gpt-2" | "smollm" | "default" => Ok(None),
+        "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "falcon3" => Ok(Some(LLAMA3_SPLIT)),
+        "qwen2" | "deepseek-r1-qwen" => Ok(Some(QWEN2_SPLIT)),
+        _ => Err(Error::Unsupported(format!(
+            "{}: GGUF pre-tokenizer \"{pre}\" (supported: gpt-2, smollm, llama-bpe (Llama 3), qwen2; pass a \
+             tokenizer.json instead)",
+            meta.path().display()
+        ))),
     }
+}
+
+/// Byte-level BPE (GPT-2's scheme) from the file's tokens and merges, the text split first as
+/// its pre-tokenizer (`tokenizer.ggml.pre`) says.
+fn byte_level_bpe(meta: &GgufMetadata, tokens: &[String]) -> Result<Tokenizer> {
+    let split = match meta.string("tokenizer.ggml.pre") {
+        Ok(pre) => pre_split(meta, &pre)?,
+        Err(_) => None,
+    };
     let merges = meta.strings("tokenizer.ggml.merges")?;
     let spelling = bytes_to_unicode();
     let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
@@ -251,7 +271,16 @@ fn byte_level_bpe(meta: &GgufMetadata, tokens: &[String]) -> Result<Tokenizer> {
         Error::Tokenizer(format!("{}: cannot build the BPE tokenizer of the GGUF file: {e}", meta.path().display()))
     })?;
     let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    match split {
+        None => tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false))),
+        Some(regex) => {
+            let bad = |e| Error::Tokenizer(format!("{}: the pre-tokenizer's split: {e}", meta.path().display()));
+            let split =
+                Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false).map_err(bad)?;
+            let bytes = ByteLevel::default().add_prefix_space(false).use_regex(false);
+            tok.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), bytes.into()])))
+        }
+    };
     tok.with_decoder(Some(ByteLevel::default()));
     Ok(tok)
 }

@@ -90,3 +90,35 @@ fn chat_template_from_the_gguf_matches_transformers_apply_chat_template() -> can
     }
     Ok(())
 }
+
+/// Qwen's and Llama 3's pre-tokenizers (`tokenizer.ggml.pre` `qwen2` / `llama-bpe`): SmolLM2's
+/// byte-level vocabulary with the key changed splits text as transformers' GGUF loader splits
+/// it (fixture `pre_tokenizers.json`), which is not GPT-2's split; an unknown name is refused.
+#[test]
+fn gguf_pre_tokenizers_of_qwen_and_llama3_match_transformers() -> candle_peft::Result<()> {
+    use candle_core::quantized::gguf_file::{Content, Value};
+    use candle_peft::models::GgufMetadata;
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("pre_tokenizers.json")).unwrap()).unwrap();
+    let texts: Vec<String> = serde_json::from_value(fixture["texts"].clone()).unwrap();
+    let mut content = Content::read(&mut std::fs::File::open(model_path()).unwrap()).unwrap();
+    let gpt2 = candle_peft::tokenizer::from_gguf(&GgufMetadata::from_content(&model_path(), &content))?;
+    for pre in ["qwen2", "llama-bpe"] {
+        content.metadata.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
+        let tok = candle_peft::tokenizer::from_gguf(&GgufMetadata::from_content(&model_path(), &content))?;
+        let want: Vec<Vec<u32>> = serde_json::from_value(fixture[pre].clone()).unwrap();
+        for (text, want) in texts.iter().zip(&want) {
+            assert_eq!(&candle_peft::tokenizer::encode(&tok, text)?, want, "{pre}: {text:?}");
+            assert_eq!(tok.decode(want, false).unwrap(), *text);
+        }
+        assert_ne!(
+            candle_peft::tokenizer::encode(&gpt2, &texts[0])?,
+            want[0],
+            "the fixture does not tell {pre} from GPT-2"
+        );
+    }
+    content.metadata.insert("tokenizer.ggml.pre".into(), Value::String("tekken".into()));
+    let e = candle_peft::tokenizer::from_gguf(&GgufMetadata::from_content(&model_path(), &content)).unwrap_err();
+    assert!(e.to_string().contains("tekken") && e.to_string().contains("qwen2"), "{e}");
+    Ok(())
+}
