@@ -76,6 +76,22 @@ fn the_family_switches_are_what_the_reference_needs() -> candle_peft::Result<()>
     assert!(no_window > 1e-3, "mistral without its window: {no_window}");
     let no_window = edited("qwen2", &|c| c["use_sliding_window"] = false.into())?;
     assert!(no_window > 1e-3, "qwen2 without its window: {no_window}");
+    // Gemma's logit soft-capping (a Gemma 2 feature Gemma 3's config can set): cap * tanh(z / cap)
+    // of transformers' logits.
+    let capped = {
+        let r = load("families/gemma3/reference.safetensors");
+        let want = ((&r["base_logits"] / 5.0)?.tanh()? * 5.0)?;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("gemma3/config.json")).unwrap()).unwrap();
+        config["final_logit_softcapping"] = 5.0.into();
+        std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+        std::fs::copy(dir.join("gemma3/model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+        let logits = Llama::from_hf_dir(tmp.path(), &test_device(), DType::F32)?.forward(&r["ids"])?;
+        assert_close(&logits, &want, 1e-5, "gemma3 soft-capped logits");
+        common::rel_err(&logits, &r["base_logits"])
+    };
+    assert!(capped > 1e-2, "the cap of 5 changed nothing: {capped}");
     let no_window = edited("phi3", &|c| c["sliding_window"] = serde_json::Value::Null)?;
     assert!(no_window > 1e-3, "phi3 without its window: {no_window}");
     let plain_rope = edited("llama3", &|c| c["rope_parameters"] = serde_json::json!({"rope_theta": 10000.0}))?;

@@ -359,9 +359,11 @@ impl LlamaConfig {
             }
         }
         for (key, what) in UNSUPPORTED_KEYS {
-            // Gemma's query scale is implemented; its attention soft-capping is a config field
-            // that transformers' Gemma 3 never applies.
-            if family == Family::Gemma3 && ["query_pre_attn_scalar", "attn_logit_softcapping"].contains(&key) {
+            // Gemma's query scale and logit soft-capping are implemented; its attention
+            // soft-capping is a config field that transformers' Gemma 3 never applies.
+            if family == Family::Gemma3
+                && ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"].contains(&key)
+            {
                 continue;
             }
             let neutral =
@@ -375,9 +377,11 @@ impl LlamaConfig {
                 return fail(&field, reason);
             }
         }
-        if let Some(s) = self.other.get("query_pre_attn_scalar").filter(|v| !v.is_null()) {
-            if !s.as_f64().is_some_and(|s| s.is_finite() && s > 0.0) {
-                return fail("query_pre_attn_scalar", format!("is {s}; expected a positive number"));
+        for key in ["query_pre_attn_scalar", "final_logit_softcapping"] {
+            if let Some(s) = self.other.get(key).filter(|v| !v.is_null()) {
+                if !s.as_f64().is_some_and(|s| s.is_finite() && s > 0.0) {
+                    return fail(key, format!("is {s}; expected a positive number"));
+                }
             }
         }
         Ok(())
@@ -391,6 +395,12 @@ impl LlamaConfig {
     /// A number of the config's other keys.
     fn other_f64(&self, key: &str) -> Option<f64> {
         self.other.get(key).and_then(|v| v.as_f64())
+    }
+
+    /// Gemma's soft-capping of the logits (`final_logit_softcapping`; null in Gemma 3's
+    /// configs, set in Gemma 2's); the key is refused for the other families.
+    pub fn final_logit_softcapping(&self) -> Option<f64> {
+        self.other_f64("final_logit_softcapping").filter(|_| self.family() == Family::Gemma3)
     }
 
     /// What a norm adds to its stored weight: 1 for Gemma (`x_hat (1 + w)`), else 0.
@@ -1304,7 +1314,8 @@ impl Llama {
     /// The keys of a Gemma 3 GGUF file beyond the common ones, after checking that llama.cpp's
     /// fixed choices describe the model (what a `gemma3` file cannot say): a global layer every
     /// 6th, queries scaled by `1 / sqrt(head_dim)` (`1 / sqrt(hidden / heads)` for 62 layers),
-    /// unscaled local RoPE. A local base other than 1e4 is written as `rope.freq_base_swa`.
+    /// unscaled local RoPE. A local base other than 1e4 is written as `rope.freq_base_swa`, a
+    /// logit soft-cap as `final_logit_softcapping`.
     fn gemma3_gguf_keys(&self) -> Result<Vec<(String, Value)>> {
         let c = &self.config;
         let refuse = |what: String| {
@@ -1325,11 +1336,14 @@ impl Llama {
         if local.scaling != RopeScaling::None {
             return refuse(format!("the local layers' RoPE scaling {:?}", local.scaling));
         }
-        Ok(if local.theta == 10_000.0 {
-            Vec::new()
-        } else {
-            vec![("gemma3.rope.freq_base_swa".into(), Value::F32(local.theta as f32))]
-        })
+        let mut keys = Vec::new();
+        if local.theta != 10_000.0 {
+            keys.push(("gemma3.rope.freq_base_swa".into(), Value::F32(local.theta as f32)));
+        }
+        if let Some(cap) = c.final_logit_softcapping() {
+            keys.push(("gemma3.final_logit_softcapping".into(), Value::F32(cap as f32)));
+        }
+        Ok(keys)
     }
 
     /// The config.
@@ -1439,13 +1453,18 @@ impl Llama {
         Ok((h + out)?)
     }
 
-    /// The final norm and the output projection: logits for the last hidden states.
+    /// The final norm and the output projection: logits for the last hidden states, soft-capped
+    /// where a Gemma config says (`cap * tanh(logits / cap)`, `final_logit_softcapping`).
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let h = rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
-        match &self.lm_head {
-            Some(head) => head.forward_checked(&h),
+        let logits = match &self.lm_head {
+            Some(head) => head.forward_checked(&h)?,
             // Tied: the frozen embedding as the output projection, with no gradient of its own.
-            None => self.embed_tokens.linear(&h, None),
+            None => self.embed_tokens.linear(&h, None)?,
+        };
+        match self.config.final_logit_softcapping() {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
         }
     }
 
