@@ -6,8 +6,9 @@
 //! [`LlamaConfig`] (see [`Family`]): Llama 3's RoPE scaling and optional biases (`llama`),
 //! Mistral's sliding-window attention (`mistral`), Qwen2's q/k/v biases and per-layer windows
 //! (`qwen2`), Qwen3's RMSNorm of each query and key head before RoPE (`qwen3`), Gemma 3's
-//! `(1 + w)` norms around attention and the MLP, GeGLU, scaled embeddings and local/global
-//! layers (`gemma3_text`). A config key that would change the math and is not implemented is
+//! `(1 + w)` norms around attention and the MLP, GeGLU, scaled embeddings, local/global layers
+//! and logit soft-capping (`gemma3_text`), Phi-3's fused `qkv_proj` / `gate_up_proj`, split after
+//! the product (`phi3`). A config key that would change the math and is not implemented is
 //! refused by name.
 //!
 //! ```text
