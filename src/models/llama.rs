@@ -128,9 +128,10 @@ pub enum Family {
     /// `sliding_window_pattern`-th, RoPE base `rope_theta` with its scaling); `head_dim` 256
     /// and tied embeddings by default.
     Gemma3,
-    /// Phi-3 / Phi-3.5 mini (`phi3`; Abdin et al. 2024): LLaMA's math with q, k and v fused into
+    /// Phi-3 mini (`phi3`; Abdin et al. 2024): LLaMA's math with q, k and v fused into
     /// one `qkv_proj` and gate and up into one `gate_up_proj` (which PEFT adapters target as
-    /// such), no biases, a sliding window on every layer when set.
+    /// such), no biases, a sliding window on every layer when set. LongRoPE (the 128k-context
+    /// models, Phi-3.5) is refused.
     Phi3,
 }
 
