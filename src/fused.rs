@@ -18,6 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Shape};
 use candle_core::{Storage, Tensor, D};
 
+use crate::kernels::{self, AttentionShape};
 use crate::Result;
 
 /// The gradients of an op's inputs from `(inputs, output, grad_output)`; `None` where an input
@@ -28,14 +29,24 @@ type Backward = Box<dyn Fn(&[&Tensor], &Tensor, &Tensor) -> candle_core::Result<
 /// candle offers no way to move a tensor's storage into a new graph node).
 struct Fused {
     name: &'static str,
-    out: Mutex<Option<Tensor>>,
+    out: Mutex<Option<Output>>,
     backward: Backward,
+}
+
+/// A fused op's precomputed output: a tensor (copied once into the graph node), or the values a
+/// CPU kernel computed (moved in without a copy).
+enum Output {
+    Tensor(Tensor),
+    Cpu(CpuStorage, Shape),
 }
 
 impl Fused {
     fn take(&self) -> candle_core::Result<(Storage, Shape)> {
         let out = self.out.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.take();
-        let out = out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))?;
+        let out = match out.ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))? {
+            Output::Tensor(out) => out,
+            Output::Cpu(storage, shape) => return Ok((Storage::Cpu(storage), shape)),
+        };
         // A fresh, contiguous buffer starting at offset 0 is handed over as it is.
         let out = if out.is_contiguous() && out.layout().start_offset() == 0 { out } else { out.copy()? };
         let (storage, layout) = out.storage_and_layout();
@@ -203,7 +214,30 @@ pub(crate) fn with_backward(
     if !inputs.iter().any(|t| t.track_op()) {
         return Ok(out);
     }
-    let op = Fused { name, out: Mutex::new(Some(out)), backward: Box::new(backward) };
+    record(name, inputs, Output::Tensor(out), Box::new(backward))
+}
+
+/// [`with_backward`] for an output that a CPU kernel computed in f32: `values` of `shape`, in
+/// `dtype` (converted from f32 when it is another).
+pub(crate) fn with_backward_cpu(
+    name: &'static str,
+    inputs: &[&Tensor],
+    values: Vec<f32>,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    backward: impl Fn(&[&Tensor], &Tensor, &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    if dtype != DType::F32 || !inputs.iter().any(|t| t.track_op()) {
+        let out = Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?.to_dtype(dtype)?;
+        return with_backward(name, inputs, out, backward);
+    }
+    record(name, inputs, Output::Cpu(CpuStorage::F32(values), shape), Box::new(backward))
+}
+
+/// The graph node of a fused op.
+fn record(name: &'static str, inputs: &[&Tensor], out: Output, backward: Backward) -> Result<Tensor> {
+    let op = Fused { name, out: Mutex::new(Some(out)), backward };
     Ok(match inputs {
         [a] => a.apply_op1(op)?,
         [a, b] => a.apply_op2(b, op)?,
@@ -222,6 +256,33 @@ pub(crate) fn needed(
     } else {
         Ok(None)
     }
+}
+
+/// `f` on the values of CPU tensors as contiguous f32 slices (each converted to a contiguous f32
+/// copy first if it is not one already).
+pub(crate) fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let owned = tensors
+        .iter()
+        .map(|t| if t.dtype() == DType::F32 { t.contiguous() } else { t.to_dtype(DType::F32)?.contiguous() })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("a CPU kernel was given a tensor on another device")
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("not contiguous after contiguous()".into()))?;
+        slices.push(&cpu.as_slice::<f32>()?[start..end]);
+    }
+    Ok(f(&slices))
+}
+
+/// `values` (f32, from a CPU kernel) as a tensor shaped and typed like `like`, if `like` needs a
+/// gradient.
+fn gradient_like(like: &Tensor, values: Vec<f32>) -> candle_core::Result<Option<Tensor>> {
+    needed(like, || Tensor::from_vec(values, like.shape(), like.device())?.to_dtype(like.dtype()))
 }
 
 /// RMSNorm `y = x / sqrt(mean(x^2) + eps) * w` over the last dimension, computed in f32 (as
@@ -259,8 +320,28 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// SwiGLU's gate `silu(g) * u`. Backward with `s = sigmoid(g)`:
-/// `dg = dy u s (1 + g (1 - s))`, `du = dy g s`.
+/// `dg = dy u s (1 + g (1 - s))`, `du = dy g s`. On the CPU, one pass of a kernel each way
+/// (computed in f32).
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        return Err(crate::Error::ShapeMismatch {
+            what: "SwiGLU's up projection".into(),
+            expected: g.dims().to_vec(),
+            actual: u.dims().to_vec(),
+        });
+    }
+    if !g.device().is_cpu() {
+        return swiglu_with_candle_ops(g, u);
+    }
+    let out = with_f32_slices(&[g, u], |x| kernels::swiglu(x[0], x[1]))?;
+    with_backward_cpu("swiglu", &[g, u], out, g.shape().clone(), g.dtype(), |inputs, _, grad| {
+        let (dg, du) = with_f32_slices(&[inputs[0], inputs[1], grad], |x| kernels::swiglu_backward(x[0], x[1], x[2]))?;
+        Ok(vec![gradient_like(inputs[0], dg)?, gradient_like(inputs[1], du)?])
+    })
+}
+
+/// [`swiglu`] with candle's ops, on any device.
+fn swiglu_with_candle_ops(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let out = (candle_nn::ops::silu(&g.detach())? * u.detach())?;
     with_backward("swiglu", &[g, u], out, |inputs, _, grad| {
         let (g, u) = (inputs[0].detach(), inputs[1].detach());
@@ -334,11 +415,11 @@ pub struct Attention {
 /// [`causal_attention`] with a scale and an optional sliding window (see [`Attention`]); the
 /// blocks of query rows then read only the keys inside their rows' windows.
 pub fn causal_attention_with(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention) -> Result<Tensor> {
-    let (b, heads, tq, _) = q.dims4()?;
-    let tk = k.dim(2)?;
-    if how.window == Some(0) {
-        return Err(crate::Error::Unsupported("a sliding window of 0 keys: every query sees at least itself".into()));
+    let shape = attention_shape(q, k, v, how)?;
+    if q.device().is_cpu() {
+        return causal_attention_cpu(q, k, v, shape);
     }
+    let AttentionShape { b, heads, tq, tk, .. } = shape;
     // A block of `n` rows reads at most `n + window - 1` keys: with `n <= window`, at most twice
     // the window's.
     let (keys_per_row, most_rows) = match how.window {
@@ -349,20 +430,42 @@ pub fn causal_attention_with(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention)
     causal_attention_in_blocks(q, k, v, how, rows)
 }
 
-/// [`causal_attention_with`] with blocks of `rows` query rows.
-fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention, rows: usize) -> Result<Tensor> {
+/// The shapes of an attention call, checked, with its scale and window.
+fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention) -> Result<AttentionShape> {
     let (b, heads, tq, d) = q.dims4()?;
     let (kv, tk) = (k.dim(1)?, k.dim(2)?);
-    if heads % kv != 0 || tk < tq || k.dims() != v.dims() || k.dims() != [b, kv, tk, d] {
+    if kv == 0 || heads % kv != 0 || tk < tq || k.dims() != v.dims() || k.dims() != [b, kv, tk, d] {
         return Err(crate::Error::ShapeMismatch {
             what: "attention keys/values".into(),
             expected: vec![b, kv, tk.max(tq), d],
             actual: v.dims().to_vec(),
         });
     }
+    if how.window == Some(0) {
+        return Err(crate::Error::Unsupported("a sliding window of 0 keys: every query sees at least itself".into()));
+    }
+    let scale = how.scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32;
+    Ok(AttentionShape { b, heads, kv, tq, tk, d, scale, window: how.window.unwrap_or(usize::MAX) })
+}
+
+/// [`causal_attention_with`] by the CPU kernels: per head, in blocks of query rows; the
+/// backward pass recomputes the probabilities from each row's `logsumexp`, kept from the forward
+/// pass (`b * heads * tq` values).
+fn causal_attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape) -> Result<Tensor> {
+    let (out, lse) = with_f32_slices(&[q, k, v], |x| kernels::attention(x[0], x[1], x[2], shape))?;
+    with_backward_cpu("causal-attention", &[q, k, v], out, q.shape().clone(), q.dtype(), move |inputs, out, grad| {
+        let (dq, dk, dv) = with_f32_slices(&[inputs[0], inputs[1], inputs[2], out, grad], |x| {
+            kernels::attention_backward(x[0], x[1], x[2], x[3], &lse, x[4], shape)
+        })?;
+        Ok(vec![gradient_like(inputs[0], dq)?, gradient_like(inputs[1], dk)?, gradient_like(inputs[2], dv)?])
+    })
+}
+
+/// [`causal_attention_with`] with candle's ops (any device), in blocks of `rows` query rows.
+fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention, rows: usize) -> Result<Tensor> {
+    let AttentionShape { b, heads, kv, tq, tk, d, window, .. } = attention_shape(q, k, v, how)?;
     let group = heads / kv;
     let scale = how.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let window = how.window.unwrap_or(usize::MAX);
     // Blocks of query rows: (first row, rows, first key the first row sees, keys up to the
     // one the last row sees). Query row `i` is at position `i + tk - tq`.
     let blocks: Vec<(usize, usize, usize, usize)> = (0..tq)
@@ -544,6 +647,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The CPU kernels against the same ops written with candle's (the path of other devices):
+    /// attention across blocks of query rows (150 rows: 64 + 64 + 22), with earlier keys from a
+    /// cache, sliding windows and grouped heads; SwiGLU; and both in bf16.
+    #[test]
+    fn cpu_kernels_match_candle_ops() {
+        let (b, heads, kv, d) = (2, 6, 2, 8);
+        for (tq, tk) in [(150, 150), (3, 70), (1, 9)] {
+            for window in [None, Some(1), Some(5), Some(100)] {
+                let how = Attention { window, scale: if window == Some(5) { Some(0.2) } else { None } };
+                check(
+                    &[var(&[b, heads, tq, d]), var(&[b, kv, tk, d]), var(&[b, kv, tk, d])],
+                    |x| causal_attention_cpu(&x[0], &x[1], &x[2], attention_shape(&x[0], &x[1], &x[2], how)?),
+                    |x| causal_attention_in_blocks(&x[0], &x[1], &x[2], how, tq),
+                );
+            }
+        }
+        check(
+            &[var(&[3, 5, 1000]), var(&[3, 5, 1000])],
+            |x| swiglu(&x[0], &x[1]),
+            |x| swiglu_with_candle_ops(&x[0], &x[1]),
+        );
+
+        // bf16 inputs: computed in f32 by the kernels, within bf16's rounding of the f32 result.
+        let bf16 = |x: &Var| x.as_tensor().to_dtype(DType::BF16).unwrap();
+        let (q, k, v) = (var(&[1, 4, 20, 8]), var(&[1, 2, 20, 8]), var(&[1, 2, 20, 8]));
+        let y = causal_attention(&bf16(&q), &bf16(&k), &bf16(&v)).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let y_ref = causal_attention_in_blocks(&bf16(&q), &bf16(&k), &bf16(&v), Attention::default(), 20).unwrap();
+        let err = diff(&y.to_dtype(DType::F32).unwrap(), &y_ref.to_dtype(DType::F32).unwrap());
+        assert!(err < 2e-2, "bf16 attention differs by {err}");
+        let (g, u) = (var(&[4, 100]), var(&[4, 100]));
+        let y = swiglu(&bf16(&g), &bf16(&u)).unwrap();
+        let y_ref = swiglu_with_candle_ops(&bf16(&g), &bf16(&u)).unwrap();
+        let err = diff(&y.to_dtype(DType::F32).unwrap(), &y_ref.to_dtype(DType::F32).unwrap());
+        assert!(err < 2e-2, "bf16 SwiGLU differs by {err}");
+        // Mismatched shapes are an error, not a panic.
+        assert!(swiglu(g.as_tensor(), &Tensor::zeros((4, 99), DType::F32, &Device::Cpu).unwrap()).is_err());
     }
 
     #[test]

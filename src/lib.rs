@@ -47,6 +47,7 @@ pub mod frozen;
 pub mod fused;
 pub mod gguf;
 pub mod hub;
+mod kernels;
 pub mod layer;
 pub mod linalg;
 pub mod method;
