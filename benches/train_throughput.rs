@@ -15,7 +15,10 @@
 //! model's dtype; adapters, optimizer state and loss stay f32 on both sides), `--batch N`
 //! (default 4), `--seq N` (default 256), `--steps N` timed steps (default 5) after `--warmup N`
 //! (default 1), `--method lora | dora | vera`, `--base-quant none | keep | q8_0 | ...` (the
-//! frozen base kept quantized, QLoRA; candle-peft's side only), `--checkpoint-activations`
+//! frozen base kept quantized, QLoRA; candle-peft's side only; `--base-quant bf16` holds it
+//! in bf16 and computes in f32), `--python-dtype f32 | bf16` (the PyTorch side's dtype, by
+//! default `--dtype`'s: `--base-quant bf16 --python-dtype bf16` compares a bf16 base on both
+//! sides), `--checkpoint-activations`
 //! (candle-peft's side only), `--json PATH` (a summary of both sides). The PyTorch side is
 //! `benches/train_throughput_peft.py`, run as a child process after this one's steps, so the two
 //! never share the device; each reports its own peak memory: peak RSS on the CPU; on a GPU the
@@ -35,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use candle_peft::train::data::{collate, Example};
-use candle_peft::train::loss::{counted_labels, masked_cross_entropy, masked_cross_entropy_part};
+use candle_peft::train::loss::{counted_labels, masked_cross_entropy_part};
 use candle_peft::train::{AdamW, AdamWConfig, CausalLm, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{AdapterConfig, InitOptions, LinearHost, LoraConfig, PeftModel, VeraConfig};
 use rand::{Rng, SeedableRng};
@@ -209,10 +212,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         AdamWConfig::default(),
     )?;
     let batch = collate(&data[..batch_size].iter().collect::<Vec<_>>(), 0, &device)?;
-    let loss_of = |logits: &candle_core::Tensor| -> candle_peft::Result<candle_core::Tensor> {
-        let logits = logits.reshape((batch_size * seq, vocab))?.to_dtype(DType::F32)?;
-        masked_cross_entropy(&logits, &batch.labels)
-    };
     let labels = batch.labels.flatten_all()?;
     let part = |logits: &candle_core::Tensor, rows: std::ops::Range<usize>| {
         let labels = labels.narrow(0, rows.start, rows.len())?;
@@ -224,7 +223,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (loss, grads) = peft.model().checkpointed_loss_and_grads(&batch.ids, &part)?;
         (t0, loss, grads)
     } else {
-        let loss = loss_of(&peft.model().logits(&batch.ids)?)?;
+        let loss = peft.model().token_loss(&batch.ids, &batch.labels, counted_labels(&batch.labels)?)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         (t1, loss.clone(), loss.backward()?)
@@ -326,7 +325,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         _ => "cpu".into(),
     };
-    cmd.args(["--device", &torch_device, "--dtype", &dtype_name, "--method", &method]);
+    let torch_dtype = arg(&args, "--python-dtype").unwrap_or_else(|| dtype_name.clone());
+    cmd.args(["--device", &torch_device, "--dtype", &torch_dtype, "--method", &method]);
     cmd.args(["--batch", &batch_size.to_string(), "--seq", &seq.to_string()]);
     let out = cmd.args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()]).output()?;
     if !out.status.success() {

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, MetalStorage, Shape, Tensor};
 
-use crate::fused::{needed, with_backward};
+use crate::fused::{needed, with_backward, with_cpu_slices};
+use crate::kernels;
 use crate::quantized::QuantizedWeight;
 use crate::Result;
 
@@ -120,7 +121,7 @@ impl FrozenWeight {
     /// `dy W` for `dy: (n, out)`, with no autograd (the input gradient of [`Self::linear`]).
     pub(crate) fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => Ok(dy.matmul(w)?),
+            Self::Dense(w) => Ok(times_weight(dy, w)?),
             Self::Quantized(q) => q.matmul(dy),
         }
     }
@@ -173,6 +174,17 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // bf16: the CPU kernel (candle's bf16 matmul widens both operands whole on one thread).
+        if let (CpuStorage::BF16(xs), CpuStorage::BF16(ws)) = (x, w) {
+            let (n, k) = x_l.shape().dims2()?;
+            let (out, k2) = w_l.shape().dims2()?;
+            if let (Some((x0, x1)), Some((w0, w1)), true) =
+                (x_l.contiguous_offsets(), w_l.contiguous_offsets(), k == k2)
+            {
+                let y = kernels::matmul_bf16_nt(&xs[x0..x1], &ws[w0..w1], n, k, out);
+                return Ok((CpuStorage::BF16(y), Shape::from((n, out))));
+            }
+        }
         Self::fwd(x, x_l, w, w_l)
     }
 
@@ -203,8 +215,22 @@ impl CustomOp2 for FrozenMatmul {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_y.matmul(w)?), None))
+        Ok((Some(times_weight(grad_y, w)?), None))
     }
+}
+
+/// `dy W` for 2-D `dy: (n, out)` and `W: (out, in)`, the input gradient of `x W^T`: with the CPU
+/// kernel for bf16 (see [`FrozenMatmul`]), else candle's matmul.
+fn times_weight(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !(dy.device().is_cpu() && dy.dtype() == DType::BF16 && w.dtype() == DType::BF16) {
+        return dy.matmul(w);
+    }
+    let ((n, out), (out2, inp)) = (dy.dims2()?, w.dims2()?);
+    if out != out2 {
+        candle_core::bail!("frozen linear backward: gradient {:?} does not fit weight {:?}", dy.shape(), w.shape());
+    }
+    let dx = with_cpu_slices(&[dy, w], |s| kernels::matmul_bf16_nn(s[0], s[1], n, out, inp))?;
+    Tensor::from_vec(dx, (n, inp), dy.device())
 }
 
 /// `t` reshaped to `dims`, or `t` itself when it has them already: candle records a reshape node
@@ -227,8 +253,8 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let y2 = if x.track_op() {
         x2.apply_op2(weight, FrozenMatmul)?
     } else {
-        // Nothing upstream needs a gradient: the plain matmul records no backward either.
-        x2.matmul(&weight.t()?)?
+        // Nothing upstream needs a gradient: no graph node.
+        x2.apply_op2_no_bwd(weight, &FrozenMatmul)?
     };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -298,6 +324,42 @@ mod tests {
         let diff = (gx - gx_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         assert!(grads.get(&w).is_none(), "a gradient of the frozen weight was computed");
+        Ok(())
+    }
+
+    /// The bf16 CPU kernels (several tiles of the weight's rows and of its columns, an odd
+    /// width) against the exact products of the same bf16 values: each output within the
+    /// rounding to bf16 (2^-8 relative), and bit for bit candle's bf16 matmul on most outputs.
+    #[test]
+    fn bf16_kernels_match_the_f32_products() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, n) = (37, 300, 500);
+        let w = Tensor::randn(0f32, 1., (n, k), &dev)?.to_dtype(DType::BF16)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(DType::BF16)?)?;
+        let dy = Tensor::randn(0f32, 1., (m, n), &dev)?.to_dtype(DType::BF16)?;
+        let w32 = w.to_dtype(DType::F32)?;
+        let y = frozen_linear(x.as_tensor(), &w, None)?;
+        let dx = (y.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        let dx = dx.get(x.as_tensor()).expect("gradient of x");
+        let no_grad = frozen_linear(&x.as_tensor().detach(), &w, None)?;
+        let cases = [
+            ("x W^T", y, x.as_tensor().to_dtype(DType::F32)?.matmul(&w32.t()?)?, x.as_tensor().matmul(&w.t()?)?),
+            (
+                "x W^T, no graph",
+                no_grad,
+                x.as_tensor().to_dtype(DType::F32)?.matmul(&w32.t()?)?,
+                x.as_tensor().matmul(&w.t()?)?,
+            ),
+            ("dy W", dx.clone(), dy.to_dtype(DType::F32)?.matmul(&w32)?, dy.matmul(&w)?),
+        ];
+        for (what, ours, exact, candle) in cases {
+            assert_eq!(ours.dtype(), DType::BF16, "{what}");
+            let ours = ours.to_dtype(DType::F32)?;
+            let err = ((&ours - &exact)?.abs()? - (exact.abs()? * (1.0 / 256.0))?)?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-6, "{what}: off by {err} more than bf16 rounding");
+            let same = ours.eq(&candle.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+            assert!(same > 0.95, "{what}: {same} of the outputs equal candle's");
+        }
         Ok(())
     }
 }

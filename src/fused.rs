@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Shape};
-use candle_core::{Storage, Tensor, D};
+use candle_core::{Storage, Tensor, WithDType, D};
 
 use crate::kernels::{self, AttentionShape};
 use crate::Result;
@@ -261,10 +261,20 @@ pub(crate) fn needed(
 /// `f` on the values of CPU tensors as contiguous f32 slices (each converted to a contiguous f32
 /// copy first if it is not one already).
 pub(crate) fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
-    let owned = tensors
+    let f32s = tensors
         .iter()
-        .map(|t| if t.dtype() == DType::F32 { t.contiguous() } else { t.to_dtype(DType::F32)?.contiguous() })
+        .map(|t| if t.dtype() == DType::F32 { Ok((*t).clone()) } else { t.to_dtype(DType::F32) })
         .collect::<candle_core::Result<Vec<_>>>()?;
+    with_cpu_slices(&f32s.iter().collect::<Vec<_>>(), f)
+}
+
+/// `f` on the values of CPU tensors of element type `T` as contiguous slices (each copied to a
+/// contiguous tensor first if it is not one already).
+pub(crate) fn with_cpu_slices<T: WithDType, R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> candle_core::Result<R> {
+    let owned = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
     let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {
@@ -274,7 +284,7 @@ pub(crate) fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) 
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("not contiguous after contiguous()".into()))?;
-        slices.push(&cpu.as_slice::<f32>()?[start..end]);
+        slices.push(&cpu.as_slice::<T>()?[start..end]);
     }
     Ok(f(&slices))
 }

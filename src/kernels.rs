@@ -11,6 +11,7 @@
 //! the same numbers.
 
 use gemm::Parallelism;
+use half::bf16;
 use rayon::prelude::*;
 
 /// Elements per rayon task in the element-wise kernels.
@@ -308,6 +309,124 @@ fn matmul(dst: &mut [f32], ld: usize, a: Mat, b: Mat, accumulate: bool) {
             Parallelism::None,
         )
     }
+}
+
+vectorized! {
+    /// `dst = src` widened from bf16 to f32 (exact: a bf16 is the high half of an f32).
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+    }
+}
+
+vectorized! {
+    /// `dst = src` rounded from f32 to the nearest bf16 (ties to even; NaN stays NaN), as
+    /// `half::bf16::from_f32` and PyTorch round.
+    fn narrow(src: &[f32], dst: &mut [bf16]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            let bits = s.to_bits();
+            let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+            *d = bf16::from_bits(if s.is_nan() { 0x7fc0 } else { rounded });
+        }
+    }
+}
+
+/// `src` widened to f32, in parallel.
+fn widened(src: &[bf16]) -> Vec<f32> {
+    let mut dst = vec![0f32; src.len()];
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| widen(s, d));
+    dst
+}
+
+/// `src` rounded to bf16, in parallel.
+fn narrowed(src: &[f32]) -> Vec<bf16> {
+    let mut dst = vec![bf16::ZERO; src.len()];
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| narrow(s, d));
+    dst
+}
+
+/// Floats per tile of a bf16 weight widened at once in [`matmul_nt_bf16`] and
+/// [`matmul_nn_bf16`] (256 KiB: the tile stays in the core's L2 cache while gemm reads it).
+const BF16_TILE: usize = 1 << 16;
+
+/// `x W^T` for row-major f32 `x: (m, k)` and bf16 `W: (n, k)`, as `(m, n)` f32: each task
+/// widens a tile of `W`'s rows (so a large `W` is never widened whole) and multiplies it with
+/// gemm's f32 kernels.
+pub(crate) fn matmul_nt_bf16(x: &[f32], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(x.len() == m * k && w.len() == n * k, "bf16 matmul: operands do not fit their shapes");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let rows = (BF16_TILE / k).clamp(1, n);
+    let tiles: Vec<Vec<f32>> = w
+        .par_chunks(rows * k)
+        .map(|w| {
+            let r = w.len() / k;
+            let mut tile = vec![0f32; w.len()];
+            widen(w, &mut tile);
+            let mut y = vec![0f32; m * r];
+            matmul(&mut y, r, Mat::rows(x, k, 0, m), Mat::rows(&tile, k, 0, r).t(), false);
+            y
+        })
+        .collect();
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (t, y) in tiles.iter().enumerate() {
+            let r = y.len() / m;
+            row[t * rows..t * rows + r].copy_from_slice(&y[i * r..(i + 1) * r]);
+        }
+    });
+    out
+}
+
+/// `dy W` for row-major f32 `dy: (m, n)` and bf16 `W: (n, k)`, as `(m, k)` f32: each task owns
+/// a range of the output's columns and adds up the products of `dy`'s columns with tiles of
+/// `W` (its rows, those columns) widened one at a time.
+pub(crate) fn matmul_nn_bf16(dy: &[f32], w: &[bf16], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert!(dy.len() == m * n && w.len() == n * k, "bf16 matmul: operands do not fit their shapes");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * k];
+    }
+    let tasks = rayon::current_num_threads().clamp(1, k.div_ceil(16));
+    let cols = k.div_ceil(tasks).next_multiple_of(16).min(k);
+    let rows = (BF16_TILE / cols).clamp(1, n);
+    let parts: Vec<Vec<f32>> = (0..k.div_ceil(cols))
+        .into_par_iter()
+        .map(|c| {
+            let (c0, c) = (c * cols, cols.min(k - c * cols));
+            let mut acc = vec![0f32; m * c];
+            let mut tile = vec![0f32; rows * c];
+            for r0 in (0..n).step_by(rows) {
+                let r = rows.min(n - r0);
+                for (i, t) in tile.chunks_exact_mut(c).take(r).enumerate() {
+                    widen(&w[(r0 + i) * k + c0..][..c], t);
+                }
+                let a = Mat { data: &dy[r0..], rows: m, cols: r, rs: n, cs: 1 };
+                matmul(&mut acc, c, a, Mat::rows(&tile, c, 0, r), r0 > 0);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; m * k];
+    out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+        for (t, acc) in parts.iter().enumerate() {
+            let c = acc.len() / m;
+            row[t * cols..t * cols + c].copy_from_slice(&acc[i * c..(i + 1) * c]);
+        }
+    });
+    out
+}
+
+/// [`matmul_nt_bf16`] of a bf16 `x`, rounded to bf16: the same rounding as candle's bf16
+/// matmul (which widens both operands whole, on one thread).
+pub(crate) fn matmul_bf16_nt(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+    narrowed(&matmul_nt_bf16(&widened(x), w, m, k, n))
+}
+
+/// [`matmul_nn_bf16`] of a bf16 `dy`, rounded to bf16.
+pub(crate) fn matmul_bf16_nn(dy: &[bf16], w: &[bf16], m: usize, n: usize, k: usize) -> Vec<bf16> {
+    narrowed(&matmul_nn_bf16(&widened(dy), w, m, n, k))
 }
 
 /// Shapes and masking of one attention call: `q: (b, heads, tq, d)`, `k, v: (b, kv, tk, d)`,

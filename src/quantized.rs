@@ -19,8 +19,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
+use half::bf16;
 
-use crate::fused::with_backward;
+use crate::fused::{with_backward, with_f32_slices};
+use crate::kernels;
 use crate::{Error, Result};
 
 /// The most values of one dequantized block of rows (4 MiB in f32).
@@ -168,7 +170,10 @@ impl QuantizedWeight {
             )));
         }
         let device = q.device();
-        let rows_per_block = (BLOCK_ELEMS / inp).clamp(1, out);
+        // bf16 on the CPU with f32 products: one block, which the CPU kernels widen a tile at a
+        // time themselves (see `with_bf16_values`).
+        let rows_per_block =
+            if Self::cpu_kernels(ggml, dtype, &device) { out } else { (BLOCK_ELEMS / inp).clamp(1, out) };
         let blocks = (0..out)
             .step_by(rows_per_block)
             .map(|r0| {
@@ -255,8 +260,32 @@ impl QuantizedWeight {
         Ok(Tensor::cat(&blocks, 0)?)
     }
 
+    /// Whether the CPU kernels compute this weight's products: bf16 values, f32 products, on
+    /// the CPU ([`crate::kernels::matmul_nt_bf16`]: tiles of rows widened in the cache, not
+    /// blocks dequantized to memory).
+    fn cpu_kernels(ggml: GgmlDType, dtype: DType, device: &Device) -> bool {
+        ggml == GgmlDType::BF16 && dtype == DType::F32 && device.is_cpu()
+    }
+
+    /// `f(W, x)` on the weight's bf16 values and `x`'s f32 values, for a weight that the CPU
+    /// kernels multiply ([`Self::cpu_kernels`]); `None` for the others.
+    fn with_bf16_values<R>(&self, x: &Tensor, f: impl FnOnce(&[bf16], &[f32]) -> R) -> Result<Option<R>> {
+        if !(Self::cpu_kernels(self.ggml, self.dtype, &self.device) && self.blocks.len() == 1) {
+            return Ok(None);
+        }
+        let data = self.blocks[0].data()?;
+        let Ok(w) = bytemuck::try_cast_slice::<u8, bf16>(&data) else {
+            return Ok(None);
+        };
+        Ok(Some(with_f32_slices(&[x], |x| f(w, x[0]))?))
+    }
+
     /// `x W^T` for `x: (n, in)`, with no autograd.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        if let Some(y) = self.with_bf16_values(x, |w, x| kernels::matmul_nt_bf16(x, w, n, self.inp, self.out))? {
+            return Ok(Tensor::from_vec(y, (n, self.out), &self.device)?);
+        }
         let parts: Vec<Tensor> =
             (0..self.blocks.len()).map(|i| Ok(x.matmul(&self.block(i)?.t()?)?)).collect::<Result<_>>()?;
         Ok(if parts.len() == 1 { parts.into_iter().next().expect("one block") } else { Tensor::cat(&parts, 1)? })
@@ -271,6 +300,10 @@ impl QuantizedWeight {
     /// and AdamW amplifies such differences over a run.) On a GPU, where reading the blocks back
     /// per slice would cost a copy, the row blocks' products are summed.
     pub(crate) fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
+        let n = dy.dim(0)?;
+        if let Some(dx) = self.with_bf16_values(dy, |w, dy| kernels::matmul_nn_bf16(dy, w, n, self.out, self.inp))? {
+            return Ok(Tensor::from_vec(dx, (n, self.inp), &self.device)?);
+        }
         if self.blocks.len() == 1 {
             return Ok(dy.matmul(&self.block(0)?)?);
         }

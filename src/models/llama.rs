@@ -1362,19 +1362,55 @@ impl Llama {
     /// keys and values they read and then extend: incremental decoding. With an empty cache it is
     /// [`Llama::forward`].
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let device = ids.device();
-        let offset = cache.len();
-        if cache.layers.is_empty() {
-            cache.layers = vec![None; self.layers.len()];
-        }
-        let mut h = self.embed(ids)?;
-        let tables = self.rope_tables(offset, t, device)?;
-        for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = self.block(layer, &h, &tables, Some(cached))?;
-        }
-        cache.len = offset + t;
+        let h = self.hidden_states(ids, Some(cache))?;
         self.head(&h)
+    }
+
+    /// The output projection's weight when the logits are `h W^T` with `W` frozen and `h` the
+    /// output of [`Self::final_hidden_states`]: the embeddings when tied, or an `lm_head` with
+    /// no adapter and no bias, and no soft-capping. A loss can then be computed from `h` and `W`
+    /// a block of positions at a time, without the whole logits
+    /// ([`crate::train::loss::linear_cross_entropy_part`]).
+    pub fn frozen_head(&self) -> Option<&FrozenWeight> {
+        if self.config.final_logit_softcapping().is_some() {
+            return None;
+        }
+        match &self.lm_head {
+            None => Some(&self.embed_tokens),
+            Some(head) if head.adapter().is_none() && head.bias().is_none() => Some(head.weight()),
+            Some(_) => None,
+        }
+    }
+
+    /// The last decoder layer's output after the final norm, `(b * t, hidden)`, for token ids
+    /// `(b, t)`: the input of the output head.
+    pub fn final_hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        let h = self.hidden_states(ids, None)?;
+        let (b, t, hidden) = h.dims3()?;
+        Ok(rms_norm(&h, &self.norm, self.config.rms_norm_eps)?.reshape((b * t, hidden))?)
+    }
+
+    /// The last decoder layer's output `(b, t, hidden)` for token ids `(b, t)`; with `cache`,
+    /// after the positions it holds, whose keys and values each layer reads and then extends.
+    fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let mut h = self.embed(ids)?;
+        let tables = self.rope_tables(offset, t, ids.device())?;
+        if let Some(cache) = cache {
+            if cache.layers.is_empty() {
+                cache.layers = vec![None; self.layers.len()];
+            }
+            for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                h = self.block(layer, &h, &tables, Some(cached))?;
+            }
+            cache.len = offset + t;
+        } else {
+            for layer in &self.layers {
+                h = self.block(layer, &h, &tables, None)?;
+            }
+        }
+        Ok(h)
     }
 
     /// The token embeddings of `ids`, scaled by `sqrt(hidden)` for Gemma (the factor rounded to

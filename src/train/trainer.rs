@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::data::{batch_indices, collate, Example};
-use super::loss::{counted_labels, masked_cross_entropy, masked_cross_entropy_part};
+use super::loss::{counted_labels, linear_cross_entropy_part, masked_cross_entropy_part};
 use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::format::{read_safetensors, write_atomic, write_safetensors, WEIGHTS_FILE};
@@ -24,6 +24,15 @@ use crate::{Error, Result};
 pub trait CausalLm: LinearHost {
     /// The logits.
     fn logits(&self, ids: &Tensor) -> Result<Tensor>;
+
+    /// The mean token loss's part from the positions of `ids: (b, t)` against `labels`
+    /// (`b * t`, flattened), of a mean over `count` counted labels in all (see
+    /// [`masked_cross_entropy_part`]). By default the loss of [`Self::logits`]; a model may
+    /// compute it without them.
+    fn token_loss(&self, ids: &Tensor, labels: &Tensor, count: usize) -> Result<Tensor> {
+        let logits = self.logits(ids)?;
+        masked_cross_entropy_part(&logits.flatten_to(1)?, &labels.flatten_all()?, count)
+    }
 
     /// The loss and the gradients of the trainable tensors, computed with activation
     /// checkpointing ([`TrainConfig::checkpoint_activations`]); `loss(logits, range)` is the
@@ -44,6 +53,17 @@ impl CausalLm for Llama {
         self.forward(ids)
     }
 
+    /// With a frozen output projection ([`Llama::frozen_head`]), from the last hidden states a
+    /// block of positions at a time ([`linear_cross_entropy_part`]).
+    fn token_loss(&self, ids: &Tensor, labels: &Tensor, count: usize) -> Result<Tensor> {
+        match self.frozen_head() {
+            Some(weight) => {
+                linear_cross_entropy_part(&self.final_hidden_states(ids)?, weight, &labels.flatten_all()?, count)
+            }
+            None => masked_cross_entropy_part(&self.logits(ids)?.flatten_to(1)?, &labels.flatten_all()?, count),
+        }
+    }
+
     fn checkpointed_loss_and_grads(
         &self,
         ids: &Tensor,
@@ -51,12 +71,6 @@ impl CausalLm for Llama {
     ) -> Result<(Tensor, GradStore)> {
         Llama::checkpointed_loss_and_grads(self, ids, loss)
     }
-}
-
-/// The mean token loss of logits `(b, t, vocab)` against labels `(b, t)`.
-fn token_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let (b, t, vocab) = logits.dims3()?;
-    masked_cross_entropy(&logits.reshape((b * t, vocab))?, labels)
 }
 
 /// How to train.
@@ -260,8 +274,11 @@ impl<M: CausalLm> Trainer<M> {
 
     fn batch_loss(&self, examples: &[&Example]) -> Result<(Tensor, usize)> {
         let batch = collate(examples, self.config.pad_id, &self.device())?;
-        let logits = self.peft.model().logits(&batch.ids)?;
-        Ok((token_loss(&logits, &batch.labels)?, batch.ids.elem_count()))
+        // From the logits: the blocked loss of `token_loss` would also compute the gradient of the
+        // hidden states, which an evaluation does not need.
+        let logits = self.peft.model().logits(&batch.ids)?.flatten_to(1)?;
+        let loss = masked_cross_entropy_part(&logits, &batch.labels.flatten_all()?, counted_labels(&batch.labels)?)?;
+        Ok((loss, batch.ids.elem_count()))
     }
 
     /// The loss of a micro-batch, divided by `scale`, and its gradients: by one backward pass
@@ -278,7 +295,7 @@ impl<M: CausalLm> Trainer<M> {
             };
             model.checkpointed_loss_and_grads(&batch.ids, &part)?
         } else {
-            let loss = (token_loss(&model.logits(&batch.ids)?, &batch.labels)? / scale)?;
+            let loss = (model.token_loss(&batch.ids, &batch.labels, counted_labels(&batch.labels)?)? / scale)?;
             let grads = loss.backward()?;
             (loss, grads)
         };

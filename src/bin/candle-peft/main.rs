@@ -147,6 +147,13 @@ impl RunArgs {
             "f16" => DType::F16,
             other => return Err(format!("unknown --dtype {other} (f32, bf16, f16)").into()),
         };
+        if device.is_cpu() && dtype == DType::BF16 {
+            tracing::warn!(
+                "--dtype bf16 computes in bf16, which candle does slowly on the CPU (its bf16 element-wise ops \
+                 are several times slower than f32's; a training step takes 2-3.5x as long as in f32): --dtype f32 \
+                 --base-quant bf16 holds the frozen base in bf16 as well and computes in f32, at about f32's speed"
+            );
+        }
         Ok((device, dtype))
     }
 }
