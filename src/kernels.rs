@@ -5,7 +5,11 @@
 //! Attention is computed per head, in blocks of query rows, with gemm's matrix kernels and the
 //! causal mask's empty blocks skipped, as FlashAttention-2 (Dao, 2023) organizes it.
 //!
-//! Everything here works on contiguous f32 slices. The loops are compiled twice, for the
+//! The products of bf16 weights (`matmul_*_bf16`) widen a tile of the weight at a time, in the
+//! core's cache, and multiply it with gemm's f32 kernels: candle's own bf16 matmul on the CPU
+//! widens both operands whole, on one thread, on every call.
+//!
+//! Everything else here works on contiguous f32 slices. The loops are compiled twice, for the
 //! baseline x86-64 and for AVX2 + FMA, and the CPU picks at run time (`vectorized!`). The same
 //! ops for other devices are written with candle's ops in `fused`; tests check that the two give
 //! the same numbers.

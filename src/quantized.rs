@@ -12,6 +12,10 @@
 //! weight, exactly: candle's quantized matmul would be faster but quantizes the activations to
 //! 8 bits as well, which changes the loss by up to about 1e-3 (see the README's QLoRA section).
 //! GGUF quantizes within a row, so splitting by rows is exact.
+//!
+//! A bf16 weight computed in f32 on the CPU (`--base-quant bf16`: the frozen base in half the
+//! memory of f32, at f32's speed) is one block that the CPU kernels multiply directly, widening
+//! a cache-sized tile of it at a time ([`kernels::matmul_nt_bf16`]).
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -298,7 +302,9 @@ impl QuantizedWeight {
     /// whole reduction over `out`, as in the dense product, so on the CPU the result is the
     /// dense `dy W` bit for bit. (Summing per-row-block products would change the rounding,
     /// and AdamW amplifies such differences over a run.) On a GPU, where reading the blocks back
-    /// per slice would cost a copy, the row blocks' products are summed.
+    /// per slice would cost a copy, the row blocks' products are summed. A bf16 weight on the
+    /// CPU goes through [`kernels::matmul_nn_bf16`], which sums the products of tiles of rows
+    /// (f32 rounding, not bit for bit the dense product).
     pub(crate) fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
         let n = dy.dim(0)?;
         if let Some(dx) = self.with_bf16_values(dy, |w, dy| kernels::matmul_nn_bf16(dy, w, n, self.out, self.inp))? {
