@@ -301,6 +301,52 @@ pub fn low_rank_linear(
     })
 }
 
+/// [`low_rank_linear`] with LoRA's head `h = s x A^T` computed inside the node: `x W^T + b +
+/// s (x A^T) B^T` for `A: (r, in)`, `B: (out, r)`, differentiable in `x`, `A` and `B`. The input
+/// `x` then reaches the graph through this one node, not also through the head's product (and
+/// the reshapes around it), each of which costs an `x`-sized gradient buffer, zeroed and added
+/// to, in candle's backward pass. Backward with `g = s dy B`: `dx = dy W + g A`, `dA = g^T x`,
+/// `dB = dy^T h` (`h` recomputed: `(n, r)`).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Result<Tensor> {
+    let ((out_features, r), inp) = (b.dims2()?, weight.dims2()?.1);
+    if a.dims() != [r, inp] {
+        return Err(crate::Error::ShapeMismatch {
+            what: "LoRA's A".into(),
+            expected: vec![r, inp],
+            actual: a.dims().to_vec(),
+        });
+    }
+    let rows = x.elem_count() / inp.max(1);
+    // The input as the adapter's dtype, (rows, in), and the head `s x A^T`.
+    let head_input = move |x: &Tensor, a: &Tensor| reshape(&x.detach(), &[rows, inp])?.to_dtype(a.dtype());
+    let head = move |x: &Tensor, a: &Tensor| head_input(x, a)?.matmul(&a.detach().t()?)? * s;
+    let base = weight.linear(&x.detach(), bias)?;
+    let branch = head(x, a)?.matmul(&b.detach().t()?)?.to_dtype(base.dtype())?;
+    let y = (&base + reshape(&branch, base.dims())?)?;
+    drop(branch);
+    let w = weight.clone();
+    with_backward("lora-linear", &[x, a, b], y, move |inputs, _, grad| {
+        let [x, a, b] = [inputs[0], inputs[1], inputs[2]];
+        let dy = reshape(grad, &[rows, out_features])?;
+        let dy_b = dy.to_dtype(b.dtype())?;
+        let g = (dy_b.matmul(&b.detach())? * s)?;
+        let dx = needed(x, || {
+            let base = w.input_grad(&dy).map_err(candle_core::Error::wrap)?;
+            (base + g.matmul(&a.detach())?.to_dtype(dy.dtype())?)?.reshape(x.dims())
+        })?;
+        let da = needed(a, || g.t()?.matmul(&head_input(x, a)?))?;
+        let db = needed(b, || dy_b.t()?.matmul(&head(x, a)?))?;
+        Ok(vec![dx, da, db])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -474,6 +474,71 @@ fn causal_attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShap
     })
 }
 
+/// [`rope`] and [`causal_attention_with`] on the projections' layout, as one graph node, by the
+/// CPU kernels: `q: (b, t, heads * d)`, `k, v: (b, t, kv * d)`, `cos, sin: (t, d / 2)`, `[heads,
+/// kv]`; returns `(b, t, heads * d)`, what `rope` and `causal_attention_with` give on `(b, heads,
+/// t, d)` views of the projections, with the transposes around them. The kernels rotate and
+/// transpose into the heads-first layout in one pass (and back for the gradients, with the
+/// inverse rotation), and the backward pass recomputes those copies: autograd keeps `q`, `k`,
+/// `v` and the output, and no reshape, transpose or rotation node, each of which costs a
+/// gradient buffer, zeroed and added to, in candle's backward pass.
+pub fn rope_attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    [heads, kv]: [usize; 2],
+    how: Attention,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    let d = width / heads.max(1);
+    if heads == 0 || kv == 0 || width != heads * d || d % 2 == 1 {
+        return Err(crate::Error::Unsupported(format!(
+            "attention over {heads} heads of {width} query values: expected a positive, even head size"
+        )));
+    }
+    let view =
+        |x: &Tensor, n: usize| -> candle_core::Result<Tensor> { x.detach().reshape((b, t, n, d))?.transpose(1, 2) };
+    let shape = attention_shape(&view(q, heads)?, &view(k, kv)?, &view(v, kv)?, how)?;
+    if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        return Err(crate::Error::ShapeMismatch {
+            what: "RoPE's cos / sin tables".into(),
+            expected: vec![t, d / 2],
+            actual: cos.dims().to_vec(),
+        });
+    }
+    let (cos, sin) = with_f32_slices(&[cos, sin], |x| (x[0].to_vec(), x[1].to_vec()))?;
+    // The rotated, heads-first q and k and the heads-first v.
+    let inputs = move |x: &[&[f32]], rotation: kernels::Rotation| {
+        (
+            kernels::heads_first(x[0], [b, t, heads, d], Some(rotation)),
+            kernels::heads_first(x[1], [b, t, kv, d], Some(rotation)),
+            kernels::heads_first(x[2], [b, t, kv, d], None),
+        )
+    };
+    let (out, lse) = with_f32_slices(&[q, k, v], |x| {
+        let (q, k, v) = inputs(x, kernels::Rotation { cos: &cos, sin: &sin, sign: 1.0 });
+        let (out, lse) = kernels::attention(&q, &k, &v, shape);
+        (kernels::tokens_first(&out, [b, heads, t, d], None), lse)
+    })?;
+    with_backward_cpu("rope-attention", &[q, k, v], out, q.shape().clone(), q.dtype(), move |x, out, grad| {
+        let (dq, dk, dv) = with_f32_slices(&[x[0], x[1], x[2], out, grad], |x| {
+            let rotation = kernels::Rotation { cos: &cos, sin: &sin, sign: 1.0 };
+            let (q, k, v) = inputs(x, rotation);
+            let out = kernels::heads_first(x[3], [b, t, heads, d], None);
+            let dout = kernels::heads_first(x[4], [b, t, heads, d], None);
+            let (dq, dk, dv) = kernels::attention_backward(&q, &k, &v, &out, &lse, &dout, shape);
+            let inverse = Some(kernels::Rotation { sign: -1.0, ..rotation });
+            (
+                kernels::tokens_first(&dq, [b, heads, t, d], inverse),
+                kernels::tokens_first(&dk, [b, kv, t, d], inverse),
+                kernels::tokens_first(&dv, [b, kv, t, d], None),
+            )
+        })?;
+        Ok(vec![gradient_like(x[0], dq)?, gradient_like(x[1], dk)?, gradient_like(x[2], dv)?])
+    })
+}
+
 /// [`causal_attention_with`] with candle's ops (any device), in blocks of `rows` query rows.
 fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention, rows: usize) -> Result<Tensor> {
     let AttentionShape { b, heads, kv, tq, tk, d, window, .. } = attention_shape(q, k, v, how)?;
@@ -701,6 +766,35 @@ mod tests {
         assert!(swiglu(g.as_tensor(), &Tensor::zeros((4, 99), DType::F32, &Device::Cpu).unwrap()).is_err());
     }
 
+    /// RoPE and attention on the projections' layout (grouped heads, a window, a scale) against
+    /// the composite of the ops tested above.
+    #[test]
+    fn rope_attention_matches_the_composite() {
+        let (b, t, heads, kv, d) = (2, 70, 6, 2, 8);
+        let cos = Tensor::randn(0f32, 1., (t, d / 2), &Device::Cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1., (t, d / 2), &Device::Cpu).unwrap();
+        for window in [None, Some(5)] {
+            let how = Attention { window, scale: window.map(|_| 0.2) };
+            let (c, s) = (cos.clone(), sin.clone());
+            check(
+                &[var(&[b, t, heads * d]), var(&[b, t, kv * d]), var(&[b, t, kv * d])],
+                |x| rope_attention_cpu(&x[0], &x[1], &x[2], (&cos, &sin), [heads, kv], how),
+                move |x| {
+                    let first = |y: &Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+                    let q = rope(&first(&x[0], heads)?, &c, &s)?;
+                    let k = rope(&first(&x[1], kv)?, &c, &s)?;
+                    let y = causal_attention_in_blocks(&q, &k, &first(&x[2], kv)?, how, t)?;
+                    Ok(y.transpose(1, 2)?.reshape((b, t, heads * d))?)
+                },
+            );
+        }
+        // A head size that does not divide the width, and tables of the wrong length: errors.
+        let x = Tensor::zeros((1, 4, 10), DType::F32, &Device::Cpu).unwrap();
+        assert!(rope_attention_cpu(&x, &x, &x, (&cos, &sin), [3, 1], Attention::default()).is_err());
+        let x = Tensor::zeros((1, 4, 16), DType::F32, &Device::Cpu).unwrap();
+        assert!(rope_attention_cpu(&x, &x, &x, (&cos, &sin), [2, 2], Attention::default()).is_err());
+    }
+
     #[test]
     fn low_rank_linear_matches_autograd_and_skips_frozen_gradients() {
         let w = Tensor::randn(0f32, 1., (7, 5), &Device::Cpu).unwrap();
@@ -722,5 +816,22 @@ mod tests {
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(h.as_tensor()).is_some());
         assert!(g.get(&tail).is_none() && g.get(&x).is_none() && g.get(&w).is_none());
+    }
+
+    #[test]
+    fn lora_linear_matches_autograd() {
+        let w = Tensor::randn(0f32, 1., (7, 5), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 1., 7, &Device::Cpu).unwrap();
+        let (w2, b2) = (w.clone(), bias.clone());
+        let frozen = crate::frozen::FrozenWeight::from(w.clone());
+        check(
+            &[var(&[2, 3, 5]), var(&[2, 5]), var(&[7, 2])],
+            |x| crate::frozen::lora_linear(&x[0], &frozen, Some(&bias), &x[1], &x[2], 0.7),
+            move |x| {
+                let base = x[0].broadcast_matmul(&w2.t()?)?.broadcast_add(&b2)?;
+                let head = (x[0].broadcast_matmul(&x[1].t()?)? * 0.7)?;
+                Ok((base + head.broadcast_matmul(&x[2].t()?)?)?)
+            },
+        );
     }
 }

@@ -611,6 +611,65 @@ pub(crate) fn attention_backward(
     (dq, dk, dv)
 }
 
+/// RoPE tables for [`heads_first`] and [`tokens_first`]: `cos, sin: (t, d / 2)` and the sign of
+/// the rotation (-1: the inverse rotation, which is RoPE's backward).
+#[derive(Clone, Copy)]
+pub(crate) struct Rotation<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub sign: f32,
+}
+
+/// HF's rotary embedding of one head's row `x` (`d` values) at a position with `cos, sin`
+/// (`d / 2` values): `x cos + rotate_half(x) sin`, `rotate_half(x) = [-x2, x1]`; into `out`.
+#[inline(always)]
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        let (c, s) = (cos[i], sign * sin[i]);
+        o1[i] = x1[i] * c - x2[i] * s;
+        o2[i] = x2[i] * c + x1[i] * s;
+    }
+}
+
+/// `x: (b, t, n, d)` (the projections' layout, one row of `n` heads per token) as `(b, n, t,
+/// d)`, each row rotated when `rope` is given: the layout the attention kernels read.
+pub(crate) fn heads_first(x: &[f32], [b, t, n, d]: [usize; 4], rope: Option<Rotation>) -> Vec<f32> {
+    assert!(x.len() == b * t * n * d && rope.is_none_or(|r| r.cos.len() == t * d / 2 && r.sin.len() == t * d / 2));
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
+        let (bi, h) = (bh / n, bh % n);
+        for (p, row) in out.chunks_exact_mut(d).enumerate() {
+            let src = &x[((bi * t + p) * n + h) * d..][..d];
+            match rope {
+                Some(r) => rotate(src, &r.cos[p * d / 2..][..d / 2], &r.sin[p * d / 2..][..d / 2], r.sign, row),
+                None => row.copy_from_slice(src),
+            }
+        }
+    });
+    out
+}
+
+/// `x: (b, n, t, d)` as `(b, t, n, d)`, each row rotated when `rope` is given: the inverse of
+/// [`heads_first`] (with the inverse rotation).
+pub(crate) fn tokens_first(x: &[f32], [b, n, t, d]: [usize; 4], rope: Option<Rotation>) -> Vec<f32> {
+    assert!(x.len() == b * t * n * d && rope.is_none_or(|r| r.cos.len() == t * d / 2 && r.sin.len() == t * d / 2));
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n * d).enumerate().for_each(|(bp, out)| {
+        let (bi, p) = (bp / t, bp % t);
+        for (h, row) in out.chunks_exact_mut(d).enumerate() {
+            let src = &x[((bi * n + h) * t + p) * d..][..d];
+            match rope {
+                Some(r) => rotate(src, &r.cos[p * d / 2..][..d / 2], &r.sin[p * d / 2..][..d / 2], r.sign, row),
+                None => row.copy_from_slice(src),
+            }
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

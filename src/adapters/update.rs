@@ -14,7 +14,7 @@ use candle_core::Tensor;
 
 use super::common::branch_dropout;
 use crate::adapter::{add_branch, Adapter, AdapterCore, BaseLayer};
-use crate::frozen::{frozen_linear, low_rank_linear, reshape};
+use crate::frozen::{frozen_linear, lora_linear, low_rank_linear, reshape};
 use crate::Result;
 
 /// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
@@ -29,6 +29,13 @@ pub trait LowRankUpdate: AdapterCore {
 
     /// The factor `B: (out, k)` that maps the head to the output: `branch(x) = head(x) B^T`.
     fn tail(&self) -> Result<Tensor>;
+
+    /// `(A, s)` when the head is `s x A^T` with `A: (k, in)` (LoRA's): with no dropout, the
+    /// training forward pass then runs the frozen layer and the whole branch as one node
+    /// ([`lora_linear`]). `None` (the default): the head is computed by [`Self::head`].
+    fn linear_head(&self) -> Option<(Tensor, f64)> {
+        None
+    }
 
     /// The head and the tail together (methods whose two factors come from one computation
     /// override this). A tail that needs no gradient (a frozen basis) gets none.
@@ -66,9 +73,13 @@ pub trait LowRankUpdate: AdapterCore {
 
 impl<U: LowRankUpdate> Adapter for U {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
+        let fused = x.dtype() == base.weight.dtype() && self.fuse_with_base();
+        if let (true, Some((a, s)), false) = (fused, self.linear_head(), train && self.dropout() > 0.0) {
+            return lora_linear(x, base.weight, base.bias, &a, &self.tail()?, s);
+        }
         let dtype = self.dtype();
         let xd = branch_dropout(&x.to_dtype(dtype)?, self.dropout(), train)?;
-        if x.dtype() == base.weight.dtype() && self.fuse_with_base() {
+        if fused {
             // One node for the frozen layer and the branch (see `low_rank_linear`), also when
             // the adapter's dtype is not the base's.
             let (h, tail) = self.head_tail(&xd)?;

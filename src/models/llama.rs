@@ -35,7 +35,7 @@ use serde::Deserialize;
 use super::rope::{RopeParameters, RopeScaling};
 use crate::format::read_safetensors;
 use crate::frozen::FrozenWeight;
-use crate::fused::{causal_attention_with, geglu_tanh, rms_norm, rope, swiglu, Attention};
+use crate::fused::{causal_attention_with, geglu_tanh, rms_norm, rope, rope_attention_cpu, swiglu, Attention};
 use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::LinearHost;
@@ -1462,18 +1462,26 @@ impl Llama {
         };
         let (q_norm, k_norm) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
         let [q, k, v] = layer.qkv(&x, c)?;
-        let q = rope(&heads_first(q, heads, q_norm)?, cos, sin)?;
-        let mut k = rope(&heads_first(k, kv, k_norm)?, cos, sin)?;
-        let mut v = heads_first(v, kv, None)?;
-        if let Some(cached) = cached {
-            if let Some((k0, v0)) = cached.as_ref() {
-                (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
-            }
-            // Kept for the next call (views of the same storage: no copy).
-            *cached = Some((k.detach(), v.detach()));
-        }
         let how = Attention { scale: c.attention_scale(), window: layer.window };
-        let attn = causal_attention_with(&q, &k, &v, how)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let attn = match cached {
+            // On the CPU, without a cache or per-head norms: one node on the projections' layout.
+            None if layer.qk_norm.is_none() && x.device().is_cpu() => {
+                rope_attention_cpu(&q, &k, &v, (cos, sin), [heads, kv], how)?
+            }
+            cached => {
+                let q = rope(&heads_first(q, heads, q_norm)?, cos, sin)?;
+                let mut k = rope(&heads_first(k, kv, k_norm)?, cos, sin)?;
+                let mut v = heads_first(v, kv, None)?;
+                if let Some(cached) = cached {
+                    if let Some((k0, v0)) = cached.as_ref() {
+                        (k, v) = (Tensor::cat(&[k0, &k], 2)?, Tensor::cat(&[v0, &v], 2)?);
+                    }
+                    // Kept for the next call (views of the same storage: no copy).
+                    *cached = Some((k.detach(), v.detach()));
+                }
+                causal_attention_with(&q, &k, &v, how)?.transpose(1, 2)?.reshape((b, t, heads * hd))?
+            }
+        };
         let out = layer.o(c).forward_checked(&attn)?;
         let out = match &layer.output_norms {
             Some((after_attention, _)) => rms_norm(&out, after_attention, c.rms_norm_eps)?,
