@@ -10,7 +10,7 @@
 //! step's memory goes (see `benches/train_throughput.rs`).
 //!
 //! On the CPU, attention and SwiGLU (and the loss of [`crate::train::loss`]) run this crate's
-//! kernels ([`crate::kernels`]: one pass over memory each way, a vectorized `exp`, gemm on
+//! kernels (`src/kernels.rs`: one pass over memory each way, a vectorized `exp`, gemm on
 //! blocks of query rows); elsewhere, and for the other ops, the forward runs on the inputs'
 //! device with candle's own ops, so every op here works on CPU, CUDA and Metal. Tests check
 //! that the two paths give the same numbers.

@@ -15,7 +15,7 @@
 //!
 //! A bf16 weight computed in f32 on the CPU (`--base-quant bf16`: the frozen base in half the
 //! memory of f32, at f32's speed) is one block that the CPU kernels multiply directly, widening
-//! a cache-sized tile of it at a time ([`kernels::matmul_nt_bf16`]).
+//! a cache-sized tile of it at a time (`kernels::matmul_nt_bf16`).
 
 use std::borrow::Cow;
 use std::str::FromStr;
