@@ -374,11 +374,17 @@ pub(crate) fn matmul_nt_bf16(x: &[f32], w: &[bf16], m: usize, k: usize, n: usize
             y
         })
         .collect();
-    let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (t, y) in tiles.iter().enumerate() {
-            let r = y.len() / m;
-            row[t * rows..t * rows + r].copy_from_slice(&y[i * r..(i + 1) * r]);
+    side_by_side(&tiles, m, n, rows)
+}
+
+/// The `(m, width)` row-major matrix made of `blocks` side by side: block `i`, `(m, c_i)`
+/// row-major, from column `i * stride`.
+fn side_by_side(blocks: &[Vec<f32>], m: usize, width: usize, stride: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(i, row)| {
+        for (j, block) in blocks.iter().enumerate() {
+            let c = block.len() / m;
+            row[j * stride..j * stride + c].copy_from_slice(&block[i * c..(i + 1) * c]);
         }
     });
     out
@@ -412,14 +418,7 @@ pub(crate) fn matmul_nn_bf16(dy: &[f32], w: &[bf16], m: usize, n: usize, k: usiz
             acc
         })
         .collect();
-    let mut out = vec![0f32; m * k];
-    out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
-        for (t, acc) in parts.iter().enumerate() {
-            let c = acc.len() / m;
-            row[t * cols..t * cols + c].copy_from_slice(&acc[i * c..(i + 1) * c]);
-        }
-    });
-    out
+    side_by_side(&parts, m, k, cols)
 }
 
 /// [`matmul_nt_bf16`] of a bf16 `x`, rounded to bf16: the same rounding as candle's bf16
@@ -637,32 +636,28 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32]) {
 /// `x: (b, t, n, d)` (the projections' layout, one row of `n` heads per token) as `(b, n, t,
 /// d)`, each row rotated when `rope` is given: the layout the attention kernels read.
 pub(crate) fn heads_first(x: &[f32], [b, t, n, d]: [usize; 4], rope: Option<Rotation>) -> Vec<f32> {
-    assert!(x.len() == b * t * n * d && rope.is_none_or(|r| r.cos.len() == t * d / 2 && r.sin.len() == t * d / 2));
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
-        let (bi, h) = (bh / n, bh % n);
-        for (p, row) in out.chunks_exact_mut(d).enumerate() {
-            let src = &x[((bi * t + p) * n + h) * d..][..d];
-            match rope {
-                Some(r) => rotate(src, &r.cos[p * d / 2..][..d / 2], &r.sin[p * d / 2..][..d / 2], r.sign, row),
-                None => row.copy_from_slice(src),
-            }
-        }
-    });
-    out
+    swap_middle(x, [b, t, n, d], rope, true)
 }
 
 /// `x: (b, n, t, d)` as `(b, t, n, d)`, each row rotated when `rope` is given: the inverse of
 /// [`heads_first`] (with the inverse rotation).
 pub(crate) fn tokens_first(x: &[f32], [b, n, t, d]: [usize; 4], rope: Option<Rotation>) -> Vec<f32> {
-    assert!(x.len() == b * t * n * d && rope.is_none_or(|r| r.cos.len() == t * d / 2 && r.sin.len() == t * d / 2));
+    swap_middle(x, [b, n, t, d], rope, false)
+}
+
+/// `x: (b, p, q, d)` as `(b, q, p, d)`, each row of `d` rotated when `rope` is given, at its
+/// position on the `p` axis (`positions_on_p`) or the `q` axis.
+fn swap_middle(x: &[f32], [b, p, q, d]: [usize; 4], rope: Option<Rotation>, positions_on_p: bool) -> Vec<f32> {
+    let t = if positions_on_p { p } else { q };
+    assert!(x.len() == b * p * q * d && rope.is_none_or(|r| r.cos.len() == t * d / 2 && r.sin.len() == t * d / 2));
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(n * d).enumerate().for_each(|(bp, out)| {
-        let (bi, p) = (bp / t, bp % t);
-        for (h, row) in out.chunks_exact_mut(d).enumerate() {
-            let src = &x[((bi * n + h) * t + p) * d..][..d];
+    out.par_chunks_mut(p * d).enumerate().for_each(|(bj, out)| {
+        let (bi, j) = (bj / q, bj % q);
+        for (i, row) in out.chunks_exact_mut(d).enumerate() {
+            let src = &x[((bi * p + i) * q + j) * d..][..d];
+            let pos = if positions_on_p { i } else { j };
             match rope {
-                Some(r) => rotate(src, &r.cos[p * d / 2..][..d / 2], &r.sin[p * d / 2..][..d / 2], r.sign, row),
+                Some(r) => rotate(src, &r.cos[pos * d / 2..][..d / 2], &r.sin[pos * d / 2..][..d / 2], r.sign, row),
                 None => row.copy_from_slice(src),
             }
         }
