@@ -326,9 +326,9 @@ pub fn lora_linear(
     let rows = x.elem_count() / inp.max(1);
     // The input as the adapter's dtype, (rows, in), and the head `s x A^T`.
     let head_input = move |x: &Tensor, a: &Tensor| reshape(&x.detach(), &[rows, inp])?.to_dtype(a.dtype());
-    let head = move |x: &Tensor, a: &Tensor| head_input(x, a)?.matmul(&a.detach().t()?)? * s;
     let base = weight.linear(&x.detach(), bias)?;
-    let branch = head(x, a)?.matmul(&b.detach().t()?)?.to_dtype(base.dtype())?;
+    let h = (head_input(x, a)?.matmul(&a.detach().t()?)? * s)?;
+    let branch = h.matmul(&b.detach().t()?)?.to_dtype(base.dtype())?;
     let y = (&base + reshape(&branch, base.dims())?)?;
     drop(branch);
     let w = weight.clone();
@@ -341,8 +341,13 @@ pub fn lora_linear(
             let base = w.input_grad(&dy).map_err(candle_core::Error::wrap)?;
             (base + g.matmul(&a.detach())?.to_dtype(dy.dtype())?)?.reshape(x.dims())
         })?;
-        let da = needed(a, || g.t()?.matmul(&head_input(x, a)?))?;
-        let db = needed(b, || dy_b.t()?.matmul(&head(x, a)?))?;
+        // The input is reshaped and converted once for both factors' gradients.
+        let xa = if a.track_op() || b.track_op() { Some(head_input(x, a)?) } else { None };
+        let da = needed(a, || g.t()?.matmul(xa.as_ref().expect("computed when A needs it")))?;
+        let db = needed(b, || {
+            let h = (xa.as_ref().expect("computed when B needs it").matmul(&a.detach().t()?)? * s)?;
+            dy_b.t()?.matmul(&h)
+        })?;
         Ok(vec![dx, da, db])
     })
 }
