@@ -315,7 +315,47 @@ pub fn lora_linear(
     b: &Tensor,
     s: f64,
 ) -> Result<Tensor> {
-    let ((out_features, r), inp) = (b.dims2()?, weight.dims2()?.1);
+    low_rank_node("lora-linear", x, weight, bias, a, b, s, false)
+}
+
+/// DoRA's layer (PEFT's form, without dropout) as one graph node: `y = g (x W^T + s (x A^T) B^T)
+/// + b` with DoRA's column scale `g = m / rownorm(W + s B A)`, `(out,)` in the adapter's dtype,
+/// differentiable in `x`, `A`, `B` and `g` (the bias is frozen). Backward: `dz = dy g` and
+/// `dg = sum_rows(dy (x W^T + s (x A^T) B^T))`, then [`lora_linear`]'s backward on `dz`.
+///
+/// `dg` is recovered from the output, `(sum_rows(dy y) - b sum_rows(dy)) / g`, when `g` has no
+/// zero and the output is in the adapter's dtype; otherwise the two products are computed again.
+/// On the CPU in f32 the scale and shift, and their backward pass, are one pass over memory
+/// each; autograd keeps `x`, `A`, `B`, `g` and `y`.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_linear(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    s: f64,
+) -> Result<Tensor> {
+    // `g` travels as a last column of `B`: a node takes at most three inputs.
+    let p = Tensor::cat(&[b, &g.unsqueeze(1)?], 1)?;
+    low_rank_node("dora-linear", x, weight, bias, a, &p, s, true)
+}
+
+/// [`lora_linear`] (`scaled` false, `p = B`) or [`dora_linear`] (`scaled` true, `p = [B | g]`).
+#[allow(clippy::too_many_arguments)]
+fn low_rank_node(
+    name: &'static str,
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    p: &Tensor,
+    s: f64,
+    scaled: bool,
+) -> Result<Tensor> {
+    let ((out_features, cols), inp) = (p.dims2()?, weight.dims2()?.1);
+    let r = cols.saturating_sub(usize::from(scaled));
     if a.dims() != [r, inp] {
         return Err(crate::Error::ShapeMismatch {
             what: "LoRA's A".into(),
@@ -324,32 +364,165 @@ pub fn lora_linear(
         });
     }
     let rows = x.elem_count() / inp.max(1);
+    let dtype = a.dtype();
     // The input as the adapter's dtype, (rows, in), and the head `s x A^T`.
-    let head_input = move |x: &Tensor, a: &Tensor| reshape(&x.detach(), &[rows, inp])?.to_dtype(a.dtype());
+    let head_input = move |x: &Tensor| reshape(&x.detach(), &[rows, inp])?.to_dtype(dtype);
+    let head = move |xa: &Tensor, a: &Tensor| xa.matmul(&a.detach().t()?)? * s;
+    // `B` and, for DoRA, `g`.
+    let split = move |p: &Tensor| -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let p = p.detach();
+        if scaled {
+            Ok((p.narrow(1, 0, r)?.contiguous()?, Some(p.narrow(1, r, 1)?.squeeze(1)?.contiguous()?)))
+        } else {
+            Ok((p, None))
+        }
+    };
+    // DoRA's shift: the frozen bias in the adapter's dtype, or zeros.
+    let c = match (scaled, bias) {
+        (false, _) => None,
+        (true, Some(bias)) => Some(bias.detach().to_dtype(dtype)?),
+        (true, None) => Some(Tensor::zeros(out_features, dtype, p.device())?),
+    };
+    let (b, g) = split(p)?;
+    let branch = head(&head_input(x)?, a)?.matmul(&b.t()?)?;
+    let y = match (&g, &c) {
+        (Some(g), Some(c)) => {
+            let base = weight.linear(&x.detach(), None)?;
+            let u = reshape(&base, &[rows, out_features])?.to_dtype(dtype)?;
+            reshape(&scale_shift(&u, &branch, g, c)?.to_dtype(base.dtype())?, base.dims())?
+        }
+        _ => {
+            let base = weight.linear(&x.detach(), bias)?;
+            (&base + reshape(&branch.to_dtype(base.dtype())?, base.dims())?)?
+        }
+    };
+    drop(branch);
+    let w = weight.clone();
+    with_backward(name, &[x, a, p], y, move |inputs, y, grad| {
+        let [x, a, p] = [inputs[0], inputs[1], inputs[2]];
+        let dy = reshape(grad, &[rows, out_features])?;
+        let (b, g) = split(p)?;
+        // The input is reshaped and converted once for the factors' gradients.
+        let xa = if a.track_op() || p.track_op() || g.is_some() { Some(head_input(x)?) } else { None };
+        let xa = || xa.as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{name}: the input was not kept")));
+        // The gradient of the two products (DoRA's `dz = dy g`), in the base's and the
+        // adapter's dtypes, and DoRA's `dg`.
+        let (dy_base, dy_adapter, dg) = match (&g, &c) {
+            (Some(g), Some(c)) => {
+                let products = || {
+                    let base = w.linear(&x.detach(), None).map_err(candle_core::Error::wrap)?;
+                    reshape(&base, &[rows, out_features])?.to_dtype(dtype)? + head(xa()?, a)?.matmul(&b.t()?)?
+                };
+                let y = reshape(y, &[rows, out_features])?;
+                let (dz, dg) = scale_shift_backward(&dy.to_dtype(dtype)?, &y, g, c, products)?;
+                (dz.to_dtype(dy.dtype())?, dz, Some(dg))
+            }
+            _ => (dy.clone(), dy.to_dtype(dtype)?, None),
+        };
+        let gr = (dy_adapter.matmul(&b)? * s)?;
+        let dx = needed(x, || {
+            let base = w.input_grad(&dy_base).map_err(candle_core::Error::wrap)?;
+            (base + gr.matmul(&a.detach())?.to_dtype(dy_base.dtype())?)?.reshape(x.dims())
+        })?;
+        let da = needed(a, || gr.t()?.matmul(xa()?))?;
+        let dp = needed(p, || {
+            let db = dy_adapter.t()?.matmul(&head(xa()?, a)?)?;
+            match &dg {
+                Some(dg) => Tensor::cat(&[&db, &dg.unsqueeze(1)?], 1),
+                None => Ok(db),
+            }
+        })?;
+        Ok(vec![dx, da, dp])
+    })
+}
+
+/// VeRA's layer as one graph node: `x W^T + b + ((x A^T) diag(d)) (diag(l) B)^T`, i.e. PEFT's
+/// `lambda_b * ((lambda_d * (x A^T)) B^T)`, for the frozen shared views `A: (r, in)` and
+/// `B: (out, r)` and the trainable `d = lambda_d: (r,)`, `l = lambda_b: (out,)`; differentiable in
+/// `x`, `lambda_d` and `lambda_b`.
+///
+/// The two vectors are folded into an `(out, r)` copy of `B`, `B' = diag(l) B diag(d)`, so no
+/// `(n, r)` or `(n, out)` activation is ever scaled. Autograd keeps `u = x A^T` `(n, r)`. Backward
+/// with `M = dy^T u` `(out, r)`: `dl = (B * M) d`, `dd = l^T (B * M)`, `dx = dy W + (dy B') A`: five
+/// rank-`r` products in all (PEFT's keeps the `(n, out)` branch output instead of forming `M`).
+#[allow(clippy::too_many_arguments)]
+pub fn vera_linear(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    lambda_d: &Tensor,
+    lambda_b: &Tensor,
+) -> Result<Tensor> {
+    let ((out_features, r), inp) = (b.dims2()?, weight.dims2()?.1);
+    for (what, t, want) in
+        [("vera_A", a, vec![r, inp]), ("lambda_d", lambda_d, vec![r]), ("lambda_b", lambda_b, vec![out_features])]
+    {
+        if t.dims() != want.as_slice() {
+            return Err(crate::Error::ShapeMismatch { what: what.into(), expected: want, actual: t.dims().to_vec() });
+        }
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let dtype = a.dtype();
+    let (a, b) = (a.detach().contiguous()?, b.detach().contiguous()?);
+    // B' = diag(l) B diag(d).
+    let folded = move |b: &Tensor, d: &Tensor, l: &Tensor| {
+        b.broadcast_mul(&d.detach().unsqueeze(0)?)?.broadcast_mul(&l.detach().unsqueeze(1)?)
+    };
+    let u = reshape(&x.detach(), &[rows, inp])?.to_dtype(dtype)?.matmul(&a.t()?)?;
     let base = weight.linear(&x.detach(), bias)?;
-    let h = (head_input(x, a)?.matmul(&a.detach().t()?)? * s)?;
-    let branch = h.matmul(&b.detach().t()?)?.to_dtype(base.dtype())?;
+    let branch = u.matmul(&folded(&b, lambda_d, lambda_b)?.t()?)?.to_dtype(base.dtype())?;
     let y = (&base + reshape(&branch, base.dims())?)?;
     drop(branch);
     let w = weight.clone();
-    with_backward("lora-linear", &[x, a, b], y, move |inputs, _, grad| {
-        let [x, a, b] = [inputs[0], inputs[1], inputs[2]];
+    with_backward("vera-linear", &[x, lambda_d, lambda_b], y, move |inputs, _, grad| {
+        let [x, d, l] = [inputs[0], inputs[1], inputs[2]];
         let dy = reshape(grad, &[rows, out_features])?;
-        let dy_b = dy.to_dtype(b.dtype())?;
-        let g = (dy_b.matmul(&b.detach())? * s)?;
+        let dy_adapter = dy.to_dtype(dtype)?;
+        let bm = if d.track_op() || l.track_op() { Some((&b * dy_adapter.t()?.matmul(&u)?)?) } else { None };
+        let bm = || bm.as_ref().ok_or_else(|| candle_core::Error::Msg("vera-linear: B * M was not formed".into()));
+        let dd = needed(d, || l.detach().unsqueeze(0)?.matmul(bm()?)?.squeeze(0))?;
+        let dl = needed(l, || bm()?.matmul(&d.detach().unsqueeze(1)?)?.squeeze(1))?;
         let dx = needed(x, || {
-            let base = w.input_grad(&dy).map_err(candle_core::Error::wrap)?;
-            (base + g.matmul(&a.detach())?.to_dtype(dy.dtype())?)?.reshape(x.dims())
+            let branch = dy_adapter.matmul(&folded(&b, d, l)?)?.matmul(&a)?.to_dtype(dy.dtype())?;
+            (w.input_grad(&dy).map_err(candle_core::Error::wrap)? + branch)?.reshape(x.dims())
         })?;
-        // The input is reshaped and converted once for both factors' gradients.
-        let xa = if a.track_op() || b.track_op() { Some(head_input(x, a)?) } else { None };
-        let da = needed(a, || g.t()?.matmul(xa.as_ref().expect("computed when A needs it")))?;
-        let db = needed(b, || {
-            let h = (xa.as_ref().expect("computed when B needs it").matmul(&a.detach().t()?)? * s)?;
-            dy_b.t()?.matmul(&h)
-        })?;
-        Ok(vec![dx, da, db])
+        Ok(vec![dx, dd, dl])
     })
+}
+
+/// `g (u + v) + c` for `u, v: (n, out)` and `g, c: (out,)`: DoRA's output from the frozen product
+/// `u` and the branch `v` (one pass on the CPU in f32).
+fn scale_shift(u: &Tensor, v: &Tensor, g: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
+    if u.device().is_cpu() && u.dtype() == DType::F32 {
+        let y = with_cpu_slices(&[u, v, g, c], |s| kernels::scale_shift(s[0], s[1], s[2], s[3]))?;
+        return Tensor::from_vec(y, u.shape(), u.device());
+    }
+    (u + v)?.broadcast_mul(g)?.broadcast_add(c)
+}
+
+/// The backward pass of [`scale_shift`] given its output `y` and the output's gradient `dy`:
+/// `(dy g, sum_rows(dy (u + v)))`, with `u + v` recovered from `y` when `g` has no zero and `y`
+/// has `g`'s dtype, else from `products()`.
+fn scale_shift_backward(
+    dy: &Tensor,
+    y: &Tensor,
+    g: &Tensor,
+    c: &Tensor,
+    products: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let no_zero = g.abs()?.min_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? != 0.0;
+    if no_zero && y.dtype() == g.dtype() {
+        if dy.device().is_cpu() && g.dtype() == DType::F32 {
+            let (dz, dg) = with_cpu_slices(&[dy, y, g, c], |s| kernels::scale_shift_backward(s[0], s[1], s[2], s[3]))?;
+            return Ok((Tensor::from_vec(dz, dy.shape(), dy.device())?, Tensor::from_vec(dg, g.shape(), g.device())?));
+        }
+        let dg = ((dy * y)?.sum(0)? - (c * dy.sum(0)?)?)?.div(g)?;
+        return Ok((dy.broadcast_mul(g)?, dg));
+    }
+    let dg = (dy * products()?)?.sum(0)?;
+    Ok((dy.broadcast_mul(g)?, dg))
 }
 
 #[cfg(test)]

@@ -169,6 +169,68 @@ pub(crate) fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Ve
 }
 
 vectorized! {
+    /// Rows of `y = g (u + v) + c` for rows of `u`, `v` and `y` of `g.len()` values.
+    fn scale_shift_rows(u: &[f32], v: &[f32], g: &[f32], c: &[f32], y: &mut [f32]) {
+        let cols = g.len();
+        for ((y, u), v) in y.chunks_exact_mut(cols).zip(u.chunks_exact(cols)).zip(v.chunks_exact(cols)) {
+            for ((((y, &u), &v), &g), &c) in y.iter_mut().zip(u).zip(v).zip(g).zip(c) {
+                *y = g * (u + v) + c;
+            }
+        }
+    }
+}
+
+/// `y = g * (u + v) + c` for `u, v: (rows, g.len())` and `g, c` broadcast over the rows (DoRA's
+/// output from the base and branch products).
+pub(crate) fn scale_shift(u: &[f32], v: &[f32], g: &[f32], c: &[f32]) -> Vec<f32> {
+    let rows = rows_per_task(g.len()) * g.len();
+    let mut y = vec![0f32; u.len()];
+    y.par_chunks_mut(rows)
+        .zip(u.par_chunks(rows).zip(v.par_chunks(rows)))
+        .for_each(|(y, (u, v))| scale_shift_rows(u, v, g, c, y));
+    y
+}
+
+vectorized! {
+    /// Rows of `dz = dy g`, and the column sums of `dy y` and `dy` added to `sums` (`[dy y | dy]`).
+    fn scale_shift_backward_rows(dy: &[f32], y: &[f32], g: &[f32], dz: &mut [f32], sums: &mut [f32]) {
+        let cols = g.len();
+        let (dy_y, dy_sum) = sums.split_at_mut(cols);
+        for ((dz, dy), y) in dz.chunks_exact_mut(cols).zip(dy.chunks_exact(cols)).zip(y.chunks_exact(cols)) {
+            for (((((dz, &dy), &y), &g), s1), s0) in
+                dz.iter_mut().zip(dy).zip(y).zip(g).zip(dy_y.iter_mut()).zip(dy_sum.iter_mut())
+            {
+                *dz = dy * g;
+                *s1 += dy * y;
+                *s0 += dy;
+            }
+        }
+    }
+}
+
+/// The backward pass of [`scale_shift`] given its output `y` and the output's gradient `dy`, for
+/// a `g` with no zero: `dz = dy g` (the gradient of `u` and of `v`) and
+/// `dg = sum_rows(dy (u + v)) = (sum_rows(dy y) - c sum_rows(dy)) / g`.
+pub(crate) fn scale_shift_backward(dy: &[f32], y: &[f32], g: &[f32], c: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let cols = g.len();
+    let rows = rows_per_task(cols) * cols;
+    let mut dz = vec![0f32; dy.len()];
+    let sums = dz
+        .par_chunks_mut(rows)
+        .zip(dy.par_chunks(rows).zip(y.par_chunks(rows)))
+        .fold(
+            || vec![0f32; 2 * cols],
+            |mut sums, (dz, (dy, y))| {
+                scale_shift_backward_rows(dy, y, g, dz, &mut sums);
+                sums
+            },
+        )
+        .reduce(|| vec![0f32; 2 * cols], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+    let dg = (0..cols).map(|j| (sums[j] - c[j] * sums[cols + j]) / g[j]).collect();
+    (dz, dg)
+}
+
+vectorized! {
     /// `logsumexp` of each row of `z` (rows of `vocab` values) whose weight is not 0 (0 for the
     /// others, which are not read).
     fn logsumexp_rows(z: &[f32], vocab: usize, weights: &[f32], lse: &mut [f32]) {
@@ -210,9 +272,9 @@ vectorized! {
     }
 }
 
-/// Rows per rayon task of the cross-entropy kernels: about [`CHUNK`] values, at least one row.
-fn rows_per_task(vocab: usize) -> usize {
-    (CHUNK / vocab.max(1)).max(1)
+/// Rows per rayon task of the row-wise kernels: about [`CHUNK`] values, at least one row.
+fn rows_per_task(cols: usize) -> usize {
+    (CHUNK / cols.max(1)).max(1)
 }
 
 /// The weighted cross-entropy `sum_i w_i (logsumexp(z_i) - z_i[y_i])` of `z: (n, vocab)` and

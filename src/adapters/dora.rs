@@ -18,19 +18,15 @@
 //! `||W0_i + s (BA)_i||^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2` with
 //! `<W0_i, (BA)_i> = sum_k B_ik (W0 A^T)_ik` and `||(BA)_i||^2 = B_i (A A^T) B_i^T`; `||W0_i||^2`
 //! is computed once. Cost `O(out * in * r)` flops, `O(out * r)` memory, in f32. The frozen
-//! matmul and the rescaling run as one op (`DoraLinear`) that keeps no intermediate for the
-//! backward pass.
+//! matmul, the branch and the rescaling run as one graph node ([`crate::frozen::dora_linear`])
+//! that keeps no intermediate for the backward pass.
 
-use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Mul};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, MetalStorage, Shape, Storage, StorageRef, Tensor, Var,
-};
+use candle_core::{DType, Tensor, Var};
 
 use super::common::{branch_dropout, var};
 use super::update::LowRankUpdate;
 use crate::adapter::{Adapter, AdapterCore, BaseLayer};
-use crate::frozen::{reshape, FrozenWeight};
+use crate::frozen::{dora_linear, FrozenWeight};
 use crate::{Error, Result};
 
 /// PEFT's key suffix of the magnitude vector (no `.weight`).
@@ -52,148 +48,6 @@ pub fn low_rank_row_norms(w0: &FrozenWeight, w0_sq: &Tensor, b: &Tensor, a: &Ten
     let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?;
     let n2 = ((w0_sq + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
     Ok(n2.relu()?.sqrt()?)
-}
-
-/// `y = g * (x W0^T + h B^T) + c` as one op, for `x: (n, in)`, the update's head `h: (n, k)`,
-/// `P = [B^T; g; c]: (k + 2, out)` and the frozen `W0: (out, in)`.
-///
-/// Autograd keeps only the inputs and `y`: neither `x W0^T`, nor the branch `h B^T`, nor
-/// `g * (...)` is stored, so a DoRA layer keeps less for the backward pass than a LoRA layer.
-/// The backward computes no weight gradient, recovers `sum_n grad * (x W0^T + h B^T)` for
-/// `dL/dg` from `y` instead of storing it, and frees `grad * g` before it returns.
-struct DoraLinear {
-    w0: Tensor,
-}
-
-impl DoraLinear {
-    #[allow(clippy::too_many_arguments)]
-    fn fwd<S: BackendStorage>(
-        x: &S,
-        x_l: &Layout,
-        h: &S,
-        h_l: &Layout,
-        p: &S,
-        p_l: &Layout,
-        w: &S,
-        w_l: &Layout,
-    ) -> candle_core::Result<(S, Shape)> {
-        let (n, inp) = x_l.shape().dims2()?;
-        let (k, out) = (h_l.shape().dims2()?.1, w_l.shape().dims2()?.0);
-        let l = Layout::contiguous((n, out));
-        let base = x.matmul(w, (1, n, out, inp), x_l, &w_l.transpose(0, 1)?)?;
-        let branch = h.matmul(p, (1, n, out, k), h_l, &p_l.narrow(0, 0, k)?)?;
-        let sum = base.binary_impl::<Add>(&branch, &l, &l)?;
-        drop((base, branch));
-        let scaled = sum.binary_impl::<Mul>(p, &l, &p_l.narrow(0, k, 1)?.broadcast_as((n, out))?)?;
-        drop(sum);
-        let y = scaled.binary_impl::<Add>(p, &l, &p_l.narrow(0, k + 1, 1)?.broadcast_as((n, out))?)?;
-        Ok((y, Shape::from((n, out))))
-    }
-
-    fn weight<'a>(&'a self) -> (StorageRef<'a>, &'a Layout) {
-        self.w0.storage_and_layout()
-    }
-}
-
-impl CustomOp3 for DoraLinear {
-    fn name(&self) -> &'static str {
-        "dora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        h: &CpuStorage,
-        hl: &Layout,
-        p: &CpuStorage,
-        pl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (w, wl) = self.weight();
-        match &*w {
-            Storage::Cpu(w) => Self::fwd(x, xl, h, hl, p, pl, w, wl),
-            _ => candle_core::bail!("dora-linear: the base weight is not on the CPU"),
-        }
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        h: &CudaStorage,
-        hl: &Layout,
-        p: &CudaStorage,
-        pl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (w, wl) = self.weight();
-        match &*w {
-            Storage::Cuda(w) => Self::fwd(x, xl, h, hl, p, pl, w, wl),
-            _ => candle_core::bail!("dora-linear: the base weight is not on the CUDA device"),
-        }
-    }
-
-    fn metal_fwd(
-        &self,
-        x: &MetalStorage,
-        xl: &Layout,
-        h: &MetalStorage,
-        hl: &Layout,
-        p: &MetalStorage,
-        pl: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        let (w, wl) = self.weight();
-        match &*w {
-            Storage::Metal(w) => Self::fwd(x, xl, h, hl, p, pl, w, wl),
-            _ => candle_core::bail!("dora-linear: the base weight is not on the Metal device"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        h: &Tensor,
-        p: &Tensor,
-        y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: an op on a tracked input would record a graph node holding its operands
-        // (`grad * y`, `grad * g`: one `(n, out)` buffer each) for as long as the gradient lives.
-        let x_needs_grad = x.track_op();
-        let (x, h, p, y) = (x.detach(), h.detach(), p.detach(), y.detach());
-        let k = h.dim(1)?;
-        let (bt, g, c) = (p.narrow(0, 0, k)?, p.get(k)?, p.get(k + 1)?);
-        let grad_c = grad.sum(0)?;
-        // dL/dg = sum_n grad * (x W0^T + h B^T) = (sum_n grad * y - c * dL/dc) / g where g != 0.
-        let has_zero = g.abs()?.min_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0;
-        let grad_g = if has_zero {
-            let pre = (x.matmul(&self.w0.t()?)? + h.matmul(&bt)?)?;
-            (grad * pre)?.sum(0)?
-        } else {
-            ((grad * &y)?.sum(0)? - (&c * &grad_c)?)?.div(&g)?
-        };
-        let grad_in = grad.broadcast_mul(&g)?;
-        let grad_h = grad_in.matmul(&bt.t()?)?;
-        let grad_bt = h.t()?.matmul(&grad_in)?;
-        let grad_x = if x_needs_grad { Some(grad_in.matmul(&self.w0)?) } else { None };
-        drop(grad_in);
-        let grad_p = Tensor::cat(&[grad_bt, grad_g.unsqueeze(0)?, grad_c.unsqueeze(0)?], 0)?;
-        Ok((grad_x, Some(grad_h), Some(grad_p)))
-    }
-}
-
-/// `g * (x W0^T + head tail^T) + c` over the last dimension (see [`DoraLinear`]); every input
-/// shares one dtype.
-fn dora_linear(x: &Tensor, w0: &Tensor, head: &Tensor, tail: &Tensor, g: &Tensor, c: &Tensor) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    let (inp, out) = (w0.dim(1)?, w0.dim(0)?);
-    let rows = x.elem_count() / inp.max(1);
-    let k = tail.dim(1)?;
-    let p = Tensor::cat(&[&tail.t()?, &g.unsqueeze(0)?, &c.unsqueeze(0)?], 0)?;
-    let y = reshape(x, &[rows, inp])?.apply_op3(&reshape(head, &[rows, k])?, &p, DoraLinear { w0: w0.clone() })?;
-    if let Some(last) = dims.last_mut() {
-        *last = out;
-    }
-    Ok(reshape(&y, &dims)?)
 }
 
 /// A weight-decomposed adapter over the low-rank update `U`: DoRA is `Dora<Lora>`, EDoRA is
@@ -307,16 +161,15 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
             let extra = (base_d.broadcast_mul(&g.affine(1.0, -1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
             return crate::adapter::add_branch(&base.forward(x)?, &extra);
         }
-        // y = g * (x W0^T + branch) + b.
-        if let Some(w0) = base.weight.as_dense().filter(|w| w.dtype() == dtype) {
-            let c = match base.bias {
-                Some(b) => b.clone(),
-                None => g.zeros_like()?,
-            };
-            return dora_linear(&xa, w0, &self.update.head(&xa)?, &self.update.tail()?, &g, &c);
+        // y = g * (x W0^T + s (x A^T) B^T) + b as one node (see `dora_linear`).
+        if x.dtype() == base.weight.dtype() {
+            if let Some((a, s)) = self.update.linear_head()? {
+                return dora_linear(x, base.weight, base.bias, &a, &self.update.tail()?, &g, s);
+            }
         }
+        // An update whose head is not `s x A^T`, or an input in another dtype than the base:
+        // y = g * (x W0^T + b + branch) + (1 - g) * b.
         let branch = self.update.branch(&xa)?;
-        // A quantized base, or one in another dtype: y = g * (x W0^T + b + branch) + (1 - g) * b.
         let base_out = base.forward(x)?;
         let c = match base.bias {
             Some(b) => (g.affine(-1.0, 1.0)? * b.to_dtype(dtype)?)?,

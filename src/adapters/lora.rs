@@ -496,8 +496,8 @@ impl LowRankUpdate for Lora {
         Ok(self.lora_b.as_tensor().clone())
     }
 
-    fn linear_head(&self) -> Option<(Tensor, f64)> {
-        Some((self.lora_a.as_tensor().clone(), self.scaling))
+    fn linear_head(&self) -> Result<Option<(Tensor, f64)>> {
+        Ok(Some((self.lora_a.as_tensor().clone(), self.scaling)))
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {

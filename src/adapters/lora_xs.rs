@@ -176,6 +176,11 @@ impl LowRankUpdate for LoraXs {
         Ok(self.lora_b.clone())
     }
 
+    /// `s x A^T R^T = s x (R A)^T`: the `(r, in)` product costs `r^2 in` flops per call.
+    fn linear_head(&self) -> Result<Option<(Tensor, f64)>> {
+        Ok(Some((self.lora_r.as_tensor().matmul(&self.lora_a)?, self.scaling)))
+    }
+
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
         Ok((self.lora_b.matmul(self.lora_r.as_tensor())?, self.lora_a.clone(), self.scaling))
     }

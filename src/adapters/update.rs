@@ -30,11 +30,20 @@ pub trait LowRankUpdate: AdapterCore {
     /// The factor `B: (out, k)` that maps the head to the output: `branch(x) = head(x) B^T`.
     fn tail(&self) -> Result<Tensor>;
 
-    /// `(A, s)` when the head is `s x A^T` with `A: (k, in)` (LoRA's): with no dropout, the
-    /// training forward pass then runs the frozen layer and the whole branch as one node
-    /// ([`lora_linear`]). `None` (the default): the head is computed by [`Self::head`].
-    fn linear_head(&self) -> Option<(Tensor, f64)> {
-        None
+    /// `(A, s)` when the head is `s x A^T` with `A: (k, in)` (LoRA's; a product with a
+    /// trainable factor is fine, as LoRA-XS's `R A`): with no dropout, the training forward pass
+    /// then runs the frozen layer and the whole branch as one node ([`lora_linear`], DoRA's
+    /// [`crate::frozen::dora_linear`]). `None` (the default): the head is computed by
+    /// [`Self::head`].
+    fn linear_head(&self) -> Result<Option<(Tensor, f64)>> {
+        Ok(None)
+    }
+
+    /// The layer's whole output `x W0^T + b + branch(x)` as one graph node of the method's own
+    /// (VeRA's [`crate::frozen::vera_linear`]), for an input in the base's dtype and no dropout.
+    /// `None` (the default): [`lora_linear`] with [`Self::linear_head`], else [`low_rank_linear`].
+    fn fused_linear(&self, _x: &Tensor, _base: &BaseLayer<'_>) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// The head and the tail together (methods whose two factors come from one computation
@@ -74,8 +83,13 @@ pub trait LowRankUpdate: AdapterCore {
 impl<U: LowRankUpdate> Adapter for U {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let fused = x.dtype() == base.weight.dtype() && self.fuse_with_base();
-        if let (true, Some((a, s)), false) = (fused, self.linear_head(), train && self.dropout() > 0.0) {
-            return lora_linear(x, base.weight, base.bias, &a, &self.tail()?, s);
+        if fused && !(train && self.dropout() > 0.0) {
+            if let Some((a, s)) = self.linear_head()? {
+                return lora_linear(x, base.weight, base.bias, &a, &self.tail()?, s);
+            }
+            if let Some(y) = self.fused_linear(x, &base)? {
+                return Ok(y);
+            }
         }
         let dtype = self.dtype();
         let xd = branch_dropout(&x.to_dtype(dtype)?, self.dropout(), train)?;

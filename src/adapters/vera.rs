@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{check_dropout, check_rank, normal, shared_pair, uniform, var};
 use super::update::LowRankUpdate;
-use crate::adapter::{AdapterCore, BuiltAdapter};
-use crate::frozen::frozen_linear;
+use crate::adapter::{AdapterCore, BaseLayer, BuiltAdapter};
+use crate::frozen::{frozen_linear, vera_linear};
 use crate::method::{peft_fields, BuildContext, Method, MethodConfig, MethodParams, PeftField, SharedTensors, Variant};
 use crate::target::TargetConfig;
 use crate::{Error, Result};
@@ -244,6 +244,12 @@ impl LowRankUpdate for Vera {
 
     fn tail(&self) -> Result<Tensor> {
         Ok(self.scaled_b()?.contiguous()?)
+    }
+
+    fn fused_linear(&self, x: &Tensor, base: &BaseLayer<'_>) -> Result<Option<Tensor>> {
+        let (a, b) = (self.vera_a.to_dtype(self.dtype())?, self.vera_b.to_dtype(self.dtype())?);
+        let (d, l) = (self.lambda_d.as_tensor(), self.lambda_b.as_tensor());
+        Ok(Some(vera_linear(x, base.weight, base.bias, &a, &b, d, l)?))
     }
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
