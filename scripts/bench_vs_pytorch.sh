@@ -8,8 +8,9 @@
 #
 # Runs: LoRA f32, bf16 (bf16 activations) and a bf16 base computing in f32 (`--base-quant bf16`;
 # PyTorch in bf16), DoRA f32, VeRA f32 on the default build (pure Rust: gemm, with its
-# AVX-512 kernels where the CPU has them), then LoRA f32 and bf16 on the `mkl` build (Intel MKL
-# from PyPI, laid out by scripts/setup_mkl.sh; --no-mkl skips it). `--quick`: LoRA f32 only.
+# AVX-512 kernels where the CPU has them), then the same jobs on the `mkl` build (Intel MKL
+# from PyPI, laid out by scripts/setup_mkl.sh; --no-mkl skips it). `--quick`: LoRA f32 on the
+# default build only.
 # Without --python it makes a venv (~/.cache/candle-peft/bench-venv) with the pinned torch,
 # peft, transformers and gguf of tests/fixtures/requirements.txt. Everything it sets up is
 # reused by the next run. Prints each run's `| ratio | ... |` line (candle-peft / PyTorch:
@@ -86,4 +87,7 @@ if [[ $mkl == 1 ]]; then
     export MKLROOT CARGO_TARGET_DIR=target/mkl
     run mkl "--features mkl" mkl-lora-f32 --method lora --dtype f32
     run mkl "--features mkl" mkl-lora-bf16 --method lora --dtype bf16
+    run mkl "--features mkl" mkl-lora-bf16-base --method lora --dtype f32 --base-quant bf16 --python-dtype bf16
+    run mkl "--features mkl" mkl-dora-f32 --method dora --dtype f32
+    run mkl "--features mkl" mkl-vera-f32 --method vera --dtype f32
 fi

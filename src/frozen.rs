@@ -420,10 +420,6 @@ fn low_rank_node(
             _ => (dy.clone(), dy.to_dtype(dtype)?, None),
         };
         let gr = (dy_adapter.matmul(&b)? * s)?;
-        let dx = needed(x, || {
-            let base = w.input_grad(&dy_base).map_err(candle_core::Error::wrap)?;
-            (base + gr.matmul(&a.detach())?.to_dtype(dy_base.dtype())?)?.reshape(x.dims())
-        })?;
         let da = needed(a, || gr.t()?.matmul(xa()?))?;
         let dp = needed(p, || {
             let db = dy_adapter.t()?.matmul(&head(xa()?, a)?)?;
@@ -431,6 +427,13 @@ fn low_rank_node(
                 Some(dg) => Tensor::cat(&[&db, &dg.unsqueeze(1)?], 1),
                 None => Ok(db),
             }
+        })?;
+        let dx = needed(x, || {
+            let branch = gr.matmul(&a.detach())?.to_dtype(dy_base.dtype())?;
+            let base = w.input_grad(&dy_base).map_err(candle_core::Error::wrap)?;
+            // DoRA's `dz` is freed before the sum (its peak is then LoRA's).
+            drop((dy_base, dy_adapter));
+            (base + branch)?.reshape(x.dims())
         })?;
         Ok(vec![dx, da, dp])
     })
