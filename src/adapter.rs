@@ -142,9 +142,3 @@ pub(crate) fn set_var(vars: Vec<(String, Var)>, peft_type: &str, suffix: &str, v
     var.set(value)?;
     Ok(())
 }
-
-/// Adds an adapter branch computed in the adapter's dtype to a base output, in the base dtype,
-/// as PEFT does (`result + delta.to(result.dtype)`).
-pub(crate) fn add_branch(base_out: &Tensor, branch: &Tensor) -> Result<Tensor> {
-    Ok(base_out.add(&branch.to_dtype(base_out.dtype())?)?)
-}

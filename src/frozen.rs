@@ -233,6 +233,23 @@ fn times_weight(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(dx, (n, inp), dy.device())
 }
 
+/// `base + branch` in `base`'s dtype, for an adapter branch of the same shape computed in the
+/// adapter's dtype. On the CPU a bf16 base and an f32 branch are added in f32 and rounded once,
+/// in one pass (`kernels::add_to_bf16`): PEFT's `result + delta.to(result.dtype)` rounds the
+/// branch to bf16 first and then the sum (at most one bf16 ulp from this), and candle's bf16 ops
+/// are slow on the CPU, where candle has no bf16 arithmetic. Other dtypes and devices: PEFT's
+/// form.
+pub(crate) fn add_branch(base: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    let cpu_bf16 = base.device().is_cpu() && base.dtype() == DType::BF16 && branch.dtype() == DType::F32;
+    if cpu_bf16 && base.shape() == branch.shape() {
+        let y = with_cpu_slices(&[base], |a: &[&[half::bf16]]| {
+            with_cpu_slices(&[branch], |b: &[&[f32]]| kernels::add_to_bf16(a[0], b[0]))
+        })??;
+        return Ok(Tensor::from_vec(y, base.shape(), base.device())?);
+    }
+    Ok(base.add(&branch.to_dtype(base.dtype())?)?)
+}
+
 /// `t` reshaped to `dims`, or `t` itself when it has them already: candle records a reshape node
 /// even for an unchanged shape, and every node costs a gradient allocation in the backward pass.
 pub(crate) fn reshape(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
@@ -286,8 +303,8 @@ pub fn low_rank_linear(
     let rows = h.elem_count() / k.max(1);
     let flat = move |t: &Tensor, cols: usize| reshape(t, &[rows, cols]);
     let base = weight.linear(&x.detach(), bias)?;
-    let branch = flat(&h.detach(), k)?.matmul(&tail.detach().t()?)?.to_dtype(base.dtype())?;
-    let y = (&base + reshape(&branch, base.dims())?)?;
+    let branch = flat(&h.detach(), k)?.matmul(&tail.detach().t()?)?;
+    let y = add_branch(&base, &reshape(&branch, base.dims())?)?;
     drop(branch);
     let w = weight.clone();
     with_backward("low-rank-linear", &[x, h, tail], y, move |inputs, _, grad| {
@@ -393,7 +410,7 @@ fn low_rank_node(
         }
         _ => {
             let base = weight.linear(&x.detach(), bias)?;
-            (&base + reshape(&branch.to_dtype(base.dtype())?, base.dims())?)?
+            add_branch(&base, &reshape(&branch, base.dims())?)?
         }
     };
     drop(branch);
@@ -429,11 +446,11 @@ fn low_rank_node(
             }
         })?;
         let dx = needed(x, || {
-            let branch = gr.matmul(&a.detach())?.to_dtype(dy_base.dtype())?;
+            let branch = gr.matmul(&a.detach())?;
             let base = w.input_grad(&dy_base).map_err(candle_core::Error::wrap)?;
             // DoRA's `dz` is freed before the sum (its peak is then LoRA's).
             drop((dy_base, dy_adapter));
-            (base + branch)?.reshape(x.dims())
+            add_branch(&base, &branch).map_err(candle_core::Error::wrap)?.reshape(x.dims())
         })?;
         Ok(vec![dx, da, dp])
     })
@@ -475,8 +492,8 @@ pub fn vera_linear(
     };
     let u = reshape(&x.detach(), &[rows, inp])?.to_dtype(dtype)?.matmul(&a.t()?)?;
     let base = weight.linear(&x.detach(), bias)?;
-    let branch = u.matmul(&folded(&b, lambda_d, lambda_b)?.t()?)?.to_dtype(base.dtype())?;
-    let y = (&base + reshape(&branch, base.dims())?)?;
+    let branch = u.matmul(&folded(&b, lambda_d, lambda_b)?.t()?)?;
+    let y = add_branch(&base, &reshape(&branch, base.dims())?)?;
     drop(branch);
     let w = weight.clone();
     with_backward("vera-linear", &[x, lambda_d, lambda_b], y, move |inputs, _, grad| {
@@ -488,8 +505,9 @@ pub fn vera_linear(
         let dd = needed(d, || l.detach().unsqueeze(0)?.matmul(bm()?)?.squeeze(0))?;
         let dl = needed(l, || bm()?.matmul(&d.detach().unsqueeze(1)?)?.squeeze(1))?;
         let dx = needed(x, || {
-            let branch = dy_adapter.matmul(&folded(&b, d, l)?)?.matmul(&a)?.to_dtype(dy.dtype())?;
-            (w.input_grad(&dy).map_err(candle_core::Error::wrap)? + branch)?.reshape(x.dims())
+            let branch = dy_adapter.matmul(&folded(&b, d, l)?)?.matmul(&a)?;
+            let base = w.input_grad(&dy).map_err(candle_core::Error::wrap)?;
+            add_branch(&base, &branch).map_err(candle_core::Error::wrap)?.reshape(x.dims())
         })?;
         Ok(vec![dx, dd, dl])
     })
@@ -587,6 +605,25 @@ mod tests {
             let same = ours.eq(&candle.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
             assert!(same > 0.95, "{what}: {same} of the outputs equal candle's");
         }
+        Ok(())
+    }
+
+    /// A bf16 base output plus an f32 branch on the CPU: the f32 sum rounded to bf16 once, bit
+    /// for bit (candle's `to_dtype` rounds to nearest even, as the kernel does), over several
+    /// parallel chunks; other dtypes take PEFT's form.
+    #[test]
+    fn bf16_branch_is_added_in_f32_and_rounded_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let base = Tensor::randn(0f32, 1., (3, 7000), &dev)?.to_dtype(DType::BF16)?;
+        let branch = (Tensor::randn(0f32, 1., (3, 7000), &dev)? * 1e-2)?;
+        let y = add_branch(&base, &branch)?;
+        let want = (base.to_dtype(DType::F32)? + &branch)?.to_dtype(DType::BF16)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        let same = y.eq(&want)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        assert_eq!(same, 1.0, "{same} of the sums are the f32 sum rounded once");
+        let base32 = base.to_dtype(DType::F32)?;
+        let diff = (add_branch(&base32, &branch)? - (&base32 + &branch)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 }

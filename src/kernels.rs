@@ -386,16 +386,41 @@ vectorized! {
     }
 }
 
+/// `s` rounded from f32 to the nearest bf16 (ties to even; NaN stays NaN), as
+/// `half::bf16::from_f32` and PyTorch round; branch-free, so that loops over it vectorize.
+#[inline(always)]
+fn round_bf16(s: f32) -> bf16 {
+    let bits = s.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    bf16::from_bits(if s.is_nan() { 0x7fc0 } else { rounded })
+}
+
 vectorized! {
-    /// `dst = src` rounded from f32 to the nearest bf16 (ties to even; NaN stays NaN), as
-    /// `half::bf16::from_f32` and PyTorch round.
+    /// `dst = src` rounded from f32 to bf16 ([`round_bf16`]).
     fn narrow(src: &[f32], dst: &mut [bf16]) {
         for (d, &s) in dst.iter_mut().zip(src) {
-            let bits = s.to_bits();
-            let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-            *d = bf16::from_bits(if s.is_nan() { 0x7fc0 } else { rounded });
+            *d = round_bf16(s);
         }
     }
+}
+
+vectorized! {
+    /// `y = a + b` computed in f32 and rounded to bf16 once.
+    fn add_to_bf16_chunk(a: &[bf16], b: &[f32], y: &mut [bf16]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = round_bf16(f32::from_bits(u32::from(a.to_bits()) << 16) + b);
+        }
+    }
+}
+
+/// `a + b` for bf16 `a` and f32 `b` of one length, added in f32 and rounded to bf16 once, in
+/// parallel: a bf16 base's output plus an f32 adapter branch.
+pub(crate) fn add_to_bf16(a: &[bf16], b: &[f32]) -> Vec<bf16> {
+    let mut y = vec![bf16::ZERO; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| add_to_bf16_chunk(a, b, y));
+    y
 }
 
 /// `src` widened to f32, in parallel.

@@ -159,7 +159,7 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
             let xd = branch_dropout(&xa, p, true)?;
             let base_d = base.weight.linear(&xd.to_dtype(base.weight.dtype())?, None)?.to_dtype(dtype)?;
             let extra = (base_d.broadcast_mul(&g.affine(1.0, -1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
-            return crate::adapter::add_branch(&base.forward(x)?, &extra);
+            return crate::frozen::add_branch(&base.forward(x)?, &extra);
         }
         // y = g * (x W0^T + s (x A^T) B^T) + b as one node (see `dora_linear`).
         if x.dtype() == base.weight.dtype() {

@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{check_rank, check_ranks_and_alphas, check_scaling, kaiming_uniform, rank_and_alpha, var};
 use super::update::matmul_t;
-use crate::adapter::{add_branch, Adapter, AdapterCore, BaseLayer, BuiltAdapter};
+use crate::adapter::{Adapter, AdapterCore, BaseLayer, BuiltAdapter};
+use crate::frozen::add_branch;
 use crate::method::{peft_fields, serde_alpha, BuildContext, Method, MethodConfig, MethodParams, PeftField, Variant};
 use crate::scaling::{Scaling, ScalingStrategy, Standard};
 use crate::target::TargetConfig;

@@ -13,8 +13,8 @@
 use candle_core::Tensor;
 
 use super::common::branch_dropout;
-use crate::adapter::{add_branch, Adapter, AdapterCore, BaseLayer};
-use crate::frozen::{frozen_linear, lora_linear, low_rank_linear, reshape};
+use crate::adapter::{Adapter, AdapterCore, BaseLayer};
+use crate::frozen::{add_branch, frozen_linear, lora_linear, low_rank_linear, reshape};
 use crate::Result;
 
 /// An additive update `dW = s * B A` of a linear layer (`B` may itself be a product, as in
