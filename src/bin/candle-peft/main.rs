@@ -150,7 +150,7 @@ impl RunArgs {
         if device.is_cpu() && dtype == DType::BF16 {
             tracing::warn!(
                 "--dtype bf16 computes in bf16, which candle does slowly on the CPU (its bf16 element-wise ops \
-                 are several times slower than f32's; a training step takes 2-3.5x as long as in f32): --dtype f32 \
+                 are several times slower than f32's; a training step takes about 1.5-2x as long as in f32): --dtype f32 \
                  --base-quant bf16 holds the frozen base in bf16 as well and computes in f32, at about f32's speed"
             );
         }
