@@ -245,7 +245,12 @@ pub(crate) fn add_branch(base: &Tensor, branch: &Tensor) -> Result<Tensor> {
         let y = with_cpu_slices(&[base], |a: &[&[half::bf16]]| {
             with_cpu_slices(&[branch], |b: &[&[f32]]| kernels::add_to_bf16(a[0], b[0]))
         })??;
-        return Ok(Tensor::from_vec(y, base.shape(), base.device())?);
+        // A graph node when an input is tracked (the composite paths): the gradient passes to
+        // both inputs, converted to the branch's dtype for the branch.
+        let y = Tensor::from_vec(y, base.shape(), base.device())?;
+        return with_backward("add-branch", &[base, branch], y, |inputs, _, grad| {
+            Ok(vec![needed(inputs[0], || Ok(grad.clone()))?, needed(inputs[1], || grad.to_dtype(inputs[1].dtype()))?])
+        });
     }
     Ok(base.add(&branch.to_dtype(base.dtype())?)?)
 }
@@ -621,6 +626,15 @@ mod tests {
         assert_eq!(y.dtype(), DType::BF16);
         let same = y.eq(&want)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
         assert_eq!(same, 1.0, "{same} of the sums are the f32 sum rounded once");
+        // Tracked inputs get their gradients: the output's, in each input's dtype.
+        let (vb, vr) = (candle_core::Var::from_tensor(&base)?, candle_core::Var::from_tensor(&branch)?);
+        let grads = add_branch(vb.as_tensor(), vr.as_tensor())?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        for (v, dtype) in [(&vb, DType::BF16), (&vr, DType::F32)] {
+            let g = grads.get(v.as_tensor()).expect("a gradient for each input");
+            assert_eq!(g.dtype(), dtype);
+            assert_eq!(g.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()?, 1.0);
+            assert_eq!(g.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()?, 1.0);
+        }
         let base32 = base.to_dtype(DType::F32)?;
         let diff = (add_branch(&base32, &branch)? - (&base32 + &branch)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
