@@ -152,11 +152,10 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor> {
         let dtype = self.update.dtype();
         let g = self.column_scale(base.weight)?;
-        let xa = x.to_dtype(dtype)?;
         let p = self.update.dropout();
         if train && p > 0.0 {
             // PEFT's form with dropout: base(x) + (g - 1) * drop(x) W0^T + g * branch(drop(x)).
-            let xd = branch_dropout(&xa, p, true)?;
+            let xd = branch_dropout(&x.to_dtype(dtype)?, p, true)?;
             let base_d = base.weight.linear(&xd.to_dtype(base.weight.dtype())?, None)?.to_dtype(dtype)?;
             let extra = (base_d.broadcast_mul(&g.affine(1.0, -1.0)?)? + self.update.branch(&xd)?.broadcast_mul(&g)?)?;
             return crate::frozen::add_branch(&base.forward(x)?, &extra);
@@ -169,7 +168,7 @@ impl<U: LowRankUpdate> Adapter for Dora<U> {
         }
         // An update whose head is not `s x A^T`, or an input in another dtype than the base:
         // y = g * (x W0^T + b + branch) + (1 - g) * b.
-        let branch = self.update.branch(&xa)?;
+        let branch = self.update.branch(&x.to_dtype(dtype)?)?;
         let base_out = base.forward(x)?;
         let c = match base.bias {
             Some(b) => (g.affine(-1.0, 1.0)? * b.to_dtype(dtype)?)?,
