@@ -508,15 +508,96 @@ pub(crate) fn matmul_nn_bf16(dy: &[f32], w: &[bf16], m: usize, n: usize, k: usiz
     side_by_side(&parts, m, k, cols)
 }
 
-/// [`matmul_nt_bf16`] of a bf16 `x`, rounded to bf16: the same rounding as candle's bf16
-/// matmul (which widens both operands whole, on one thread).
+/// `x W^T` for row-major bf16 `x: (m, k)` and `W: (n, k)`, accumulated in f32 and rounded to
+/// bf16 once (candle's bf16 matmul rounds the same way, but widens both operands whole, on one
+/// thread). The `mkl` build multiplies the bf16 operands with MKL's bf16 kernels ([`mkl_bf16`]);
+/// otherwise [`matmul_nt_bf16`] of the widened `x`.
 pub(crate) fn matmul_bf16_nt(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+    #[cfg(feature = "mkl")]
+    if let Some(y) = mkl_bf16::gemm(x, w, (m, k, n), true) {
+        return narrowed(&y);
+    }
     narrowed(&matmul_nt_bf16(&widened(x), w, m, k, n))
 }
 
-/// [`matmul_nn_bf16`] of a bf16 `dy`, rounded to bf16.
+/// `dy W` for row-major bf16 `dy: (m, n)` and `W: (n, k)`, accumulated in f32 and rounded to
+/// bf16 once: MKL's bf16 kernels in the `mkl` build, otherwise [`matmul_nn_bf16`].
 pub(crate) fn matmul_bf16_nn(dy: &[bf16], w: &[bf16], m: usize, n: usize, k: usize) -> Vec<bf16> {
+    #[cfg(feature = "mkl")]
+    if let Some(y) = mkl_bf16::gemm(dy, w, (m, n, k), false) {
+        return narrowed(&y);
+    }
     narrowed(&matmul_nn_bf16(&widened(dy), w, m, n, k))
+}
+
+/// Intel MKL's bf16 GEMM, `cblas_gemm_bf16bf16f32` (the `mkl` build links MKL through candle):
+/// bf16 operands, f32 accumulation and output. MKL picks its kernels when it runs: AVX512-BF16's
+/// `vdpbf16ps` or AMX tiles where the CPU has them (twice f32's multiply-adds per instruction, or
+/// more), f32 arithmetic elsewhere.
+#[cfg(feature = "mkl")]
+mod mkl_bf16 {
+    use half::bf16;
+
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    extern "C" {
+        /// `C = alpha op(A) op(B) + beta C` (MKL's `mkl_cblas.h`; LP64: 32-bit indices;
+        /// `MKL_BF16` is a `u16` holding a bf16's bits).
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_gemm_bf16bf16f32(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const u16,
+            lda: i32,
+            b: *const u16,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+
+    /// `a b^T` (`transposed`, `b: (n, k)`) or `a b` (`b: (k, n)`) for row-major bf16 `a: (m, k)`,
+    /// as row-major f32 `(m, n)`; `None` when a dimension or leading dimension passes MKL's
+    /// 32-bit indices (the caller then uses the f32 kernels).
+    pub(super) fn gemm(a: &[bf16], b: &[bf16], (m, k, n): (usize, usize, usize), transposed: bool) -> Option<Vec<f32>> {
+        assert!(a.len() == m * k && b.len() == k * n, "bf16 matmul: operands do not fit their shapes");
+        let [mi, ki, ni] = [m, k, n].map(|d| i32::try_from(d.max(1)).ok());
+        let (mi, ki, ni) = (mi?, ki?, ni?);
+        let mut c = vec![0f32; m * n];
+        if m == 0 || n == 0 || k == 0 {
+            return Some(c);
+        }
+        let (trans_b, ldb) = if transposed { (TRANS, ki) } else { (NO_TRANS, ni) };
+        // SAFETY: `a` holds `m * k` values with row stride `k`, `b` `k * n` with row stride
+        // `ldb`, `c` `m * n` with row stride `n` (all checked above); `bf16` is a `u16` in memory.
+        unsafe {
+            cblas_gemm_bf16bf16f32(
+                ROW_MAJOR,
+                NO_TRANS,
+                trans_b,
+                mi,
+                ni,
+                ki,
+                1.0,
+                a.as_ptr().cast(),
+                ki,
+                b.as_ptr().cast(),
+                ldb,
+                0.0,
+                c.as_mut_ptr(),
+                ni,
+            );
+        }
+        Some(c)
+    }
 }
 
 /// Shapes and masking of one attention call: `q: (b, heads, tq, d)`, `k, v: (b, kv, tk, d)`,
