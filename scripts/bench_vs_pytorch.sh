@@ -7,9 +7,10 @@
 #                               [--steps N] [--repeat N] [--quick]
 #
 # Runs: LoRA f32, bf16 (bf16 activations) and a bf16 base computing in f32 (`--base-quant bf16`;
-# PyTorch in bf16), DoRA f32, VeRA f32 on the default build (pure Rust: gemm, with its
-# AVX-512 kernels where the CPU has them), then the same jobs on the `mkl` build (Intel MKL
-# from PyPI, laid out by scripts/setup_mkl.sh; --no-mkl skips it). `--quick`: LoRA f32 on the
+# PyTorch in bf16), DoRA f32, VeRA f32 on the default build (pure Rust, portable: gemm, with
+# its AVX-512 kernels where the CPU has them), then the same jobs on the fastest build: the `mkl`
+# feature (Intel MKL from PyPI, laid out by scripts/setup_mkl.sh; bf16 products in MKL's bf16
+# GEMM) compiled with `-C target-cpu=native` (--no-mkl skips it). `--quick`: LoRA f32 on the
 # default build only.
 # Without --python it makes a venv (~/.cache/candle-peft/bench-venv) with the pinned torch,
 # peft, transformers and gguf of tests/fixtures/requirements.txt. Everything it sets up is
@@ -84,10 +85,13 @@ if [[ $quick == 0 ]]; then
 fi
 if [[ $mkl == 1 ]]; then
     eval "$(scripts/setup_mkl.sh)"
-    export MKLROOT CARGO_TARGET_DIR=target/mkl
-    run mkl "--features mkl" mkl-lora-f32 --method lora --dtype f32
-    run mkl "--features mkl" mkl-lora-bf16 --method lora --dtype bf16
-    run mkl "--features mkl" mkl-lora-bf16-base --method lora --dtype f32 --base-quant bf16 --python-dtype bf16
-    run mkl "--features mkl" mkl-dora-f32 --method dora --dtype f32
-    run mkl "--features mkl" mkl-vera-f32 --method vera --dtype f32
+    # The fastest build: MKL, and code generated for this CPU (candle's bf16 element-wise ops
+    # inline their AVX512-BF16 conversions only then). Its own target dir: RUSTFLAGS change every
+    # crate's build.
+    export MKLROOT CARGO_TARGET_DIR=target/mkl-native RUSTFLAGS="-C target-cpu=native"
+    run "mkl, native" "--features mkl" mkl-lora-f32 --method lora --dtype f32
+    run "mkl, native" "--features mkl" mkl-lora-bf16 --method lora --dtype bf16
+    run "mkl, native" "--features mkl" mkl-lora-bf16-base --method lora --dtype f32 --base-quant bf16 --python-dtype bf16
+    run "mkl, native" "--features mkl" mkl-dora-f32 --method dora --dtype f32
+    run "mkl, native" "--features mkl" mkl-vera-f32 --method vera --dtype f32
 fi
