@@ -8,7 +8,11 @@
 #
 #   scripts/bf16_loss_curve.sh [data.jsonl]      (default: text records cut from the docs)
 #
-# Writes to target/bf16-loss-curve/. Takes a few minutes on 2 cores.
+# Writes to target/bf16-loss-curve/. Takes a few minutes on 2 cores. Builds with $FEATURES
+# (cargo features, e.g. FEATURES=mkl) in $CARGO_TARGET_DIR (default target), so the same curves
+# can be taken on the bench's fastest build:
+#   eval "$(scripts/setup_mkl.sh)"; MKLROOT=$MKLROOT FEATURES=mkl CARGO_TARGET_DIR=target/mkl-native \
+#       RUSTFLAGS="-C target-cpu=native" scripts/bf16_loss_curve.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/bf16-loss-curve
@@ -25,13 +29,14 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"text": p}) + "\n")
 EOF
 fi
-cargo build --quiet --release --bin candle-peft
+cargo build --quiet --release --bin candle-peft ${FEATURES:+--features "$FEATURES"}
+bin="${CARGO_TARGET_DIR:-target}/release/candle-peft"
 for run in "f32 --dtype f32" "bf16 --dtype bf16" "bf16-base --dtype f32 --base-quant bf16"; do
     set -- $run
     name="$1"
     shift
     rm -rf "$out/$name"
-    ./target/release/candle-peft train --model models/SmolLM2-135M-Instruct.Q4_1.gguf --data "$data" \
+    "$bin" train --model models/SmolLM2-135M-Instruct.Q4_1.gguf --data "$data" \
         --output "$out/$name" --steps 50 --batch-size 2 --max-len 128 --lr 1e-4 "$@" \
         >"$out/$name.log" 2>&1 || { cat "$out/$name.log" >&2; exit 1; }
 done
