@@ -62,7 +62,8 @@ pub enum Error {
         unexpected: Vec<String>,
     },
 
-    /// A safetensors file could not be parsed (truncated, corrupt, wrong header).
+    /// A safetensors file could not be parsed (truncated, corrupt, wrong header), or an adapter
+    /// file holds a tensor an adapter cannot use (integers, NaN or infinite values).
     #[error("cannot read safetensors file {path}: {reason}")]
     Safetensors {
         /// The file.

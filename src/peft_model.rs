@@ -210,7 +210,7 @@ impl<M: LinearHost> PeftModel<M> {
         let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
         let path = dir.join(WEIGHTS_FILE);
         let device = model.linears().first().map(|(_, l)| l.weight().device().clone()).unwrap_or(Device::Cpu);
-        let tensors = format::read_safetensors(&path, &device)?;
+        let tensors = read_adapter_tensors(&path, &device)?;
         let shared: SharedTensors = tensors
             .iter()
             .filter_map(|(k, t)| shared_key(k).map(|name| (name.to_string(), t)))
@@ -224,7 +224,7 @@ impl<M: LinearHost> PeftModel<M> {
     /// Sets every adapter tensor from a PEFT safetensors file written for this model and config.
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
         let device = self.model.linears().first().map(|(_, l)| l.weight().device().clone()).unwrap_or(Device::Cpu);
-        let tensors = format::read_safetensors(path, &device)?;
+        let tensors = read_adapter_tensors(path, &device)?;
         self.set_tensors(tensors, path)
     }
 
@@ -425,4 +425,31 @@ fn take_checked(tensors: &mut BTreeMap<String, Tensor>, key: &str, path: &Path) 
         missing: vec![key.to_string()],
         unexpected: vec![],
     })
+}
+
+/// An adapter file's tensors, refused when one is not floating point (an integer tensor would be
+/// cast without a word) or holds NaN or infinite values (it would make every output NaN, and a
+/// merge would write a NaN model): the error names the file and the tensor.
+fn read_adapter_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let tensors = format::read_safetensors(path, device)?;
+    for (key, t) in &tensors {
+        let bad =
+            |reason: String| Error::Safetensors { path: path.to_path_buf(), reason: format!("tensor {key}: {reason}") };
+        if !t.dtype().is_float() {
+            return Err(bad(format!(
+                "{:?} values; an adapter's tensors are floating point (f32, f16, bf16)",
+                t.dtype()
+            )));
+        }
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let non_finite = values.iter().filter(|v| !v.is_finite()).count();
+        if non_finite > 0 {
+            return Err(bad(format!(
+                "{non_finite} of its {} values are NaN or infinite; the adapter is unusable (saved from a run that \
+                 diverged?)",
+                values.len()
+            )));
+        }
+    }
+    Ok(tensors)
 }

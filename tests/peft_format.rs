@@ -181,6 +181,31 @@ fn a_wrong_shape_names_the_key_and_both_shapes() {
     assert!(msg.contains(key) && msg.contains("[4, 32]") && msg.contains("[3, 32]"), "{msg}");
 }
 
+/// A NaN or an integer tensor in an adapter file is refused by name (a NaN adapter used to
+/// evaluate to `{"loss": null}` and merge into a NaN model; integers were cast silently).
+#[test]
+fn non_finite_or_integer_adapter_tensors_are_refused_by_name() {
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let spoilt: [(fn() -> Tensor, &str); 3] = [
+        (|| (Tensor::zeros((4, 32), DType::F32, &test_device()).unwrap() / 0.0).unwrap(), "NaN or infinite"),
+        (
+            || Tensor::full(f32::INFINITY, (4, 32), &test_device()).unwrap().to_dtype(DType::BF16).unwrap(),
+            "128 of its 128 values are NaN or infinite",
+        ),
+        (|| Tensor::zeros((4, 32), DType::I64, &test_device()).unwrap(), "I64 values"),
+    ];
+    for (tensor, says) in spoilt {
+        let dir = copy_adapter("lora");
+        rewrite_weights(dir.path(), |t| {
+            t.insert(key.into(), tensor());
+        });
+        let e = PeftModel::from_pretrained(tiny_llama(), dir.path(), DType::F32).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Safetensors { .. }) && msg.contains(key) && msg.contains(says), "{msg}");
+        assert!(msg.contains(WEIGHTS_FILE), "the error names the file: {msg}");
+    }
+}
+
 #[test]
 fn truncated_weights_and_malformed_configs_are_errors() {
     let dir = copy_adapter("lora");

@@ -138,6 +138,9 @@ fn bad_sweep_configs_are_clear_errors() {
     let e = err(|c| c.methods = vec!["lorra".into()]);
     assert!(e.contains("unknown method `lorra`") && e.contains("lora, rslora, rora, dora"), "{e}");
     assert!(err(|c| c.learning_rates = vec![-1.0]).contains("positive"));
+    // `train` refuses an unknown schedule; the sweep ran one as constant.
+    let e = err(|c| c.schedule = "cosin".into());
+    assert!(e.contains("unknown schedule \"cosin\"") && e.contains("constant or cosine"), "{e}");
     assert!(err(|c| c.prune = Some(1.5)).contains("[0, 1)"));
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.json");

@@ -174,6 +174,39 @@ fn zero_sizes_and_intervals_are_refused_naming_their_own_field() {
     Trainer::new(model(lora()), c).expect("None everywhere is valid");
 }
 
+/// Settings that would train uphill, into NaN, or not at all are refused by name before a step
+/// runs (`--lr -1` used to climb the loss, `--lr NaN` to save an all-NaN adapter).
+#[test]
+fn bad_rates_steps_and_optimizer_settings_are_refused_naming_their_field() {
+    use candle_peft::train::LrSchedule;
+    type Spoil = fn(&mut TrainConfig);
+    let cases: [(&str, Spoil, &str); 9] = [
+        ("steps", |c| c.steps = 0, "expected at least 1"),
+        ("schedule.lr", |c| c.schedule = LrSchedule::Constant { lr: -1.0 }, "expected a positive learning rate"),
+        ("schedule.lr", |c| c.schedule = LrSchedule::Constant { lr: f64::NAN }, "expected a positive learning rate"),
+        (
+            "schedule.min_lr",
+            |c| c.schedule = LrSchedule::WarmupCosine { lr: 1e-3, warmup: 1, total: 4, min_lr: 1e-2 },
+            "between 0 and the peak learning rate",
+        ),
+        ("adamw.beta1", |c| c.adamw.beta1 = 1.0, "in [0, 1)"),
+        ("adamw.beta2", |c| c.adamw.beta2 = -0.5, "in [0, 1)"),
+        ("adamw.eps", |c| c.adamw.eps = 0.0, "small positive"),
+        ("adamw.weight_decay", |c| c.adamw.weight_decay = f64::NAN, "non-negative"),
+        ("adamw.weight_decay", |c| c.adamw.weight_decay = -0.1, "non-negative"),
+    ];
+    for (field, spoil, says) in cases {
+        let mut c = config(4);
+        spoil(&mut c);
+        let e = Trainer::new(model(lora()), c).unwrap_err();
+        assert!(matches!(&e, Error::InvalidConfig { name, .. } if *name == field), "{field}: {e}");
+        assert!(e.to_string().contains(says), "{field}: {e}");
+    }
+    let c =
+        TrainConfig { schedule: LrSchedule::WarmupCosine { lr: 1e-3, warmup: 1, total: 4, min_lr: 0.0 }, ..config(4) };
+    Trainer::new(model(lora()), c).expect("a cosine down to 0 is valid");
+}
+
 #[test]
 fn empty_training_or_evaluation_data_is_an_error_not_a_panic() -> candle_peft::Result<()> {
     let data = counting(8);

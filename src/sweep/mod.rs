@@ -149,7 +149,22 @@ impl SweepConfig {
         for s in &self.scalings {
             parse_scaling(s)?;
         }
+        self.lr_schedule(1.0)?;
         Ok(())
+    }
+
+    /// The learning-rate schedule of a cell trained at `lr`: `constant`, or `cosine` (a tenth of
+    /// the steps of warmup, then down to `lr / 10`).
+    fn lr_schedule(&self, lr: f64) -> Result<LrSchedule> {
+        match self.schedule.as_str() {
+            "constant" => Ok(LrSchedule::Constant { lr }),
+            "cosine" => {
+                Ok(LrSchedule::WarmupCosine { lr, warmup: self.steps / 10, total: self.steps, min_lr: lr / 10.0 })
+            }
+            other => {
+                Err(Error::config("schedule", format!("unknown schedule \"{other}\"; expected constant or cosine")))
+            }
+        }
     }
 }
 
@@ -386,12 +401,7 @@ impl Sweep {
         let adapter = method_config(&cell.method, cell.rank, c.alpha, &targets, cell.scaling.clone())?;
         let peft = PeftModel::new(model, adapter, InitOptions { seed: c.seed, dtype: DType::F32 })?;
         let trainable_params = peft.parameter_count().trainable;
-        let schedule = match c.schedule.as_str() {
-            "cosine" => {
-                LrSchedule::WarmupCosine { lr: cell.lr, warmup: c.steps / 10, total: c.steps, min_lr: cell.lr / 10.0 }
-            }
-            _ => LrSchedule::Constant { lr: cell.lr },
-        };
+        let schedule = c.lr_schedule(cell.lr)?;
         let config = TrainConfig {
             steps: c.steps,
             batch_size: c.batch_size,

@@ -27,6 +27,28 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// Checks the settings: `beta1` and `beta2` in `[0, 1)`, a finite positive `eps` and a
+    /// finite, non-negative `weight_decay`. The error names the field.
+    pub fn validate(&self) -> Result<()> {
+        for (name, beta) in [("adamw.beta1", self.beta1), ("adamw.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(Error::config(name, format!("{beta}; expected a decay rate in [0, 1)")));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::config("adamw.eps", format!("{}; expected a small positive number", self.eps)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::config(
+                "adamw.weight_decay",
+                format!("{}; expected a non-negative decay (0 for none)", self.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }

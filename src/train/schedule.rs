@@ -2,6 +2,8 @@
 
 use std::f64::consts::PI;
 
+use crate::{Error, Result};
+
 /// The learning rate as a function of the optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LrSchedule {
@@ -24,6 +26,31 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    /// Checks the rates: a finite, positive peak rate `lr` (a negative one climbs the loss, NaN
+    /// or infinity turns every adapter weight into NaN), and for the cosine a `min_lr` between 0
+    /// and `lr`. The error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let (Self::Constant { lr } | Self::WarmupCosine { lr, .. }) = *self;
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(Error::config(
+                "schedule.lr",
+                format!(
+                    "{lr}; expected a positive learning rate (a negative one climbs the loss, NaN or infinity makes \
+                     the adapter NaN)"
+                ),
+            ));
+        }
+        if let Self::WarmupCosine { min_lr, .. } = *self {
+            if !(min_lr.is_finite() && (0.0..=lr).contains(&min_lr)) {
+                return Err(Error::config(
+                    "schedule.min_lr",
+                    format!("{min_lr}; expected a rate between 0 and the peak learning rate {lr}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The rate for step `step` (0-based).
     pub fn at(&self, step: usize) -> f64 {
         match *self {

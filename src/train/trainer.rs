@@ -127,9 +127,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks the settings: `batch_size`, `grad_accum`, `eval_every` and `checkpoint_every` of at
-    /// least 1 and a positive `max_grad_norm`. The error names the field.
+    /// Checks the settings: `steps`, `batch_size`, `grad_accum`, `eval_every` and
+    /// `checkpoint_every` of at least 1, a positive `max_grad_norm`, the learning rates
+    /// ([`LrSchedule::validate`]) and AdamW's settings ([`AdamWConfig::validate`]). The error
+    /// names the field.
     pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::config("steps", "0 optimizer steps; expected at least 1 (nothing would be trained)"));
+        }
+        self.schedule.validate()?;
+        self.adamw.validate()?;
         if self.batch_size == 0 {
             return Err(Error::config("batch_size", "0 examples per micro-batch; expected at least 1"));
         }
