@@ -186,7 +186,8 @@ fn a_wrong_shape_names_the_key_and_both_shapes() {
 #[test]
 fn non_finite_or_integer_adapter_tensors_are_refused_by_name() {
     let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
-    let spoilt: [(fn() -> Tensor, &str); 3] = [
+    type Spoilt = fn() -> Tensor;
+    let spoilt: [(Spoilt, &str); 3] = [
         (|| (Tensor::zeros((4, 32), DType::F32, &test_device()).unwrap() / 0.0).unwrap(), "NaN or infinite"),
         (
             || Tensor::full(f32::INFINITY, (4, 32), &test_device()).unwrap().to_dtype(DType::BF16).unwrap(),
