@@ -180,7 +180,7 @@ fn describe_key_mismatch(missing: &[String], unexpected: &[String]) -> String {
         let tail = if more > 0 { format!(", ... and {more} more") } else { String::new() };
         format!("{} {what} keys [{}{tail}]", keys.len(), keys[..keys.len().min(SHOWN)].join(", "))
     };
-    let mut parts = Vec::new();
+    let mut parts: Vec<String> = layer_mismatch(missing, unexpected).into_iter().collect();
     if !missing.is_empty() {
         parts.push(list("missing", missing));
     }
@@ -188,6 +188,43 @@ fn describe_key_mismatch(missing: &[String], unexpected: &[String]) -> String {
         parts.push(list("unexpected", unexpected));
     }
     parts.join("; ")
+}
+
+/// The decoder layer a key belongs to (`...layers.N....`).
+fn layer_of(key: &str) -> Option<usize> {
+    let (_, rest) = key.split_once(".layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// A sentence for the commonest mismatch, an adapter made for a model with another number of
+/// layers: every key of a contiguous range of top layers is missing (the file's model was
+/// smaller) or unexpected (it was larger), and nothing else is wrong with the layers.
+fn layer_mismatch(missing: &[String], unexpected: &[String]) -> Option<String> {
+    let layers = |keys: &[String]| -> Option<(usize, usize)> {
+        let ls: Vec<usize> = keys.iter().map(|k| layer_of(k)).collect::<Option<_>>()?;
+        let (lo, hi) = (*ls.iter().min()?, *ls.iter().max()?);
+        (lo..=hi).all(|l| ls.contains(&l)).then_some((lo, hi))
+    };
+    let span = |lo: usize, hi: usize| if lo == hi { format!("layer {lo}") } else { format!("layers {lo}..{hi}") };
+    let layered = |keys: &[String]| keys.iter().any(|k| layer_of(k).is_some());
+    if let (Some((lo, hi)), false) = (layers(missing), layered(unexpected)) {
+        if lo > 0 {
+            return Some(format!(
+                "{} of the model {} no tensors in the file: the adapter looks made for a model with {lo} layers",
+                span(lo, hi),
+                if lo == hi { "has" } else { "have" }
+            ));
+        }
+    }
+    if let (Some((lo, hi)), false) = (layers(unexpected), layered(missing)) {
+        return Some(format!(
+            "the file has tensors for {}, which the model (layers 0..{}) lacks: the adapter looks made for a model with {} layers",
+            span(lo, hi),
+            lo.saturating_sub(1),
+            hi + 1
+        ));
+    }
+    None
 }
 
 impl Error {
@@ -204,3 +241,41 @@ impl Error {
 
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(layers: std::ops::Range<usize>) -> Vec<String> {
+        layers
+            .flat_map(|l| {
+                ["q_proj.lora_A", "v_proj.lora_B"]
+                    .map(|m| format!("base_model.model.model.layers.{l}.self_attn.{m}.weight"))
+            })
+            .collect()
+    }
+
+    /// An adapter of a model with another layer count is said in a sentence, before the first
+    /// few keys and their count (not a list of hundreds of keys).
+    #[test]
+    fn an_adapter_for_another_layer_count_is_said_in_a_sentence() {
+        let smaller = describe_key_mismatch(&keys(2..30), &[]);
+        assert!(
+            smaller.starts_with("layers 2..29 of the model have no tensors in the file: the adapter looks made for a model with 2 layers; 56 missing keys ["),
+            "{smaller}"
+        );
+        assert!(smaller.contains("... and 48 more") && smaller.len() < 1200, "{smaller}");
+        let larger = describe_key_mismatch(&[], &keys(30..32));
+        assert!(
+            larger.contains("tensors for layers 30..31, which the model (layers 0..29) lacks")
+                && larger.contains("32 layers"),
+            "{larger}"
+        );
+        assert!(describe_key_mismatch(&keys(1..2), &[]).starts_with("layer 1 of the model has no tensors"));
+        // Anything else: just the keys.
+        let mixed = describe_key_mismatch(&keys(3..4), &keys(5..6));
+        assert!(mixed.starts_with("2 missing keys"), "{mixed}");
+        let gap = describe_key_mismatch(&[keys(2..3), keys(4..5)].concat(), &[]);
+        assert!(gap.starts_with("4 missing keys"), "{gap}");
+    }
+}
