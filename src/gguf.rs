@@ -234,7 +234,7 @@ struct Header<'a> {
 
 impl Header<'_> {
     fn bad(&self, reason: String) -> Error {
-        Error::Config { path: self.path.to_path_buf(), reason: format!("not a valid GGUF file: {reason}") }
+        Error::Config { path: self.path.to_path_buf(), reason: format!("not a readable GGUF file: {reason}") }
     }
 
     fn remaining(&self) -> u64 {

@@ -156,6 +156,12 @@ fn bad_input_is_reported_not_panicked() {
     std::fs::write(&data, "{\"text\": \"fine\"}\nnot json\n").unwrap();
     let (ok, _, err) = cli(&["eval", "--model", &smollm2(), "--data", data.to_str().unwrap(), "--device", "cpu"]);
     assert!(!ok && err.contains("line 2"), "{err}");
+    // A record longer than --max-len is refused by number, not evaluated into an abort.
+    let long = dir.path().join("long.jsonl");
+    std::fs::write(&long, "{\"text\": \"short\"}\n{\"text\": \"one two three four five six seven eight\"}\n").unwrap();
+    let (ok, _, err) =
+        cli(&["eval", "--model", &smollm2(), "--data", long.to_str().unwrap(), "--max-len", "4", "--device", "cpu"]);
+    assert!(!ok && err.contains("record 2 of") && err.contains("more than --max-len 4"), "{err}");
     let (ok, _, err) = cli(&["eval", "--model", &smollm2(), "--data", data.to_str().unwrap(), "--device", "cuda:0"]);
     assert!(!ok && (err.contains("--features cuda") || err.contains("cuda")), "{err}");
     let (ok, _, err) = cli(&["inspect", dir.path().to_str().unwrap()]);

@@ -67,6 +67,9 @@ enum Command {
         /// JSONL data ({"prompt", "completion"} records are read as their concatenation).
         #[arg(long)]
         data: PathBuf,
+        /// The most tokens of a record (one forward pass each); a longer record is an error.
+        #[arg(long, default_value_t = 8192)]
+        max_len: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -351,11 +354,15 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             }
             Ok(())
         }
-        Command::Eval { model, adapter, data, json, run } => {
+        Command::Eval { model, adapter, data, max_len, json, run } => {
+            if max_len < 2 {
+                return Err(format!("--max-len {max_len}: expected at least 2 (a token and the next one)").into());
+            }
             let (device, dtype) = run.open()?;
             let model = models::resolve(&model)?;
             let (lm, tokenizer) = load_with_adapter(&run, &model, adapter.as_deref(), &device, dtype)?;
-            let (loss, tokens) = eval_loss(lm.model(), &tokenizer, &read_jsonl(&data)?, &device)?;
+            let records = read_jsonl(&data)?;
+            let (loss, tokens) = eval_loss(lm.model(), &tokenizer, &records, (&data, max_len), &device)?;
             if json {
                 println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
             } else {
@@ -427,15 +434,17 @@ fn load_with_adapter(
     Ok((lm, tokenizer))
 }
 
-/// Token-weighted mean next-token loss over every record's tokens (labels = input ids).
+/// Token-weighted mean next-token loss over every record's tokens (labels = input ids), for the
+/// records of the file `data`, each of at most `max_len` tokens.
 fn eval_loss(
     lm: &Llama,
     tokenizer: &Tokenizer,
     records: &[Record],
+    (data, max_len): (&Path, usize),
     device: &Device,
 ) -> anyhow_like::Result<(f64, usize)> {
     let (mut sum, mut count) = (0f64, 0usize);
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         let text = match r {
             Record::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
             Record::Text { text } => text.clone(),
@@ -443,6 +452,16 @@ fn eval_loss(
         let ids = encode_sequence(tokenizer, &text)?;
         if ids.len() < 2 {
             continue;
+        }
+        if ids.len() > max_len {
+            return Err(format!(
+                "record {} of {} has {} tokens, more than --max-len {max_len}: split it, or raise --max-len \
+                 (one forward pass holds all of a record's logits)",
+                i + 1,
+                data.display(),
+                ids.len()
+            )
+            .into());
         }
         let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
         let logits = lm.forward(&input)?.squeeze(0)?;
