@@ -77,6 +77,15 @@ fn bad_model_dirs_are_clear_errors() {
         .unwrap();
     let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    // A config that claims 10^9 layers over the weights of 2 fails at layer 2, without
+    // allocating for 10^9 (it aborted).
+    std::fs::copy(fixture("tiny_llama/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama/config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 1_000_000_000.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let e = Llama::from_hf_dir(dir.path(), &test_device(), DType::F32).unwrap_err();
+    assert!(e.to_string().contains("model.layers.2."), "{e}");
 }
 
 #[test]

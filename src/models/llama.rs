@@ -770,7 +770,9 @@ impl Llama {
             AdaptedLinear::new(frozen(&format!("{name}.weight"))?, bias)
         };
         let biases = config.linear_biases();
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // No capacity from the config: a corrupt `num_hidden_layers` (1e9) fails at its first
+        // missing layer instead of allocating that many.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let linears: Vec<AdaptedLinear> = config
