@@ -309,16 +309,10 @@ impl Header<'_> {
             2 => Ok(Some(u16::from_le_bytes(self.bytes(key)?).into())),
             4 => Ok(Some(self.u32(key)?.into())),
             10 => Ok(Some(self.u64(key)?)),
-            1 | 3 | 5 | 11 => {
-                let n = size(ty).unwrap_or(8);
-                let b = match n {
-                    1 => i64::from(i8::from_le_bytes(self.bytes(key)?)),
-                    2 => i64::from(i16::from_le_bytes(self.bytes(key)?)),
-                    4 => i64::from(i32::from_le_bytes(self.bytes(key)?)),
-                    _ => i64::from_le_bytes(self.bytes(key)?),
-                };
-                Ok(u64::try_from(b).ok())
-            }
+            1 => Ok(u64::try_from(i8::from_le_bytes(self.bytes(key)?)).ok()),
+            3 => Ok(u64::try_from(i16::from_le_bytes(self.bytes(key)?)).ok()),
+            5 => Ok(u64::try_from(i32::from_le_bytes(self.bytes(key)?)).ok()),
+            11 => Ok(u64::try_from(i64::from_le_bytes(self.bytes(key)?)).ok()),
             6 | 7 | 12 => self.skip(size(ty).unwrap_or(8), key).map(|_| None),
             8 => {
                 let n = self.count(key)?;

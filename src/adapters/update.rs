@@ -73,10 +73,12 @@ pub trait LowRankUpdate: AdapterCore {
     /// `(B, A, s)` with `dW = s * B A`, `B: (out, k)`, `A: (k, in)`.
     fn factors(&self) -> Result<(Tensor, Tensor, f64)>;
 
-    /// `dW = s * B A`, `(out, in)`, in the update's dtype.
+    /// `dW = s * B A`, `(out, in)`, in the update's dtype. A factor that is a view (VeRA's slice
+    /// of a shared projection) is multiplied as a copy: MKL's products (the `mkl` build) take
+    /// no strided view.
     fn delta(&self) -> Result<Tensor> {
         let (b, a, s) = self.factors()?;
-        Ok((b.matmul(&a)? * s)?)
+        Ok((b.contiguous()?.matmul(&a.contiguous()?)? * s)?)
     }
 }
 

@@ -254,7 +254,6 @@ impl LowRankUpdate for Vera {
 
     fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
         let b = self.scaled_b()?.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(0)?)?;
-        // A copy of the strided view: MKL's products (the `mkl` build) take no other.
-        Ok((b, self.vera_a.to_dtype(self.dtype())?.contiguous()?, 1.0))
+        Ok((b, self.vera_a.to_dtype(self.dtype())?, 1.0))
     }
 }
