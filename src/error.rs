@@ -62,6 +62,18 @@ pub enum Error {
         unexpected: Vec<String>,
     },
 
+    /// A model's weights lack a tensor its config calls for.
+    #[error(
+        "{source_name}: the model weights have no tensor `{tensor}`, which the model's config calls for (are the \
+         weights and the config of the same model?)"
+    )]
+    MissingModelTensor {
+        /// Where the weights came from (a directory, a file, `<tensors>`).
+        source_name: String,
+        /// The tensor's name (HF's).
+        tensor: String,
+    },
+
     /// A safetensors file could not be parsed (truncated, corrupt, wrong header), or an adapter
     /// file holds a tensor an adapter cannot use (integers, NaN or infinite values).
     #[error("cannot read safetensors file {path}: {reason}")]
@@ -126,7 +138,8 @@ pub enum Error {
 
     /// Training met a NaN or infinite value and stopped; the last good checkpoint is kept.
     #[error(
-        "training stopped at step {step}: the {what} is {value}; {}",
+        "training stopped at step {step}: the {what} is {value}; {} (skip_nonfinite, --skip-nonfinite N, skips up \
+         to N such steps)",
         match last_checkpoint {
             Some(p) => format!("the last good checkpoint is {}", p.display()),
             None => "no checkpoint was written yet".to_string(),
@@ -135,7 +148,7 @@ pub enum Error {
     NonFinite {
         /// The step that failed (1-based).
         step: usize,
-        /// What was not finite (`loss`, `gradient norm`).
+        /// What was not finite: the loss of which examples, the gradient of which tensor.
         what: String,
         /// The value.
         value: f64,

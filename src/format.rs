@@ -2,8 +2,9 @@
 //! `adapter_model.safetensors`, tensors keyed `base_model.model.<module path>.<suffix>`
 //! (e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
 //!
-//! Files are written to a temporary name in the same directory and renamed into place, so an
-//! interrupted save never leaves a half-written file where a good one was.
+//! Files are written to a temporary name in the same directory, synced, renamed into place and
+//! the directory synced, so an interrupted save (a killed process, a power cut) never leaves a
+//! half-written file where a good one was.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -63,19 +64,48 @@ pub fn safetensors_index_files(index: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same directory, synced to disk
+/// before it is renamed into place (and the rename synced by syncing the directory). On an error
+/// (a full disk, ...) the temporary file is removed and what was at `path` is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// Syncs a directory's entries to disk (the names a rename or a new file put there), as a file's
+/// `sync_all` does its contents. A no-op where directories cannot be opened as files (Windows).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    if cfg!(unix) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes the temporary files and directories that interrupted atomic writes left in `dir`
+/// (hidden names with `.tmp-` in them: [`write_atomic`]'s `.<name>.tmp-<pid>`, a checkpoint's
+/// `.checkpoint-N.tmp-<pid>`, a chart's `.loss.png.tmp-<pid>-<n>.png`); never a finished file.
+pub fn remove_interrupted_writes(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn temp_path(path: &Path) -> PathBuf {

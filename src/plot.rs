@@ -124,7 +124,7 @@ impl LineChart<'_> {
         // Creating the file ourselves turns the common failures (no such directory, no
         // permission) into an `Error::Io` naming the path.
         std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
-        let result = encode_png(&tmp, &rgb).and_then(|()| {
+        let result = encode_png(&tmp, path, &rgb).and_then(|()| {
             let finish = || -> std::io::Result<()> {
                 std::fs::OpenOptions::new().write(true).open(&tmp)?.sync_all()?;
                 std::fs::rename(&tmp, path)
@@ -410,9 +410,10 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(format!(".{}.tmp-{}-{n}.png", name.to_string_lossy(), std::process::id())))
 }
 
-/// Encodes an RGB buffer of [`WIDTH`]x[`HEIGHT`] pixels as a PNG at `path`.
-fn encode_png(path: &Path, rgb: &[u8]) -> Result<()> {
-    let mut backend = BitMapBackend::new(path, (WIDTH, HEIGHT));
+/// Encodes an RGB buffer of [`WIDTH`]x[`HEIGHT`] pixels as a PNG at `tmp`, the temporary file
+/// of `path` (which an error names).
+fn encode_png(tmp: &Path, path: &Path, rgb: &[u8]) -> Result<()> {
+    let mut backend = BitMapBackend::new(tmp, (WIDTH, HEIGHT));
     backend.blit_bitmap((0, 0), (WIDTH, HEIGHT), rgb).map_err(plot_err)?;
     backend.present().map_err(|e| Error::Plot(format!("cannot write {}: {e}", path.display())))
 }

@@ -4,8 +4,9 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use candle_peft::models::Llama;
-use candle_peft::train::data::Example;
+use candle_peft::format::read_safetensors;
+use candle_peft::models::{Llama, LlamaConfig};
+use candle_peft::train::data::{batch_indices, Example};
 use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
 use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, LoraConfig, PeftModel};
 use common::{fixture, test_device};
@@ -131,6 +132,74 @@ fn a_nan_stops_training_and_keeps_the_last_checkpoint() -> candle_peft::Result<(
     assert!(!dir.path().join("checkpoint-3").exists());
     let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32)?;
     PeftModel::from_pretrained(llama, &good, DType::F32)?;
+    Ok(())
+}
+
+/// The tiny LLaMA with a NaN embedding for token 63: the loss of a batch holding the token is
+/// NaN (and so are its gradients).
+fn poisoned_model() -> candle_peft::Result<PeftModel<Llama>> {
+    let dir = fixture("tiny_llama");
+    let mut tensors = read_safetensors(&dir.join("model.safetensors"), &test_device())?;
+    let embed = &tensors["model.embed_tokens.weight"];
+    let nan = Tensor::full(f32::NAN, (1, embed.dim(1)?), &test_device())?;
+    let poisoned = Tensor::cat(&[&embed.narrow(0, 0, 63)?, &nan], 0)?;
+    tensors.insert("model.embed_tokens.weight".into(), poisoned);
+    let llama = Llama::from_tensors(LlamaConfig::from_file(&dir.join("config.json"))?, &tensors, DType::F32)?;
+    PeftModel::new(llama, lora(), InitOptions { seed: 1, ..Default::default() })
+}
+
+/// Counting sequences, of which examples 2 and 5 hold the poisoned token 63.
+fn poisoned_data() -> Vec<Example> {
+    let mut data: Vec<Example> = counting(8)
+        .into_iter()
+        .map(|mut e| {
+            e.ids.iter_mut().for_each(|t| *t %= 60);
+            e.labels = e.ids.iter().map(|&t| t as i64).collect();
+            e
+        })
+        .collect();
+    for i in [2, 5] {
+        data[i].ids[4] = 63;
+    }
+    data
+}
+
+#[test]
+fn skip_nonfinite_skips_the_steps_whose_batch_has_a_nan_loss_and_stops_after_n() -> candle_peft::Result<()> {
+    let data = poisoned_data();
+    let c = TrainConfig { batch_size: 2, skip_nonfinite: 100, ..config(12) };
+    let bad: Vec<bool> =
+        (0..12).map(|s| batch_indices(8, 2, s, c.seed).unwrap().iter().any(|i| [2, 5].contains(i))).collect();
+    assert!(bad.iter().any(|&b| b) && !bad.iter().all(|&b| b), "{bad:?}");
+    let mut t = Trainer::new(poisoned_model()?, c.clone())?;
+    let weights = |t: &Trainer<Llama>| -> Vec<Vec<f32>> {
+        t.peft().trainable_vars().unwrap().iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect()
+    };
+    for (step, &is_bad) in bad.iter().enumerate() {
+        let before = weights(&t);
+        let log = t.train_step(&data)?;
+        assert_eq!(log.skipped, is_bad, "step {}", step + 1);
+        assert_eq!(log.loss.is_finite(), !is_bad, "step {}: loss {}", step + 1, log.loss);
+        // A skipped step changes nothing; any other one updates every tensor.
+        assert_eq!(weights(&t) == before, is_bad, "step {}", step + 1);
+    }
+    let skipped = bad.iter().filter(|&&b| b).count();
+    assert_eq!(t.skipped_steps(), skipped);
+
+    // The skipped steps survive a checkpoint (`null` losses in JSON) and count against the limit.
+    let dir = tempfile::tempdir().unwrap();
+    t.save_checkpoint(&dir.path().join("checkpoint-12"))?;
+    let c = TrainConfig { steps: 40, skip_nonfinite: skipped, ..c };
+    let mut resumed = Trainer::resume(poisoned_model()?, c, &dir.path().join("checkpoint-12"))?;
+    assert_eq!(resumed.skipped_steps(), skipped);
+    let e = resumed.train(&data, None).unwrap_err();
+    let step =
+        12 + (12..40).position(|s| batch_indices(8, 2, s, 0).unwrap().iter().any(|i| [2, 5].contains(i))).unwrap() + 1;
+    let idx = batch_indices(8, 2, step - 1, 0)?;
+    assert!(matches!(e, Error::NonFinite { step: s, .. } if s == step), "{e}");
+    let message = e.to_string();
+    assert!(message.contains(&format!("loss of the training examples {idx:?}")), "{message}");
+    assert!(message.contains("checkpoint-12"), "{message}");
     Ok(())
 }
 

@@ -1657,13 +1657,11 @@ fn no_gradient(of: &str) -> Error {
     Error::Unsupported(format!("activation checkpointing: no gradient reached {of}"))
 }
 
-/// The tensor `name` of `tensors`, cast to `dtype`; a missing one is a key mismatch.
+/// The tensor `name` of `tensors`, cast to `dtype`.
 fn get_tensor(tensors: &BTreeMap<String, Tensor>, name: &str, dtype: DType) -> Result<Tensor> {
-    let t = tensors.get(name).ok_or_else(|| Error::KeyMismatch {
-        path: "model weights".into(),
-        missing: vec![name.to_string()],
-        unexpected: vec![],
-    })?;
+    let t = tensors
+        .get(name)
+        .ok_or_else(|| Error::MissingModelTensor { source_name: "<tensors>".into(), tensor: name.to_string() })?;
     Ok(t.to_dtype(dtype)?)
 }
 
@@ -1812,7 +1810,12 @@ impl Loading {
                 self.fallbacks.join(", ")
             );
         }
-        Llama::from_weights(config, &self.tensors, self.quantized, self.dtype)
+        Llama::from_weights(config, &self.tensors, self.quantized, self.dtype).map_err(|e| match e {
+            Error::MissingModelTensor { tensor, .. } => {
+                Error::MissingModelTensor { source_name: source.into(), tensor }
+            }
+            e => e,
+        })
     }
 }
 

@@ -13,4 +13,4 @@ pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use malloc::reuse_freed_memory;
 pub use optim::{clip_grad_norm, grad_norms, AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
-pub use trainer::{CausalLm, StepLog, TrainConfig, Trainer};
+pub use trainer::{latest_checkpoint, CausalLm, StepLog, TrainConfig, Trainer};

@@ -15,7 +15,7 @@ use super::data::{batch_indices, collate, Example};
 use super::loss::{counted_labels, linear_cross_entropy_part, masked_cross_entropy_part};
 use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
-use crate::format::{read_safetensors, write_atomic, write_safetensors, WEIGHTS_FILE};
+use crate::format::{read_safetensors, remove_interrupted_writes, write_atomic, write_safetensors, WEIGHTS_FILE};
 use crate::models::Llama;
 use crate::peft_model::{LinearHost, PeftModel};
 use crate::{Error, Result};
@@ -104,6 +104,10 @@ pub struct TrainConfig {
     /// recompute its activations in the backward pass (less memory, about one more forward pass
     /// of compute; see [`Llama::checkpointed_loss_and_grads`]). Needs adapters without dropout.
     pub checkpoint_activations: bool,
+    /// How many steps whose loss or gradient is NaN or infinite training skips (a warning each,
+    /// no update, the step logged as `skipped`) before it stops with [`Error::NonFinite`], as
+    /// mixed-precision trainers skip overflowed steps. 0 (the default) stops at the first.
+    pub skip_nonfinite: usize,
 }
 
 impl Default for TrainConfig {
@@ -122,6 +126,7 @@ impl Default for TrainConfig {
             pad_id: 0,
             progress: false,
             checkpoint_activations: false,
+            skip_nonfinite: 0,
         }
     }
 }
@@ -173,15 +178,17 @@ impl TrainConfig {
 pub struct StepLog {
     /// The step (1-based).
     pub step: usize,
-    /// Mean token loss over the step's micro-batches.
+    /// Mean token loss over the step's micro-batches (NaN, `null` in JSON, on a skipped step).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     /// The learning rate used.
     pub lr: f64,
-    /// The global gradient norm before clipping.
+    /// The global gradient norm before clipping (NaN on a skipped step).
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// The mean over the adapter's parameter tensors of their gradient's L2 norm, before
     /// clipping (what rsLoRA's analysis tracks as the rank grows).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub mean_grad_norm: f64,
     /// Tokens processed (padding excluded from the loss, included here).
     pub tokens: usize,
@@ -190,6 +197,30 @@ pub struct StepLog {
     /// The evaluation loss, on steps that evaluate.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// The step met a NaN or infinite loss or gradient and made no update
+    /// ([`TrainConfig::skip_nonfinite`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub skipped: bool,
+}
+
+/// A number that JSON holds as `null` when it is NaN or infinite (as serde_json writes them).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A step's accumulated gradients (clipped) and what its log reports.
+struct StepGradients {
+    grads: GradStore,
+    loss: f64,
+    tokens: usize,
+    grad_norm: f64,
+    mean_grad_norm: f64,
+}
+
+/// A NaN or infinite value met in a step: what it was, and its value.
+struct Fault {
+    what: String,
+    value: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -204,6 +235,8 @@ struct TrainerState {
 pub struct Trainer<M: CausalLm> {
     peft: PeftModel<M>,
     vars: Vec<Var>,
+    /// The PEFT names of `vars`.
+    names: Vec<String>,
     opt: AdamW,
     config: TrainConfig,
     step: usize,
@@ -219,16 +252,17 @@ impl<M: CausalLm> Trainer<M> {
         peft.set_train(true);
         let named = peft.named_trainable_vars()?;
         let vars = named.iter().map(|(_, v)| v.clone()).collect();
+        let names = named.iter().map(|(k, _)| k.clone()).collect();
         let groups = named.into_iter().map(|(k, v)| (k, v.clone(), v.rank() >= 2)).collect();
         let opt = AdamW::new(groups, config.adamw)?;
-        Ok(Self { peft, vars, opt, config, step: 0, history: Vec::new(), last_checkpoint: None })
+        Ok(Self { peft, vars, names, opt, config, step: 0, history: Vec::new(), last_checkpoint: None })
     }
 
     /// A trainer that continues from a checkpoint directory written by [`Trainer::save_checkpoint`]
     /// for the same model and adapter config: adapter weights, optimizer state, step and history.
     pub fn resume(peft: PeftModel<M>, config: TrainConfig, checkpoint: &Path) -> Result<Self> {
         let mut t = Self::new(peft, config)?;
-        let state_path = checkpoint.join("trainer_state.json");
+        let state_path = checkpoint.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
         let state: TrainerState = serde_json::from_str(&text)
             .map_err(|e| Error::Config { path: state_path.clone(), reason: e.to_string() })?;
@@ -242,7 +276,7 @@ impl<M: CausalLm> Trainer<M> {
         }
         t.peft.load_weights(&checkpoint.join(WEIGHTS_FILE))?;
         let device = t.device();
-        t.opt.load_state(&read_safetensors(&checkpoint.join("optimizer.safetensors"), &device)?)?;
+        t.opt.load_state(&read_safetensors(&checkpoint.join(OPTIMIZER_FILE), &device)?)?;
         t.step = state.step;
         t.history = state.history;
         t.last_checkpoint = Some(checkpoint.to_path_buf());
@@ -307,16 +341,75 @@ impl<M: CausalLm> Trainer<M> {
             (loss, grads)
         };
         let value = loss.to_scalar::<f32>()? as f64 * scale;
-        if !value.is_finite() {
-            return Err(self.non_finite("loss", value));
-        }
         Ok((value, batch.ids.elem_count(), grads))
     }
 
-    /// One optimizer step over `grad_accum` micro-batches of `data`. Errors when `data` is empty.
+    /// One optimizer step over `grad_accum` micro-batches of `data`. Errors when `data` is empty,
+    /// and with [`Error::NonFinite`] when a loss or a gradient is NaN or infinite, unless
+    /// [`TrainConfig::skip_nonfinite`] allows skipping the step (a warning, and a [`StepLog`]
+    /// marked `skipped`).
     pub fn train_step(&mut self, data: &[Example]) -> Result<StepLog> {
         let started = Instant::now();
         check_not_empty("training data", data)?;
+        let lr = self.config.schedule.at(self.step);
+        let step = match self.step_gradients(data)? {
+            Ok(step) => step,
+            Err(fault) => {
+                let skipped = self.skipped_steps() + 1;
+                if skipped > self.config.skip_nonfinite {
+                    return Err(self.non_finite(fault));
+                }
+                tracing::warn!(
+                    "step {}: the {} is {}; the step is skipped, no update ({skipped} of the {} that \
+                     skip_nonfinite allows)",
+                    self.step + 1,
+                    fault.what,
+                    fault.value,
+                    self.config.skip_nonfinite
+                );
+                return Ok(self.record(StepLog {
+                    step: self.step + 1,
+                    loss: f64::NAN,
+                    lr,
+                    grad_norm: f64::NAN,
+                    mean_grad_norm: f64::NAN,
+                    tokens: 0,
+                    tokens_per_s: 0.0,
+                    eval_loss: None,
+                    skipped: true,
+                }));
+            }
+        };
+        self.opt.step(&step.grads, lr)?;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(self.record(StepLog {
+            step: self.step + 1,
+            loss: step.loss,
+            lr,
+            grad_norm: step.grad_norm,
+            mean_grad_norm: step.mean_grad_norm,
+            tokens: step.tokens,
+            tokens_per_s: step.tokens as f64 / seconds.max(1e-9),
+            eval_loss: None,
+            skipped: false,
+        }))
+    }
+
+    /// Counts the step taken and records its log.
+    fn record(&mut self, log: StepLog) -> StepLog {
+        self.step += 1;
+        self.history.push(log.clone());
+        log
+    }
+
+    /// The steps skipped so far (NaN or infinite values; [`TrainConfig::skip_nonfinite`]).
+    pub fn skipped_steps(&self) -> usize {
+        self.history.iter().filter(|l| l.skipped).count()
+    }
+
+    /// The accumulated, clipped gradients of this step's micro-batches, or the first NaN or
+    /// infinite value met: a micro-batch's loss (naming its examples) or a tensor's gradient.
+    fn step_gradients(&self, data: &[Example]) -> Result<std::result::Result<StepGradients, Fault>> {
         let c = &self.config;
         let mut total: Option<GradStore> = None;
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
@@ -324,6 +417,10 @@ impl<M: CausalLm> Trainer<M> {
             let idx = batch_indices(data.len(), c.batch_size, self.step * c.grad_accum + micro, c.seed)?;
             let examples: Vec<&Example> = idx.iter().map(|&i| &data[i]).collect();
             let (value, n, grads) = self.batch_grads(&examples, c.grad_accum as f64)?;
+            if !value.is_finite() {
+                let what = format!("loss of the training examples {idx:?} (0-based, in the data's order)");
+                return Ok(Err(Fault { what, value }));
+            }
             loss_sum += value;
             tokens += n;
             total = Some(match total {
@@ -342,34 +439,23 @@ impl<M: CausalLm> Trainer<M> {
         let mut grads =
             total.ok_or_else(|| Error::config("grad_accum", "0 micro-batches per step; expected at least 1"))?;
         let norms = grad_norms(&grads, &self.vars)?;
-        let mean_grad_norm = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
-        let grad_norm = clip_to(&mut grads, &self.vars, &norms, self.config.max_grad_norm.unwrap_or(f64::INFINITY))?;
-        if !grad_norm.is_finite() {
-            return Err(self.non_finite("gradient norm", grad_norm));
+        if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
+            return Ok(Err(Fault { what: format!("gradient norm of {}", self.names[i]), value: norms[i] }));
         }
-        let lr = self.config.schedule.at(self.step);
-        self.opt.step(&grads, lr)?;
-        self.step += 1;
-        let seconds = started.elapsed().as_secs_f64();
-        let log = StepLog {
-            step: self.step,
-            loss: loss_sum / self.config.grad_accum as f64,
-            lr,
-            grad_norm,
-            mean_grad_norm,
-            tokens,
-            tokens_per_s: tokens as f64 / seconds.max(1e-9),
-            eval_loss: None,
-        };
-        self.history.push(log.clone());
-        Ok(log)
+        let mean_grad_norm = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
+        let grad_norm = clip_to(&mut grads, &self.vars, &norms, c.max_grad_norm.unwrap_or(f64::INFINITY))?;
+        if !grad_norm.is_finite() {
+            return Ok(Err(Fault { what: "global gradient norm".into(), value: grad_norm }));
+        }
+        let loss = loss_sum / c.grad_accum as f64;
+        Ok(Ok(StepGradients { grads, loss, tokens, grad_norm, mean_grad_norm }))
     }
 
-    fn non_finite(&self, what: &str, value: f64) -> Error {
+    fn non_finite(&self, fault: Fault) -> Error {
         Error::NonFinite {
             step: self.step + 1,
-            what: what.to_string(),
-            value,
+            what: fault.what,
+            value: fault.value,
             last_checkpoint: self.last_checkpoint.clone(),
         }
     }
@@ -396,6 +482,7 @@ impl<M: CausalLm> Trainer<M> {
 
     /// Trains until `steps` steps are done, evaluating, checkpointing and logging as configured.
     /// Errors before the first step when `data` or `eval` is empty (pass `None` not to evaluate).
+    /// In `output_dir`, what an interrupted checkpoint save left is removed first.
     pub fn train(&mut self, data: &[Example], eval: Option<&[Example]>) -> Result<()> {
         check_not_empty("training data", data)?;
         if let Some(eval) = eval {
@@ -415,6 +502,7 @@ impl<M: CausalLm> Trainer<M> {
             indicatif::ProgressBar::hidden()
         };
         if let Some(dir) = &c.output_dir {
+            clean_interrupted_saves(dir)?;
             // A fresh run starts a fresh log; a resumed one drops what came after its checkpoint.
             self.trim_metrics(&dir.join("metrics.jsonl"))?;
         }
@@ -445,30 +533,97 @@ impl<M: CausalLm> Trainer<M> {
     }
 
     /// Writes the adapter (PEFT format), the optimizer state and the trainer state into `dir`,
-    /// atomically: everything goes to a temporary directory that is renamed into place.
+    /// atomically: everything goes to a temporary directory beside it, synced to disk, that is
+    /// renamed into place (the parent directory synced after). A process killed at any point
+    /// leaves either the complete checkpoint or none at `dir` (and a `.checkpoint-N.tmp-*`
+    /// directory that [`Trainer::train`] removes); an error (a full disk) removes the temporary
+    /// directory and leaves what was at `dir`, and every earlier checkpoint, as it was.
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let tmp = dir.with_file_name(format!(
-            ".{}.tmp-{}",
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            std::process::id()
-        ));
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let sibling = |kind: &str| dir.with_file_name(format!(".{name}.{kind}-{}", std::process::id()));
+        let tmp = sibling("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        self.peft.save_pretrained(&tmp)?;
-        write_safetensors(&tmp.join("optimizer.safetensors"), &self.opt.state()?)?;
+        if let Err(e) = self.write_checkpoint_files(&tmp) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        // A checkpoint already at `dir` (the same step saved twice) moves aside until the new one
+        // is in place.
+        let old = sibling("old");
+        let replaced = dir.exists();
+        if replaced {
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        crate::format::sync_dir(dir.parent().unwrap_or(Path::new("."))).map_err(|e| Error::io(dir, e))?;
+        if replaced {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        self.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// The files of a checkpoint, into `dir` (created), synced.
+    fn write_checkpoint_files(&self, dir: &Path) -> Result<()> {
+        self.peft.save_pretrained(dir)?;
+        write_safetensors(&dir.join(OPTIMIZER_FILE), &self.opt.state()?)?;
         let state = TrainerState {
             step: self.step,
             peft_type: self.peft.config().peft_type().into(),
             history: self.history.clone(),
         };
         let json = serde_json::to_string_pretty(&state)?;
-        write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        self.last_checkpoint = Some(dir.to_path_buf());
-        Ok(())
+        write_atomic(&dir.join(STATE_FILE), json.as_bytes())
     }
+}
+
+/// A checkpoint's trainer state (step, method, history).
+const STATE_FILE: &str = "trainer_state.json";
+/// A checkpoint's AdamW state.
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The newest complete checkpoint in a training run's output directory: the `checkpoint-N` with
+/// the largest `N` (a checkpoint is renamed into place only once all of it is written, see
+/// [`Trainer::save_checkpoint`]); `None` when there is none (or no such directory).
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    let entries = match std::fs::read_dir(output_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(output_dir, e)),
+    };
+    let mut newest: Option<(usize, PathBuf)> = None;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(output_dir, e))?.path();
+        let step = path.file_name().and_then(|n| n.to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok());
+        if let Some(step) = step.filter(|_| path.join(STATE_FILE).is_file()) {
+            if newest.as_ref().is_none_or(|(n, _)| step > *n) {
+                newest = Some((step, path));
+            }
+        }
+    }
+    Ok(newest.map(|(_, p)| p))
+}
+
+/// Removes what a killed run left in `output_dir`: temporary files and directories
+/// ([`remove_interrupted_writes`]), and puts back a `.checkpoint-N.old-<pid>` (a checkpoint that
+/// a re-save of the same step was replacing) when the new one did not take its place.
+fn clean_interrupted_saves(output_dir: &Path) -> Result<()> {
+    remove_interrupted_writes(output_dir)?;
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((step, _)) = name.strip_prefix(".checkpoint-").and_then(|rest| rest.split_once(".old-")) else {
+            continue;
+        };
+        let target = output_dir.join(format!("checkpoint-{step}"));
+        if target.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        } else {
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+        }
+    }
+    Ok(())
 }
 
 impl<M: CausalLm> Trainer<M> {
@@ -477,7 +632,8 @@ impl<M: CausalLm> Trainer<M> {
     #[cfg(feature = "plot")]
     pub fn plot_loss(&self, path: &Path) -> Result<()> {
         use crate::plot::{moving_average, LineChart, Scale, Series};
-        let h = &self.history;
+        // Skipped steps have no loss.
+        let h: Vec<&StepLog> = self.history.iter().filter(|l| !l.skipped).collect();
         let raw: Vec<(f64, f64)> = h.iter().map(|l| (l.step as f64, l.loss)).collect();
         let losses: Vec<f64> = h.iter().map(|l| l.loss).collect();
         let smooth = h.iter().map(|l| l.step as f64).zip(moving_average(&losses, 10)).collect();

@@ -14,7 +14,7 @@ use candle_peft::quantized::BaseQuant;
 use candle_peft::sweep::{Sweep, SweepConfig};
 use candle_peft::tokenizer::{encode, encode_sequence, ends, stop_tokens};
 use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
-use candle_peft::train::{masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
+use candle_peft::train::{latest_checkpoint, masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
     AdapterConfig, Fixed, InitOptions, MethodParams, PeftModel, RankStabilized, Standard, TargetConfig, TargetModules,
 };
@@ -244,9 +244,15 @@ struct TrainArgs {
     /// Seed of the adapter init and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from a checkpoint directory.
-    #[arg(long)]
+    /// Continue from a checkpoint directory, or from `latest`: the newest checkpoint in
+    /// --output (a start from step 0 when there is none yet, so that a job restarted after a
+    /// kill can always pass it).
+    #[arg(long, value_name = "DIR|latest")]
     resume: Option<PathBuf>,
+    /// Skip up to N steps whose loss or gradient is NaN or infinite (a warning each, no update)
+    /// instead of stopping at the first.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    skip_nonfinite: usize,
     /// Format {"prompt", "completion"} records with the model's chat template: auto (when the
     /// model has one) or none.
     #[arg(long, default_value = "auto")]
@@ -586,14 +592,27 @@ fn train(args: TrainArgs) -> anyhow_like::Result<()> {
         pad_id: ends.eos.unwrap_or(0),
         progress: true,
         checkpoint_activations: args.checkpoint_activations,
+        skip_nonfinite: args.skip_nonfinite,
         ..Default::default()
     };
-    let mut trainer = match &args.resume {
+    let resume = match &args.resume {
+        Some(dir) if dir.as_os_str() == "latest" => {
+            let found = latest_checkpoint(&args.output)?;
+            match &found {
+                Some(ckpt) => println!("resuming from {}", ckpt.display()),
+                None => println!("no checkpoint in {} yet: training starts at step 0", args.output.display()),
+            }
+            found
+        }
+        other => other.clone(),
+    };
+    let mut trainer = match &resume {
         Some(ckpt) => Trainer::resume(peft, config, ckpt)?,
         None => Trainer::new(peft, config)?,
     };
     trainer.train(&data, eval.as_deref())?;
     let adapter = args.output.join("adapter");
+    candle_peft::format::remove_interrupted_writes(&adapter)?;
     trainer.into_peft().save_pretrained(&adapter)?;
     println!("adapter saved to {}", adapter.display());
     Ok(())
