@@ -93,6 +93,20 @@ impl GgufMetadata {
     }
 }
 
+/// A key or tensor name of a file as an error shows it: as it is when it is short and
+/// printable, otherwise quoted with escapes and cut after 64 characters (a corrupt header's
+/// "name" can be kilobytes of binary).
+fn shown(name: &str) -> String {
+    let cut: String = name.chars().take(64).collect();
+    if cut.len() < name.len() {
+        format!("{cut:?}... ({} bytes)", name.len())
+    } else if name.chars().any(char::is_control) {
+        format!("{name:?}")
+    } else {
+        cut
+    }
+}
+
 /// Writes a GGUF file (version 2, as candle writes it; llama.cpp reads it) with `metadata` and
 /// `tensors` in that order, atomically: to a temporary file, synced, then renamed over `path`.
 pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
@@ -169,6 +183,10 @@ pub fn check_header(path: &Path, file: &mut std::fs::File) -> Result<()> {
         let mut elems = 1u64;
         for _ in 0..n_dims {
             let d = h.count(&name)?;
+            if d == 0 {
+                // candle's reader makes a slice of a dangling pointer for an empty tensor.
+                return Err(h.bad(format!("tensor {name} has a dimension of 0; expected at least 1")));
+            }
             elems = elems
                 .checked_mul(d)
                 .ok_or_else(|| h.bad(format!("tensor {name}: its dimensions' product overflows")))?;
@@ -291,7 +309,7 @@ impl Header<'_> {
         let mut b = vec![0u8; n as usize];
         self.r.read_exact(&mut b).map_err(|e| Error::io(self.path, e))?;
         self.pos += n;
-        Ok(String::from_utf8_lossy(&b).into_owned())
+        Ok(shown(&String::from_utf8_lossy(&b)))
     }
 
     /// Skips a metadata value of type `ty`; returns it when it is an unsigned or non-negative
@@ -392,7 +410,7 @@ mod tests {
         let content = check(&ok).expect("a well-formed file reads");
         assert_eq!(content.tensor_infos["w"].shape.dims(), &[2, 32]);
 
-        let cases: [(Vec<u8>, &str); 10] = [
+        let cases: [(Vec<u8>, &str); 11] = [
             (gguf(&[("general.alignment", 4, 0u32.to_le_bytes().to_vec())], &[], 0), "general.alignment is 0"),
             (gguf(&[("general.alignment", 4, 48u32.to_le_bytes().to_vec())], &[], 0), "expected a power of two"),
             (
@@ -420,7 +438,15 @@ mod tests {
             (gguf(&[], &[("w", &[32, 2], 8, 0)], 67), "tensor w: 68 bytes at offset 0 end past the end of the file"),
             (gguf(&[], &[("w", &[30], 8, 0)], 68), "30 values are not whole blocks of 32"),
             (gguf(&[], &[("w", &[1, 1, 1, 1, 1], 0, 0)], 4), "tensor w has 5 dimensions; expected 1 to 4"),
+            (gguf(&[], &[("w", &[32, 0], 0, 0)], 0), "tensor w has a dimension of 0; expected at least 1"),
         ];
+        // A name of binary garbage is shown escaped and cut.
+        let long = format!("\u{1}{}", "x".repeat(999));
+        let e = check(&gguf(&[], &[(long.as_str(), &[0], 0, 0)], 0)).unwrap_err();
+        assert!(
+            e.contains(r#"tensor "\u{1}xxx"#) && e.contains("... (1000 bytes) has a dimension of 0") && e.len() < 200,
+            "{e}"
+        );
         for (bytes, says) in cases {
             let e = check(&bytes).unwrap_err();
             assert!(e.contains(says), "expected `{says}` in: {e}");
