@@ -185,4 +185,9 @@ fn a_bad_builtin_model_shape_is_a_clear_error() {
         assert!(e.to_string().contains("sweep.json") && e.to_string().contains(&want), "{e}");
     }
     tiny(&[2], 1).validate().expect("the unmodified config is valid");
+    // A billion layers, or a batch of 2^40 tokens, is refused before anything is allocated.
+    let e = with("num_hidden_layers", 1_000_000_000).validate().unwrap_err().to_string();
+    assert!(e.contains("builtin_model") && e.contains("parameters, more than the 1073741824"), "{e}");
+    let e = SweepConfig { batch_size: 1 << 20, seq_len: 1 << 20, ..tiny(&[2], 1) }.validate().unwrap_err().to_string();
+    assert!(e.contains("batch_size 1048576 x seq_len 1048576 tokens per batch"), "{e}");
 }

@@ -96,6 +96,11 @@ fn constant() -> String {
     "constant".into()
 }
 
+/// The most parameters the sweep's random built-in model may have (2^30, 4 GiB in f32).
+const MAX_BUILTIN_PARAMS: u128 = 1 << 30;
+/// The most tokens a sweep's batch may have (2^24).
+const MAX_BATCH_TOKENS: u128 = 1 << 24;
+
 impl SweepConfig {
     /// The embedded default.
     pub fn builtin_default() -> Self {
@@ -127,6 +132,19 @@ impl SweepConfig {
         let bad = |field: &'static str, reason: &str| Err(Error::config(field, reason));
         if let Some(model) = &self.builtin_model {
             model.check(None, &|field| format!("builtin_model.{field}"))?;
+            // Embeddings and head, and per layer at most 4 hidden x hidden attention matrices and
+            // 3 hidden x intermediate MLP ones.
+            let (h, i) = (model.hidden_size as u128, model.intermediate_size as u128);
+            let params = 2 * model.vocab_size as u128 * h + model.num_hidden_layers as u128 * (4 * h * h + 3 * h * i);
+            if params > MAX_BUILTIN_PARAMS {
+                return Err(Error::config(
+                    "builtin_model",
+                    format!(
+                        "about {params} parameters, more than the {MAX_BUILTIN_PARAMS} a random model of the sweep \
+                         may have (4 GiB in f32); sweep a real model with `model` instead"
+                    ),
+                ));
+            }
         }
         if self.methods.is_empty() || self.ranks.is_empty() || self.learning_rates.is_empty() {
             return bad("methods/ranks/learning_rates", "each axis of the grid needs at least one value");
@@ -139,6 +157,15 @@ impl SweepConfig {
         }
         if self.steps == 0 || self.batch_size == 0 || self.seq_len < 2 {
             return bad("steps", "steps and batch_size must be at least 1 and seq_len at least 2");
+        }
+        if (self.batch_size as u128) * (self.seq_len as u128) > MAX_BATCH_TOKENS {
+            return bad(
+                "batch_size",
+                &format!(
+                    "batch_size {} x seq_len {} tokens per batch; expected at most {MAX_BATCH_TOKENS}",
+                    self.batch_size, self.seq_len
+                ),
+            );
         }
         if let Some(p) = self.prune.filter(|p| !(0.0..1.0).contains(p)) {
             return bad("prune", &format!("the pruned fraction must be in [0, 1), not {p}"));
