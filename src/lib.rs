@@ -40,6 +40,7 @@ pub mod adapters;
 pub mod alloc;
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;

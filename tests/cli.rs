@@ -432,3 +432,35 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
     let loss = eval(&["--model", merged.to_str().unwrap()]);
     assert!((dense - loss).abs() < 1e-4, "adapter on the f32 base {dense} vs merged HF directory {loss}");
 }
+
+#[test]
+fn convert_writes_a_lora_with_the_adapters_logits() -> candle_peft::Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny_llama");
+    let adapter = base.join("vera");
+    let (ok, out, err) = cli(&[
+        "convert",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--energy",
+        "1",
+        "--output",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("VERA adapter converted to LoRA (6 layers")
+            || out.contains("vera adapter converted to LoRA (6 layers"),
+        "{out}"
+    );
+    let ids = candle_core::Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;
+    let load = |dir: &Path| -> candle_peft::Result<candle_core::Tensor> {
+        let llama = Llama::from_hf_dir(&base, &Device::Cpu, DType::F32)?;
+        PeftModel::from_pretrained(llama, dir, DType::F32)?.model().forward(&ids)
+    };
+    let (want, got) = (load(&adapter)?, load(dir.path())?);
+    assert_close(&got, &want, 1e-5, "converted VeRA");
+    Ok(())
+}

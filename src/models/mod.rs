@@ -47,10 +47,20 @@ pub fn load_quantized(
     quant: BaseQuant,
 ) -> Result<(Llama, tokenizers::Tokenizer)> {
     if path.is_dir() {
-        let model = Llama::from_hf_dir_quantized(path, device, dtype, quant)?;
+        let model = load_model(path, device, dtype, quant)?;
         Ok((model, crate::tokenizer::from_file(&path.join("tokenizer.json"))?))
     } else {
         let (model, meta) = Llama::from_gguf_quantized(path, device, dtype, quant)?;
         Ok((model, crate::tokenizer::from_gguf(&meta)?))
+    }
+}
+
+/// The model of [`load_quantized`] without its tokenizer (for what needs only the weights:
+/// converting or merging an adapter).
+pub fn load_model(path: &Path, device: &Device, dtype: DType, quant: BaseQuant) -> Result<Llama> {
+    if path.is_dir() {
+        Llama::from_hf_dir_quantized(path, device, dtype, quant)
+    } else {
+        Ok(Llama::from_gguf_quantized(path, device, dtype, quant)?.0)
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_peft::chat::{ChatTemplate, Message};
+use candle_peft::convert::{to_lora, LoraRank};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::models::{self, Llama};
 use candle_peft::quantized::BaseQuant;
@@ -53,6 +54,28 @@ enum Command {
         /// The type of the GGUF file's merged weights: f32, f16, bf16, q8_0, q4_0, q4_k, ...
         #[arg(long, default_value = "q8_0")]
         quant: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Convert an adapter of any method to a plain LoRA (truncated SVD of each layer's update)
+    /// that runs wherever LoRA runs; prints what each layer keeps.
+    Convert {
+        /// The base model the adapter was trained on (GGUF file, HF directory or Hub id).
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The LoRA rank of every layer.
+        #[arg(long, conflicts_with = "energy", required_unless_present = "energy")]
+        rank: Option<usize>,
+        /// Instead of --rank: per layer, the smallest rank that keeps this share of the update's
+        /// energy (e.g. 0.99).
+        #[arg(long)]
+        energy: Option<f64>,
+        /// Where to write the LoRA adapter (PEFT format).
+        #[arg(long)]
+        output: PathBuf,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -294,6 +317,34 @@ fn main() {
 fn run(cli: Cli) -> anyhow_like::Result<()> {
     match cli.command {
         Command::Train(args) => train(*args),
+        Command::Convert { base, adapter, rank, energy, output, run } => {
+            let rank = match (rank, energy) {
+                (Some(k), _) => LoraRank::Fixed(k),
+                (None, Some(e)) => LoraRank::Energy(e),
+                (None, None) => return Err("give --rank or --energy".into()),
+            };
+            let (device, dtype) = run.open()?;
+            let quant = run.base_quant.unwrap_or_default();
+            let model = models::load_model(&models::resolve(&base)?, &device, dtype, quant)?;
+            let peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
+            let converted = to_lora(&peft, rank)?;
+            println!("{:<48} {:>5} {:>9} {:>8} {:>10}", "module", "rank", "of rank", "energy", "rel. error");
+            for l in &converted.layers {
+                println!(
+                    "{:<48} {:>5} {:>9} {:>8.4} {:>10.2e}",
+                    l.module, l.rank, l.full_rank, l.energy, l.relative_error
+                );
+            }
+            let worst = converted.layers.iter().map(|l| l.relative_error).fold(0.0, f64::max);
+            converted.save(&output)?;
+            println!(
+                "{} adapter converted to LoRA ({} layers, largest relative error {worst:.2e}), written to {}",
+                peft.config().method_name(),
+                converted.layers.len(),
+                output.display()
+            );
+            Ok(())
+        }
         Command::Merge { base, adapter, output, output_gguf, quant, run } => {
             let (device, dtype) = run.open()?;
             let base = models::resolve(&base)?;
