@@ -103,6 +103,9 @@ pub fn to_lora<M: LinearHost>(peft: &PeftModel<M>, rank: LoraRank) -> Result<Lor
         tensors.push((peft_key(&path, "lora_B.weight"), b));
         fits.push(fit);
     }
+    if fits.is_empty() {
+        return Err(Error::config("adapter", "it adapts no layer of the model; there is nothing to convert"));
+    }
     // The most common rank is `r`; the others go to the patterns, as PEFT writes them.
     let mut counts = BTreeMap::<usize, usize>::new();
     fits.iter().for_each(|f| *counts.entry(f.rank).or_default() += 1);
@@ -127,6 +130,7 @@ fn fit_layer(module: &str, delta: &Tensor, rank: LoraRank) -> Result<(LayerFit, 
     let full_rank = s.iter().filter(|&&v| v > 1e-6 * largest).count();
     let k = match rank {
         LoraRank::Fixed(k) => k.min(s.len()),
+        // At most the update's own rank: the f32 SVD's noise below it holds no energy worth a rank.
         LoraRank::Energy(share) => {
             let mut kept = 0.0;
             (s.iter().position(|v| {
@@ -134,6 +138,7 @@ fn fit_layer(module: &str, delta: &Tensor, rank: LoraRank) -> Result<(LayerFit, 
                 kept >= share * total
             }))
             .map_or(s.len(), |i| i + 1)
+            .min(full_rank)
         }
     }
     .max(1);

@@ -87,25 +87,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     if cfg!(unix) {
-        std::fs::File::open(dir)?.sync_all()?;
+        match std::fs::File::open(dir)?.sync_all() {
+            // Some file systems cannot sync a directory; their renames are as durable as they get.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported) => {}
+            other => other?,
+        }
     }
     Ok(())
 }
 
-/// Removes the temporary files and directories that interrupted atomic writes left in `dir`
-/// (hidden names with `.tmp-` in them: [`write_atomic`]'s `.<name>.tmp-<pid>`, a checkpoint's
-/// `.checkpoint-N.tmp-<pid>`, a chart's `.loss.png.tmp-<pid>-<n>.png`); never a finished file.
+/// Removes the temporary files and directories that interrupted writes of this crate left in
+/// `dir`: hidden names ending in `.tmp-<pid>` ([`write_atomic`]'s `.<name>.tmp-<pid>`, a
+/// checkpoint's `.checkpoint-N.tmp-<pid>`) or `.tmp-<pid>-<n>.png` (a chart's); never a finished
+/// file, nor another program's temporary file of another shape.
 pub fn remove_interrupted_writes(dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
     for entry in entries.flatten() {
-        let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") {
-            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            removed.map_err(|e| Error::io(&path, e))?;
+        if !is_interrupted_write(&name) {
+            continue;
         }
+        let path = entry.path();
+        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
+}
+
+/// Whether `name` is one of this crate's temporary names (see [`remove_interrupted_writes`]).
+fn is_interrupted_write(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some((stem, tail)) = name.rsplit_once(".tmp-") else { return false };
+    let tail_ok = digits(tail)
+        || tail.strip_suffix(".png").and_then(|t| t.split_once('-')).is_some_and(|(pid, n)| digits(pid) && digits(n));
+    name.starts_with('.') && stem.len() > 1 && tail_ok
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -128,6 +143,16 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_crates_temporary_names_count_as_interrupted_writes() {
+        for name in [".adapter_model.safetensors.tmp-123", ".checkpoint-7.tmp-42", ".loss.png.tmp-42-3.png"] {
+            assert!(is_interrupted_write(name), "{name}");
+        }
+        for name in ["checkpoint-7", ".checkpoint-7.old-42", ".tmp-42", ".x.tmp-abc", "a.tmp-42", ".x.tmp-1-2.jpg"] {
+            assert!(!is_interrupted_write(name), "{name}");
+        }
+    }
 
     #[test]
     fn round_trip_and_corrupt_files() -> Result<()> {

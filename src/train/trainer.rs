@@ -552,14 +552,25 @@ impl<M: CausalLm> Trainer<M> {
         let old = sibling("old");
         let replaced = dir.exists();
         if replaced {
-            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+            if let Err(e) = std::fs::rename(dir, &old) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(Error::io(dir, e));
+            }
         }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            if replaced {
+                let _ = std::fs::rename(&old, dir);
+            }
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::io(dir, e));
+        }
         crate::format::sync_dir(dir.parent().unwrap_or(Path::new("."))).map_err(|e| Error::io(dir, e))?;
-        if replaced {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
         self.last_checkpoint = Some(dir.to_path_buf());
+        if replaced {
+            if let Err(e) = std::fs::remove_dir_all(&old) {
+                tracing::warn!("{}: the replaced checkpoint could not be removed: {e}", old.display());
+            }
+        }
         Ok(())
     }
 
@@ -584,8 +595,11 @@ const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// The newest complete checkpoint in a training run's output directory: the `checkpoint-N` with
 /// the largest `N` (a checkpoint is renamed into place only once all of it is written, see
-/// [`Trainer::save_checkpoint`]); `None` when there is none (or no such directory).
+/// [`Trainer::save_checkpoint`]); `None` when there is none (or no such directory). What a
+/// killed save left is cleaned up first (a replaced checkpoint moved aside is put back).
 pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    // A checkpoint that a killed re-save had moved aside counts.
+    clean_interrupted_saves(output_dir)?;
     let entries = match std::fs::read_dir(output_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
