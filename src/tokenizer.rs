@@ -165,8 +165,12 @@ pub fn save_with_model(tokenizer: &Tokenizer, source: &Path, dir: &Path) -> Resu
 
 /// Reads an HF `tokenizer.json`.
 pub fn from_file(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path)
-        .map_err(|e| Error::Config { path: path.to_path_buf(), reason: format!("tokenizer: {e}") })
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::Config { path: path.to_path_buf(), reason: format!("tokenizer: {reason}") };
+    // The tokenizers crate panics on some malformed JSON (an `expect` where it reads a
+    // `decoder`): the syntax is checked first.
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    text.parse::<Tokenizer>().map_err(|e| bad(e.to_string()))
 }
 
 /// The tokenizer a GGUF file describes: byte-level BPE (`tokenizer.ggml.model = "gpt2"`, as
