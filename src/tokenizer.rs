@@ -168,9 +168,34 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let bad = |reason: String| Error::Config { path: path.to_path_buf(), reason: format!("tokenizer: {reason}") };
     // The tokenizers crate panics on some malformed JSON (an `expect` where it reads a
-    // `decoder`): the syntax is checked first.
-    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    // `decoder`) and on BPE merges longer than every token: both are checked first.
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    check_bpe_merges(&json["model"]).map_err(bad)?;
     text.parse::<Tokenizer>().map_err(|e| bad(e.to_string()))
+}
+
+/// Checks that each merge `a b` of a BPE `model` of a `tokenizer.json` joins two tokens of its
+/// vocabulary into a third (`b` without the `continuing_subword_prefix`), as the BPE model
+/// needs; merges are strings `"a b"` or pairs `["a", "b"]`.
+fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String> {
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array()) else {
+        return Ok(());
+    };
+    let prefix = model["continuing_subword_prefix"].as_str().unwrap_or("");
+    for (i, merge) in merges.iter().enumerate() {
+        let (a, b) = match (merge.as_str(), merge.as_array().map(Vec::as_slice)) {
+            (Some(m), _) => m.split_once(' ').ok_or_else(|| format!("merge {i} `{m}` is not two tokens"))?,
+            (_, Some([a, b])) => (a.as_str().unwrap_or_default(), b.as_str().unwrap_or_default()),
+            _ => return Err(format!("merge {i} is {merge}; expected \"a b\" or [\"a\", \"b\"]")),
+        };
+        let joined = format!("{a}{}", b.strip_prefix(prefix).unwrap_or(b));
+        for token in [a, b, joined.as_str()] {
+            if !vocab.contains_key(token) {
+                return Err(format!("merge {i} (`{a}` + `{b}`) needs the token `{token}`, which the vocabulary lacks"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The tokenizer a GGUF file describes: byte-level BPE (`tokenizer.ggml.model = "gpt2"`, as
@@ -378,4 +403,27 @@ fn add_control_and_user_tokens(
         Error::Tokenizer(format!("{}: cannot add the GGUF file's user-defined tokens: {e}", meta.path().display()))
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_bpe_merges;
+    use serde_json::json;
+
+    #[test]
+    fn bpe_merges_must_join_two_tokens_into_a_third() {
+        let vocab = json!({"h": 0, "e": 1, "he": 2, "##e": 3});
+        let model = |merges| json!({"type": "BPE", "vocab": vocab, "merges": merges});
+        assert!(check_bpe_merges(&model(json!(["h e", ["h", "e"]]))).is_ok());
+        let e = check_bpe_merges(&model(json!(["he he"]))).unwrap_err();
+        assert!(e.contains("merge 0 (`he` + `he`) needs the token `hehe`"), "{e}");
+        assert!(check_bpe_merges(&model(json!([["h", "x"]]))).unwrap_err().contains("`x`"));
+        assert!(check_bpe_merges(&model(json!(["he"]))).unwrap_err().contains("is not two tokens"));
+        assert!(check_bpe_merges(&model(json!([7]))).unwrap_err().contains("expected"));
+        // WordPiece-style continuation: `h` + `##e` makes `he`.
+        let prefixed = json!({"vocab": vocab, "merges": ["h ##e"], "continuing_subword_prefix": "##"});
+        assert!(check_bpe_merges(&prefixed).is_ok());
+        // A model without merges (WordLevel) has nothing to check.
+        assert!(check_bpe_merges(&json!({"type": "WordLevel", "vocab": vocab})).is_ok());
+    }
 }
