@@ -175,22 +175,32 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
 }
 
 /// Checks that each merge `a b` of a BPE `model` of a `tokenizer.json` joins two tokens of its
-/// vocabulary into a third (`b` without the `continuing_subword_prefix`), as the BPE model
-/// needs; merges are strings `"a b"` or pairs `["a", "b"]`.
+/// vocabulary into a third ([`check_merges`]); merges are strings `"a b"` or pairs `["a", "b"]`.
 fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String> {
     let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array()) else {
         return Ok(());
     };
+    let pairs = merges
+        .iter()
+        .enumerate()
+        .map(|(i, merge)| match (merge.as_str(), merge.as_array().map(Vec::as_slice)) {
+            (Some(m), _) => m.split_once(' ').ok_or_else(|| format!("merge {i} `{m}` is not two tokens")),
+            (_, Some([a, b])) => Ok((a.as_str().unwrap_or_default(), b.as_str().unwrap_or_default())),
+            _ => Err(format!("merge {i} is {merge}; expected \"a b\" or [\"a\", \"b\"]")),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let prefix = model["continuing_subword_prefix"].as_str().unwrap_or("");
-    for (i, merge) in merges.iter().enumerate() {
-        let (a, b) = match (merge.as_str(), merge.as_array().map(Vec::as_slice)) {
-            (Some(m), _) => m.split_once(' ').ok_or_else(|| format!("merge {i} `{m}` is not two tokens"))?,
-            (_, Some([a, b])) => (a.as_str().unwrap_or_default(), b.as_str().unwrap_or_default()),
-            _ => return Err(format!("merge {i} is {merge}; expected \"a b\" or [\"a\", \"b\"]")),
-        };
+    check_merges(&pairs, prefix, |t| vocab.contains_key(t))
+}
+
+/// Checks that each merge `(a, b)` joins two tokens of the vocabulary (`has`) into a third (`b`
+/// without `prefix`), as a BPE model needs: the tokenizers crate indexes past a buffer sized by
+/// the longest token on a merge longer than every token, instead of returning its error.
+fn check_merges(merges: &[(&str, &str)], prefix: &str, has: impl Fn(&str) -> bool) -> std::result::Result<(), String> {
+    for (i, (a, b)) in merges.iter().enumerate() {
         let joined = format!("{a}{}", b.strip_prefix(prefix).unwrap_or(b));
-        for token in [a, b, joined.as_str()] {
-            if !vocab.contains_key(token) {
+        for token in [*a, *b, joined.as_str()] {
+            if !has(token) {
                 return Err(format!("merge {i} (`{a}` + `{b}`) needs the token `{token}`, which the vocabulary lacks"));
             }
         }
@@ -296,6 +306,9 @@ fn byte_level_bpe(meta: &GgufMetadata, tokens: &[String]) -> Result<Tokenizer> {
             })
         })
         .collect::<Result<_>>()?;
+    let pairs: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    check_merges(&pairs, "", |t| vocab.contains_key(t))
+        .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.ggml.merges: {e}", meta.path().display())))?;
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| {
         Error::Tokenizer(format!("{}: cannot build the BPE tokenizer of the GGUF file: {e}", meta.path().display()))
     })?;
