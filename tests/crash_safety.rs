@@ -116,17 +116,19 @@ fn a_run_killed_20_times_resumes_to_the_uninterrupted_runs_adapter() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let whole_run = started.elapsed();
 
-    // Each run is killed at a random moment within a window that starts at a 40th of an
-    // uninterrupted run's time, so that the 20 kills fall at every stage (loading, training,
-    // inside a checkpoint write, the final save), and widens by half after a kill that left no
-    // new checkpoint, so that the run always gets on.
+    // Each run is killed at a random moment within a window of a 40th of an uninterrupted run's
+    // time, so that the kills fall at every stage (loading, training, inside a checkpoint write,
+    // the final save); after a kill that left no new checkpoint the window widens by half, so
+    // that the run gets on, and it shrinks back once it does. A series that finishes before the
+    // 20th kill is checked and the next one starts from scratch.
     let killed = dir.path().join("killed");
     let mut rng = rand::rngs::StdRng::seed_from_u64(20);
-    let mut window = whole_run.as_secs_f64() / 40.0;
-    let (mut kills, mut inside_writes, mut runs) = (0, 0, 0);
-    loop {
+    let first_window = whole_run.as_secs_f64() / 40.0;
+    let mut window = first_window;
+    let (mut kills, mut inside_writes, mut runs, mut series) = (0, 0, 0, 0);
+    while kills < KILLS {
         runs += 1;
-        assert!(runs < 200, "{kills} kills in {runs} runs: the run does not progress");
+        assert!(runs < 400, "{kills} kills in {runs} runs: the run does not progress");
         let before = latest_checkpoint(&killed).unwrap();
         let mut child = train(&model, &data, &killed, true).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs_f64(window * rng.random_range(0.0..1.0));
@@ -134,7 +136,7 @@ fn a_run_killed_20_times_resumes_to_the_uninterrupted_runs_adapter() {
             if let Some(status) = child.try_wait().unwrap() {
                 break Some(status);
             }
-            if Instant::now() >= deadline && kills < KILLS {
+            if Instant::now() >= deadline {
                 child.kill().unwrap(); // SIGKILL
                 child.wait().unwrap();
                 break None;
@@ -142,43 +144,58 @@ fn a_run_killed_20_times_resumes_to_the_uninterrupted_runs_adapter() {
             std::thread::sleep(Duration::from_micros(200));
         };
         let (checkpoints, hidden) = entries(&killed);
+        for ckpt in &checkpoints {
+            check_checkpoint(ckpt, &reference);
+        }
         match status {
             None => {
                 kills += 1;
                 inside_writes += hidden.iter().any(|h| h.starts_with(".checkpoint-")) as usize;
-                if latest_checkpoint(&killed).unwrap() == before {
-                    window *= 1.5;
-                }
+                let progressed = latest_checkpoint(&killed).unwrap() != before;
+                window = if progressed { first_window } else { window * 1.5 };
             }
             Some(status) => {
                 let mut err = String::new();
                 std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
                 assert!(status.success(), "a resumed run failed: {err}");
                 assert!(hidden.is_empty(), "a finished run left {hidden:?}");
-                let (_, in_adapter) = entries(&killed.join("adapter"));
-                assert!(in_adapter.is_empty(), "a finished run left {in_adapter:?} in adapter/");
+                check_finished(&killed, &reference);
+                series += 1;
+                std::fs::remove_dir_all(&killed).unwrap();
             }
         }
-        for ckpt in &checkpoints {
-            check_checkpoint(ckpt, &reference);
-        }
-        if status.is_some() {
-            break;
-        }
     }
+    // The last series, killed 0 or more times since it started, runs to the end.
+    let out = train(&model, &data, &killed, true).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check_finished(&killed, &reference);
     println!(
-        "{kills} kills ({inside_writes} inside a checkpoint write) in {runs} runs; a whole run takes {whole_run:?}"
+        "{kills} kills ({inside_writes} inside a checkpoint write) in {} runs and {} series; a whole run takes \
+         {whole_run:?}",
+        runs + 1,
+        series + 1
     );
-    assert_eq!(kills, KILLS);
     assert!(inside_writes > 0, "no kill fell inside a checkpoint write");
-    assert_eq!(latest_checkpoint(&killed).unwrap(), Some(killed.join(format!("checkpoint-{STEPS}"))));
+}
+
+/// A finished run of the killed series: every checkpoint, the final adapter (within 1e-6) and
+/// the metrics (each step once, in order) are the uninterrupted run's, and nothing temporary is
+/// left.
+fn check_finished(killed: &Path, reference: &Path) {
+    let (checkpoints, hidden) = entries(killed);
+    assert!(hidden.is_empty(), "a finished run left {hidden:?}");
+    let (_, in_adapter) = entries(&killed.join("adapter"));
+    assert!(in_adapter.is_empty(), "a finished run left {in_adapter:?} in adapter/");
+    for ckpt in &checkpoints {
+        check_checkpoint(ckpt, reference);
+    }
+    assert_eq!(latest_checkpoint(killed).unwrap(), Some(killed.join(format!("checkpoint-{STEPS}"))));
     let diff = max_diff(
         &killed.join("adapter/adapter_model.safetensors"),
         &reference.join("adapter/adapter_model.safetensors"),
     );
     assert!(diff <= 1e-6, "the resumed run's adapter differs from the uninterrupted run's by {diff}");
     adapter(&killed.join("adapter"));
-    // The metrics hold each step once, in order.
     let metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = metrics
         .lines()
