@@ -6,6 +6,7 @@
 //! starts from dL/dy = 1 (a contiguous tensor, as in training), with `x` requiring a gradient.
 
 use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::{AdaptedLinear, BaseLayer, Lora, LoraInit, LoraParams};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::SeedableRng;
@@ -23,7 +24,7 @@ fn lora_layer(w: &Tensor, r: usize, merged: bool) -> AdaptedLinear {
     )
     .unwrap();
     let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();
-    layer.set_adapter(Box::new(lora), None).unwrap();
+    layer.insert_adapter(DEFAULT_ADAPTER, Box::new(lora), None).unwrap();
     if merged {
         layer.merge().unwrap();
     }

@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::method::BuildContext;
+use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::{
     AdaptedLinear, AdapterConfig, BaseLayer, LoraConfig, LoraInit, MeloraConfig, RandLoraConfig, VeraConfig,
 };
@@ -51,7 +52,7 @@ fn layer(w: &Tensor, config: &AdapterConfig) -> AdaptedLinear {
     let ctx = BuildContext { path: "proj", base, dtype: DType::F32, rng: &mut rng, shared: &shared };
     let built = config.build(ctx).unwrap();
     let mut layer = AdaptedLinear::new(w.clone(), None).unwrap();
-    layer.set_adapter(built.adapter, built.base_weight).unwrap();
+    layer.insert_adapter(DEFAULT_ADAPTER, built.adapter, built.base_weight).unwrap();
     layer.set_train(true);
     layer
 }

@@ -85,6 +85,16 @@ pub trait Adapter: AdapterCore {
     /// branch runs in [`AdapterCore::dtype`] and is cast back to the base dtype.
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>, train: bool) -> Result<Tensor>;
 
+    /// `acc` plus what this adapter adds to the frozen layer's output `base_out = x W0^T + b`:
+    /// how a layer with several active adapters sums them, each computed against the same frozen
+    /// layer (as PEFT does). By default `acc + (forward(x) - base_out)`, which costs a second
+    /// frozen product; additive methods add their branch alone.
+    fn add_to(&self, acc: &Tensor, x: &Tensor, base: BaseLayer<'_>, base_out: &Tensor, train: bool) -> Result<Tensor> {
+        let own = self.forward(x, base, train)?;
+        let added = (own.to_dtype(DType::F32)? - base_out.to_dtype(DType::F32)?)?;
+        crate::frozen::add_branch(acc, &added)
+    }
+
     /// The additive update `dW` such that the merged weight is `w0 + dW`, in the adapter's
     /// dtype. Methods whose merge is not additive (DoRA) return `W' - w0`.
     fn delta_weight(&self, w0: &Tensor) -> Result<Tensor>;

@@ -81,6 +81,7 @@ pub fn to_lora<M: LinearHost>(peft: &PeftModel<M>, rank: LoraRank) -> Result<Lor
         }
         _ => {}
     }
+    let name = peft.active_adapter()?;
     let adapted = peft.adapted_modules();
     let mut fits = Vec::new();
     let mut tensors = Vec::new();
@@ -88,8 +89,8 @@ pub fn to_lora<M: LinearHost>(peft: &PeftModel<M>, rank: LoraRank) -> Result<Lor
         if !adapted.contains(&path) {
             continue;
         }
-        let adapter = layer.adapter().ok_or_else(|| {
-            Error::MergeState(format!("{path} has no adapter; use PeftModel::unload() to take adapters out"))
+        let adapter = layer.adapter_named(name).ok_or_else(|| {
+            Error::MergeState(format!("{path} has no adapter `{name}`; use PeftModel::unload() to take adapters out"))
         })?;
         if layer.is_merged() {
             return Err(Error::MergeState(format!(

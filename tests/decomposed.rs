@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 use candle_peft::adapters::edora::edora;
 use candle_peft::format::{CONFIG_FILE, WEIGHTS_FILE};
+use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::{
     AdaptedLinear, Adapter, AdapterConfig, AdapterCore, BaseLayer, Bora, Error, InitOptions, LinearHost, Lora,
     LoraConfig, LoraParams, LoraXs, PeftModel,
@@ -49,7 +50,7 @@ fn bora_lora_xs_and_edora_match_the_pytorch_reference() -> candle_peft::Result<(
     for c in &cases {
         let get = |k: &str| t[&format!("{}.{k}", c.name)].clone();
         let mut layer = AdaptedLinear::new(get("w"), c.bias.then(|| get("b")))?;
-        layer.set_adapter(build(c, &get)?, None)?;
+        layer.insert_adapter(DEFAULT_ADAPTER, build(c, &get)?, None)?;
         let names: Vec<String> = layer.adapter().unwrap().trainable_vars().into_iter().map(|(k, _)| k).collect();
         let mut sorted = names.clone();
         sorted.sort();

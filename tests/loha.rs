@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, Var};
 use candle_peft::adapters::{Loha, LohaConfig};
 use candle_peft::format::CONFIG_FILE;
 use candle_peft::models::Llama;
+use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::{
     AdaptedLinear, AdapterConfig, Error, InitOptions, LinearHost, MethodParams, PeftModel, TargetConfig,
 };
@@ -35,7 +36,7 @@ fn single_layers_match_peft() -> candle_peft::Result<()> {
         let w = get("w");
         let loha = Loha::from_weights(KEYS.map(get), c.scaling)?;
         let mut layer = AdaptedLinear::new(w.clone(), c.bias.then(|| get("b")))?;
-        layer.set_adapter(Box::new(loha), None)?;
+        layer.insert_adapter(DEFAULT_ADAPTER, Box::new(loha), None)?;
         let x = Var::from_tensor(&get("x"))?;
         let y = layer.forward_checked(x.as_tensor())?;
         assert_close(&y, &get("y"), 1e-5, &format!("{} forward", c.name));

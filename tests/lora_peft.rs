@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::{DType, Module, Tensor, Var};
 use candle_peft::scaling::from_use_rslora;
+use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::{AdaptedLinear, Adapter, AdapterCore, BaseLayer, Dora, Lora, LoraInit, LoraParams};
 use common::{assert_close, fixture, load, test_device};
 use serde::Deserialize;
@@ -45,7 +46,7 @@ fn check_single_layer_cases(prefix: &str, dora: bool) -> candle_peft::Result<()>
         } else {
             Box::new(lora)
         };
-        layer.set_adapter(adapter, None)?;
+        layer.insert_adapter(DEFAULT_ADAPTER, adapter, None)?;
         layer.set_train(true);
 
         // Forward and gradients of loss = sum(y * g) w.r.t. x and every trainable tensor.
@@ -121,7 +122,7 @@ fn case_layer(
 ) -> candle_peft::Result<AdaptedLinear> {
     let get = |k: &str| t[&format!("{name}.{k}")].clone();
     let mut layer = AdaptedLinear::new(get("w"), Some(get("b")))?;
-    layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, p)?), None)?;
+    layer.insert_adapter(DEFAULT_ADAPTER, Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, p)?), None)?;
     Ok(layer)
 }
 
@@ -131,7 +132,7 @@ fn adapter_in_another_dtype_runs_in_its_own_dtype() -> candle_peft::Result<()> {
     let get = |k: &str| t[&format!("square_r8_lora.{k}")].clone();
     let mut layer = AdaptedLinear::new(get("w"), Some(get("b")))?;
     let (a, b) = (get("lora_A").to_dtype(DType::BF16)?, get("lora_B").to_dtype(DType::BF16)?);
-    layer.set_adapter(Box::new(Lora::from_weights(a, b, 2.0, 0.0)?), None)?;
+    layer.insert_adapter(DEFAULT_ADAPTER, Box::new(Lora::from_weights(a, b, 2.0, 0.0)?), None)?;
     assert_eq!(layer.adapter().unwrap().dtype(), DType::BF16);
     assert_close(&case_layer(&t, "square_r8_lora", 0.0)?.forward(&get("x"))?, &get("y"), 1e-5, "f32 reference");
     let y = layer.forward(&get("x"))?;
@@ -140,7 +141,11 @@ fn adapter_in_another_dtype_runs_in_its_own_dtype() -> candle_peft::Result<()> {
 
     // A bf16 base with an f32 adapter.
     let mut layer = AdaptedLinear::new(get("w").to_dtype(DType::BF16)?, Some(get("b").to_dtype(DType::BF16)?))?;
-    layer.set_adapter(Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, 0.0)?), None)?;
+    layer.insert_adapter(
+        DEFAULT_ADAPTER,
+        Box::new(Lora::from_weights(get("lora_A"), get("lora_B"), 2.0, 0.0)?),
+        None,
+    )?;
     let y = layer.forward(&get("x").to_dtype(DType::BF16)?)?;
     assert_eq!(y.dtype(), DType::BF16);
     assert_close(&y, &get("y"), 2e-2, "f32 adapter on a bf16 base");
@@ -182,7 +187,7 @@ fn frozen_weights_get_no_gradient_deep_in_a_stack() -> candle_peft::Result<()> {
             DType::F32,
             &mut rng,
         )?;
-        l.set_adapter(Box::new(lora), None)?;
+        l.insert_adapter(DEFAULT_ADAPTER, Box::new(lora), None)?;
         layers.push(l);
     }
     let x = Tensor::randn(0f32, 1., (3, 16), &dev)?;
@@ -209,7 +214,7 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     let mut layer = AdaptedLinear::new(w.clone(), None)?;
     assert!(layer.merge().is_err(), "merging without an adapter");
     let lora = ones_lora()?;
-    layer.set_adapter(Box::new(lora), None)?;
+    layer.insert_adapter(DEFAULT_ADAPTER, Box::new(lora), None)?;
     assert!(matches!(layer.unmerge(), Err(candle_peft::Error::MergeState(_))), "unmerging an unmerged layer");
     layer.merge()?;
     assert!(matches!(layer.merge(), Err(candle_peft::Error::MergeState(_))), "merging twice");
@@ -219,6 +224,9 @@ fn merge_state_errors() -> candle_peft::Result<()> {
     // An adapter built for another shape is refused.
     let mut other = AdaptedLinear::new(Tensor::zeros((5, 3), DType::F32, &test_device())?, None)?;
     let lora = ones_lora()?;
-    assert!(matches!(other.set_adapter(Box::new(lora), None), Err(candle_peft::Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        other.insert_adapter(DEFAULT_ADAPTER, Box::new(lora), None),
+        Err(candle_peft::Error::ShapeMismatch { .. })
+    ));
     Ok(())
 }

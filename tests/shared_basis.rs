@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Tensor, Var};
 use candle_peft::format::{read_safetensors, CONFIG_FILE, WEIGHTS_FILE};
 use candle_peft::method::BuildContext;
+use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::{AdapterConfig, Error, InitOptions, LinearHost, MeloraConfig, PeftModel, VeraConfig};
 use common::{assert_close, check_adapter_dir, check_saved_files, fixture, load, test_device, tiny_llama};
 
@@ -246,7 +247,7 @@ fn melora_matches_the_pytorch_reference() -> candle_peft::Result<()> {
         let ctx = BuildContext { path: "proj", base, dtype: DType::F32, rng: &mut rng, shared: &shared };
         let built = config.build(ctx)?;
         let mut layer = candle_peft::AdaptedLinear::new(w.clone(), c.bias.then(|| get("b")))?;
-        layer.set_adapter(built.adapter, None)?;
+        layer.insert_adapter(DEFAULT_ADAPTER, built.adapter, None)?;
         let keys: Vec<String> = layer.adapter().unwrap().trainable_vars().into_iter().map(|(k, _)| k).collect();
         for k in &keys {
             layer.adapter_mut().unwrap().load_tensor(k, &get(k))?;

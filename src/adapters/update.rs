@@ -104,6 +104,11 @@ impl<U: LowRankUpdate> Adapter for U {
         add_branch(&base.forward(x)?, &self.branch(&xd)?)
     }
 
+    fn add_to(&self, acc: &Tensor, x: &Tensor, _: BaseLayer<'_>, _: &Tensor, train: bool) -> Result<Tensor> {
+        let xd = branch_dropout(&x.to_dtype(self.dtype())?, self.dropout(), train)?;
+        add_branch(acc, &self.branch(&xd)?)
+    }
+
     fn delta_weight(&self, _w0: &Tensor) -> Result<Tensor> {
         self.delta()
     }

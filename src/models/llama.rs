@@ -38,7 +38,7 @@ use crate::frozen::FrozenWeight;
 use crate::fused::{causal_attention_with, geglu_tanh, rms_norm, rope, rope_attention_cpu, swiglu, Attention};
 use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
-use crate::peft_model::LinearHost;
+use crate::peft_model::{LinearHost, PeftModel};
 use crate::quantized::{type_name, BaseQuant, QuantizedWeight};
 use crate::{Error, Result};
 
@@ -1379,7 +1379,7 @@ impl Llama {
         }
         match &self.lm_head {
             None => Some(&self.embed_tokens),
-            Some(head) if head.adapter().is_none() && head.bias().is_none() => Some(head.weight()),
+            Some(head) if !head.has_adapters() && head.bias().is_none() => Some(head.weight()),
             Some(_) => None,
         }
     }
@@ -1612,6 +1612,43 @@ impl Llama {
         Ok(new)
     }
 
+    /// Greedy decoding of a batch: each prompt gets up to `max_new` argmax tokens, stopping
+    /// after any of `stop`, with one KV cache for the batch (one position's forward pass for
+    /// all rows per new token). The prompts must have the same length (there is no padding
+    /// mask); a row that has stopped keeps running until every row has.
+    pub fn generate_greedy_batch(&self, prompts: &[&[u32]], max_new: usize, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
+        let Some(len) = prompts.first().map(|p| p.len()) else { return Ok(Vec::new()) };
+        if len == 0 || prompts.iter().any(|p| p.len() != len) {
+            let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+            return Err(Error::config(
+                "prompts",
+                format!("lengths {lens:?}; batched generation needs prompts of one length, at least 1 token"),
+            ));
+        }
+        let device = self.embed_tokens.device();
+        let flat: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+        let mut input = Tensor::from_vec(flat, (prompts.len(), len), device)?;
+        let mut cache = KvCache::default();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        let mut done = vec![false; prompts.len()];
+        for _ in 0..max_new {
+            let logits = self.forward_cached(&input, &mut cache)?;
+            let last = logits.narrow(1, input.dim(1)? - 1, 1)?.squeeze(1)?;
+            let next = last.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            for (row, &token) in next.iter().enumerate() {
+                if !done[row] {
+                    out[row].push(token);
+                    done[row] = stop.contains(&token);
+                }
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+            input = Tensor::from_vec(next, (prompts.len(), 1), device)?;
+        }
+        Ok(out)
+    }
+
     /// Switches every adapter between training mode (dropout on) and evaluation mode.
     pub fn set_train(&mut self, train: bool) {
         for (_, l) in self.linears_mut() {
@@ -1629,9 +1666,10 @@ fn empty_grads() -> Result<GradStore> {
     Ok(grads)
 }
 
-/// The trainable tensors of a layer's adapter, if it has one.
+/// The trainable tensors of a layer's active adapters.
 fn adapter_vars(layer: &AdaptedLinear) -> Vec<Var> {
-    layer.adapter().map(|a| a.trainable_vars().into_iter().map(|(_, v)| v).collect()).unwrap_or_default()
+    let active = layer.active_adapters().iter().filter_map(|name| layer.adapter_named(name));
+    active.flat_map(|a| a.trainable_vars().into_iter().map(|(_, v)| v)).collect()
 }
 
 /// Moves the gradients of `vars` from `from` into `into`, adding to any already there.
@@ -1833,6 +1871,40 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = (w.dim(0)?, w.elem_count() / w.dim(0)?.max(1));
     let hd = out / n_head;
     Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape(w.shape())?)
+}
+
+/// Mixed-adapter batches of a LLaMA-family model (see [`PeftModel::with_row_adapters`]).
+impl PeftModel<Llama> {
+    /// Logits `(b, t, vocab)` for token ids `(b, t)`, row `i` through the adapter `rows[i]` alone
+    /// (or the base model for [`crate::BASE_ROWS`]), as PEFT's `model(ids, adapter_names=rows)`.
+    pub fn forward_with_adapters(&mut self, ids: &Tensor, rows: &[&str]) -> Result<Tensor> {
+        check_rows(ids.dim(0)?, rows)?;
+        self.with_row_adapters(rows, |m| m.forward(ids))
+    }
+
+    /// [`Llama::generate_greedy_batch`] with row `i` through the adapter `rows[i]`: one base
+    /// model answers for many adapters in one batch, with one KV cache.
+    pub fn generate_with_adapters(
+        &mut self,
+        prompts: &[&[u32]],
+        rows: &[&str],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        check_rows(prompts.len(), rows)?;
+        self.with_row_adapters(rows, |m| m.generate_greedy_batch(prompts, max_new, stop))
+    }
+}
+
+/// One adapter name per row of a batch of `batch` rows.
+fn check_rows(batch: usize, rows: &[&str]) -> Result<()> {
+    if rows.len() != batch {
+        return Err(Error::config(
+            "adapter names",
+            format!("{} names for a batch of {batch} rows; give one adapter name per row", rows.len()),
+        ));
+    }
+    Ok(())
 }
 
 impl LinearHost for Llama {
