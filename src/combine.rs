@@ -35,15 +35,18 @@
 //! outside torch.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::adapters::lora::{LoraConfig, LoraInit};
+use crate::format::{read_safetensors, CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
+use crate::layer::AdaptedLinear;
 use crate::linalg::truncated_svd;
-use crate::peft_model::{InitOptions, LinearHost, PeftModel};
+use crate::peft_model::{InitOptions, LinearHost, NamedLinears, PeftModel};
 use crate::target::TargetModules;
 use crate::{AdapterConfig, Error, Result};
 
@@ -188,6 +191,57 @@ pub struct CombineOptions {
     pub majority_sign: MajoritySign,
     /// The seed of DARE's random masks.
     pub seed: u64,
+}
+
+/// The refusal of an adapter that is not a LoRA.
+fn not_lora(name: &str, config: &AdapterConfig) -> Error {
+    Error::Unsupported(format!(
+        "add_weighted_adapter combines LoRA adapters (LoRA, rsLoRA, RoRA), and `{name}` is {}; convert it to a LoRA \
+         first (candle_peft::convert::to_lora, or `candle-peft convert`)",
+        config.method_name()
+    ))
+}
+
+/// A model of placeholder layers with the shapes that the LoRA adapter directories `dirs` adapt,
+/// for combining adapters without their base model (a LoRA combination needs only the factors):
+/// each frozen weight is one zero broadcast to `(out, in)`, which takes no memory. Refuses an
+/// adapter that is not a LoRA, and layers whose shapes two adapters disagree on.
+pub fn lora_shapes_host(dirs: &[&Path], device: &Device) -> Result<NamedLinears> {
+    let mut shapes = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    for dir in dirs {
+        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+        if !matches!(&config, AdapterConfig::Lora(c) if !c.use_dora) {
+            return Err(not_lora(&dir.display().to_string(), &config));
+        }
+        let path = dir.join(WEIGHTS_FILE);
+        let tensors = read_safetensors(&path, device)?;
+        for (key, t) in &tensors {
+            let Some(module) = key.strip_prefix(KEY_PREFIX).and_then(|k| k.strip_suffix(".lora_A.weight")) else {
+                continue;
+            };
+            let b = tensors.get(&format!("{KEY_PREFIX}{module}.lora_B.weight")).ok_or_else(|| Error::KeyMismatch {
+                path: path.clone(),
+                missing: vec![format!("{KEY_PREFIX}{module}.lora_B.weight")],
+                unexpected: vec![],
+            })?;
+            let shape = (b.dim(0)?, t.dim(1)?);
+            if let Some(other) = shapes.insert(module.to_string(), shape) {
+                if other != shape {
+                    return Err(Error::ShapeMismatch {
+                        what: format!("{module} (out, in) in {} and an adapter before it", path.display()),
+                        expected: vec![other.0, other.1],
+                        actual: vec![shape.0, shape.1],
+                    });
+                }
+            }
+        }
+    }
+    let mut host = NamedLinears::new();
+    let zero = Tensor::zeros((1, 1), DType::F32, device)?;
+    for (module, (out, inp)) in shapes {
+        host.insert(module, AdaptedLinear::new(zero.broadcast_as((out, inp))?, None)?);
+    }
+    Ok(host)
 }
 
 /// One source adapter on one layer: its weight, scaling and factors (f32, on the host).
@@ -353,13 +407,7 @@ impl<M: LinearHost> PeftModel<M> {
             }
             match self.adapter_config(name)? {
                 AdapterConfig::Lora(c) if !c.use_dora => configs.push(c),
-                other => {
-                    return Err(Error::Unsupported(format!(
-                    "add_weighted_adapter combines LoRA adapters (LoRA, rsLoRA, RoRA), and `{name}` is {}; convert it \
-                         to a LoRA first (candle_peft::convert::to_lora, or `candle-peft convert`)",
-                    other.method_name()
-                )))
-                }
+                other => return Err(not_lora(name, other)),
             }
         }
         let combination = if sources.len() == 1 { Combination::Linear } else { opts.combination };

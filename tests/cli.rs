@@ -460,3 +460,45 @@ fn convert_writes_a_lora_with_the_adapters_logits() -> candle_peft::Result<()> {
     assert_close(&got, &want, 1e-5, "converted VeRA");
     Ok(())
 }
+
+#[test]
+fn combine_writes_peft_tensors_and_an_adapter_that_merge_takes() -> candle_peft::Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = fixture("tiny_llama/multi/saved");
+    let (a, b) = (format!("{}:0.8", saved.display()), format!("{}:-0.5", saved.join("b").display()));
+    let out_dir = dir.path().join("ties");
+    let args = ["--type", "ties", "--density", "0.5", "--output", out_dir.to_str().unwrap()];
+    let (ok, out, err) = cli(&[&["combine", "--adapter", &a, "--adapter", &b][..], &args[..]].concat());
+    assert!(ok, "{err}");
+    assert!(out.contains("2 adapters combined by ties into a rank-4 LoRA of 8 layers"), "{out}");
+    // PEFT's add_weighted_adapter(["a", "b"], [0.8, -0.5], combination_type="ties", density=0.5).
+    let theirs = candle_peft::format::read_safetensors(
+        &fixture("tiny_llama/multi/combined/ties/adapter_model.safetensors"),
+        &Device::Cpu,
+    )?;
+    let mine = candle_peft::format::read_safetensors(&out_dir.join("adapter_model.safetensors"), &Device::Cpu)?;
+    assert_eq!(mine.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (k, t) in &theirs {
+        assert_close(&mine[k], t, 1e-5, k);
+    }
+    // `merge` takes it, and the merged model gives the adapter's logits.
+    let merged = dir.path().join("merged");
+    let (ok, _, err) = cli(&[
+        "merge",
+        "--base",
+        fixture("tiny_llama").to_str().unwrap(),
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let ids = candle_core::Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu)?;
+    let llama = Llama::from_hf_dir(&fixture("tiny_llama"), &Device::Cpu, DType::F32)?;
+    let adapted = PeftModel::from_pretrained(llama, &out_dir, DType::F32)?.model().forward(&ids)?;
+    let merged = Llama::from_hf_dir(&merged, &Device::Cpu, DType::F32)?.forward(&ids)?;
+    assert_close(&merged, &adapted, 1e-5, "merged combination");
+    let (ok, _, err) = cli(&["combine", "--adapter", &a, "--adapter", &b, "--type", "ties", "--output", "x"]);
+    assert!(!ok && err.contains("density"), "{err}");
+    Ok(())
+}

@@ -17,7 +17,8 @@ use candle_peft::tokenizer::{encode, encode_sequence, ends, stop_tokens};
 use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
 use candle_peft::train::{latest_checkpoint, masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
-    AdapterConfig, Fixed, InitOptions, MethodParams, PeftModel, RankStabilized, Standard, TargetConfig, TargetModules,
+    AdapterConfig, Combination, CombineOptions, Fixed, InitOptions, MethodParams, PeftModel, RankStabilized, Standard,
+    TargetConfig, TargetModules,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Parser, Subcommand};
@@ -78,6 +79,36 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// Combine LoRA adapters into one (PEFT's add_weighted_adapter) and write it as a PEFT
+    /// adapter directory. Needs only the adapters, not their base model.
+    Combine {
+        /// An adapter and its weight, `DIR:WEIGHT` (e.g. `math:0.7`; the weight may be negative).
+        /// Repeat for each adapter.
+        #[arg(long = "adapter", required = true, value_name = "DIR:WEIGHT")]
+        adapters: Vec<String>,
+        /// How to combine them.
+        #[arg(long = "type", default_value = "svd", value_parser = PossibleValuesParser::new(
+            Combination::ALL.map(|c| PossibleValue::new(c.name()))))]
+        combination: String,
+        /// The share of entries that pruning keeps, in [0, 1] (ties, dare_*, magnitude_prune*).
+        #[arg(long)]
+        density: Option<f64>,
+        /// The rank of an svd combination (default: the largest rank combined).
+        #[arg(long)]
+        svd_rank: Option<usize>,
+        /// Clamp an svd combination's factors at this quantile of their entries, in (0, 1].
+        #[arg(long)]
+        svd_clamp: Option<f64>,
+        /// How ties and dare_ties elect an entry's sign.
+        #[arg(long, default_value = "total", value_parser = ["total", "frequency"])]
+        majority_sign: String,
+        /// The seed of DARE's random masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to write the combined adapter (PEFT format).
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Mean token loss and perplexity on a data set (labels = input ids, as transformers).
     Eval {
@@ -341,6 +372,43 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 "{} adapter converted to LoRA ({} layers, largest relative error {worst:.2e}), written to {}",
                 peft.config().method_name(),
                 converted.layers.len(),
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Combine { adapters, combination, density, svd_rank, svd_clamp, majority_sign, seed, output } => {
+            let mut sources = Vec::new();
+            for spec in &adapters {
+                let (dir, weight) = spec
+                    .rsplit_once(':')
+                    .and_then(|(d, w)| Some((PathBuf::from(d), w.parse::<f64>().ok()?)))
+                    .ok_or_else(|| format!("--adapter {spec}: expected DIR:WEIGHT, e.g. ./math:0.7"))?;
+                sources.push((dir, weight));
+            }
+            let dirs: Vec<&Path> = sources.iter().map(|(d, _)| d.as_path()).collect();
+            let host = candle_peft::combine::lora_shapes_host(&dirs, &candle_core::Device::Cpu)?;
+            let names: Vec<String> = (0..sources.len()).map(|i| format!("source{i}")).collect();
+            let mut peft = PeftModel::from_pretrained(host, dirs[0], DType::F32)?;
+            for (i, dir) in dirs.iter().enumerate().skip(1) {
+                peft.load_adapter(dir, &names[i], DType::F32)?;
+            }
+            let name_of = |i: usize| if i == 0 { candle_peft::DEFAULT_ADAPTER } else { names[i].as_str() };
+            let weighted: Vec<(&str, f64)> = sources.iter().enumerate().map(|(i, (_, w))| (name_of(i), *w)).collect();
+            let opts = CombineOptions {
+                combination: combination.parse()?,
+                svd_rank,
+                svd_clamp,
+                density,
+                majority_sign: majority_sign.parse()?,
+                seed,
+            };
+            peft.add_weighted_adapter(&weighted, "combined", &opts)?;
+            peft.save_adapter("combined", &output)?;
+            let rank = peft.adapter_config("combined")?.to_peft_json()?["r"].clone();
+            let layers = peft.adapted_modules_of("combined")?.len();
+            println!(
+                "{} adapters combined by {combination} into a rank-{rank} LoRA of {layers} layers, written to {}",
+                sources.len(),
                 output.display()
             );
             Ok(())
