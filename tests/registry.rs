@@ -122,3 +122,50 @@ fn scaling_strategies_reach_the_methods_that_have_one() -> candle_peft::Result<(
     assert!(e.contains("unknown method `lorra`") && e.contains("loha"), "{e}");
     Ok(())
 }
+
+/// Every method serves rows of a mixed batch: one model holds an adapter of each method, and
+/// each row of the batch gives the logits of its adapter alone (or of the base model).
+#[test]
+fn every_method_serves_its_rows_of_a_mixed_batch() -> candle_peft::Result<()> {
+    let base = candle_peft::models::Llama::from_hf_dir(&common::fixture("tiny_llama"), &test_device(), DType::F32)?;
+    let mut names = Vec::new();
+    let mut peft: Option<PeftModel<_>> = None;
+    let mut base = Some(base);
+    for (i, v) in variants().iter().enumerate() {
+        let mut p = params(4);
+        if v.name == "melora" {
+            p.options.insert("n".into(), 2.into());
+        }
+        let config = AdapterConfig::for_method(v.name, &p)?;
+        let opts = InitOptions { seed: i as u64, ..Default::default() };
+        match peft.as_mut() {
+            None => peft = Some(PeftModel::new(base.take().unwrap(), config, opts)?),
+            Some(m) => m.add_adapter(v.name, config, opts)?,
+        }
+        names.push(if i == 0 { candle_peft::DEFAULT_ADAPTER } else { v.name });
+    }
+    let mut peft = peft.unwrap();
+    peft.set_adapters(&names)?;
+    for (_, var) in peft.named_trainable_vars()? {
+        var.set(&(var.as_tensor() + var.as_tensor().randn_like(0., 0.1)?)?)?;
+    }
+    let mut rows = names.clone();
+    rows.push(candle_peft::BASE_ROWS);
+    let ids = Tensor::arange(0u32, (rows.len() * 5) as u32, &test_device())?.reshape((rows.len(), 5))?;
+    let mixed = peft.forward_with_adapters(&ids, &rows)?;
+    for (i, name) in rows.iter().enumerate() {
+        let row = ids.narrow(0, i, 1)?;
+        let alone = if *name == candle_peft::BASE_ROWS {
+            peft.with_adapters_disabled(|p| p.model().forward(&row))?
+        } else {
+            peft.set_adapter(name)?;
+            peft.model().forward(&row)?
+        };
+        let base = peft.with_adapters_disabled(|p| p.model().forward(&row))?;
+        if *name != candle_peft::BASE_ROWS {
+            assert!(common::rel_err(&alone, &base) > 1e-4, "{name}: the adapter does nothing");
+        }
+        assert_close(&mixed.narrow(0, i, 1)?, &alone, 1e-5, &format!("row {i} ({name})"));
+    }
+    Ok(())
+}
