@@ -43,6 +43,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::adapters::lora::{LoraConfig, LoraInit};
+use crate::convert::{lora_factors, not_lora, LoraFactors};
 use crate::format::{read_safetensors, CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 use crate::layer::AdaptedLinear;
 use crate::linalg::truncated_svd;
@@ -193,14 +194,8 @@ pub struct CombineOptions {
     pub seed: u64,
 }
 
-/// The refusal of an adapter that is not a LoRA.
-fn not_lora(name: &str, config: &AdapterConfig) -> Error {
-    Error::Unsupported(format!(
-        "add_weighted_adapter combines LoRA adapters (LoRA, rsLoRA, RoRA), and `{name}` is {}; convert it to a LoRA \
-         first (candle_peft::convert::to_lora, or `candle-peft convert`)",
-        config.method_name()
-    ))
-}
+/// What the errors call this module's operation.
+const WHAT: &str = "add_weighted_adapter";
 
 /// A model of placeholder layers with the shapes that the LoRA adapter directories `dirs` adapt,
 /// for combining adapters without their base model (a LoRA combination needs only the factors):
@@ -211,7 +206,7 @@ pub fn lora_shapes_host(dirs: &[&Path], device: &Device) -> Result<NamedLinears>
     for dir in dirs {
         let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
         if !matches!(&config, AdapterConfig::Lora(c) if !c.use_dora) {
-            return Err(not_lora(&dir.display().to_string(), &config));
+            return Err(not_lora(WHAT, &dir.display().to_string(), &config));
         }
         let path = dir.join(WEIGHTS_FILE);
         let tensors = read_safetensors(&path, device)?;
@@ -407,7 +402,7 @@ impl<M: LinearHost> PeftModel<M> {
             }
             match self.adapter_config(name)? {
                 AdapterConfig::Lora(c) if !c.use_dora => configs.push(c),
-                other => return Err(not_lora(name, other)),
+                other => return Err(not_lora(WHAT, name, other)),
             }
         }
         let combination = if sources.len() == 1 { Combination::Linear } else { opts.combination };
@@ -514,29 +509,24 @@ impl<M: LinearHost> PeftModel<M> {
         opts: &CombineOptions,
     ) -> Result<()> {
         let targets = self.adapted_modules_of(new_name)?.to_vec();
+        let mut per_source = Vec::new();
+        for &(name, weight) in sources {
+            let factors = lora_factors(self, name, WHAT)?;
+            let by_module: std::collections::BTreeMap<String, LoraFactors> =
+                factors.into_iter().map(|f| (f.module.clone(), f)).collect();
+            per_source.push((weight, by_module));
+        }
         let mut rng = StdRng::seed_from_u64(opts.seed);
         let mut results = Vec::new();
-        for (path, layer) in self.model().linears() {
-            if !targets.contains(&path) {
-                continue;
-            }
+        for path in self.model().linears().into_iter().map(|(p, _)| p).filter(|p| targets.contains(p)) {
             let mut present = Vec::new();
-            for &(name, weight) in sources {
-                let Some(adapter) = layer.adapter_named(name) else { continue };
-                let AdapterConfig::Lora(config) = self.adapter_config(name)? else { continue };
-                let params = config.layer_params(&path)?;
-                let tensors = adapter.saved_tensors();
-                let get = |suffix: &str| -> Result<Factor> {
-                    let t = tensors.iter().find(|(s, _)| s == suffix).map(|(_, t)| t).ok_or_else(|| {
-                        Error::Unsupported(format!("adapter `{name}` of {path} has no {suffix}; is it a LoRA?"))
-                    })?;
-                    Factor::from_tensor(t)
-                };
+            for (weight, by_module) in &per_source {
+                let Some(f) = by_module.get(&path) else { continue };
                 present.push(Source {
-                    weight,
-                    scale: params.strategy.scale(params.alpha, params.r),
-                    a: get("lora_A.weight")?,
-                    b: get("lora_B.weight")?,
+                    weight: *weight,
+                    scale: f.scale,
+                    a: Factor::from_tensor(&f.a)?,
+                    b: Factor::from_tensor(&f.b)?,
                 });
             }
             if present.is_empty() {

@@ -70,6 +70,82 @@ impl LoraConversion {
     }
 }
 
+/// One layer's LoRA factors, `dW = scale * B A`.
+#[derive(Debug, Clone)]
+pub struct LoraFactors {
+    /// The layer's module path.
+    pub module: String,
+    /// `A: (r, in)`.
+    pub a: Tensor,
+    /// `B: (out, r)`.
+    pub b: Tensor,
+    /// The scaling `s` (LoRA's `alpha / r`, rsLoRA's `alpha / sqrt(r)`, a strategy's own).
+    pub scale: f64,
+}
+
+/// The error for an adapter that is not a LoRA where `what` needs one.
+pub(crate) fn not_lora(what: &str, name: &str, config: &AdapterConfig) -> Error {
+    Error::Unsupported(format!(
+        "{what} takes LoRA adapters (LoRA, rsLoRA, RoRA), and `{name}` is {}; convert it to a LoRA first \
+         (candle_peft::convert::to_lora, or `candle-peft convert`)",
+        config.method_name()
+    ))
+}
+
+/// The factors of every layer of the LoRA adapter `name` of `peft` (LoRA, rsLoRA, RoRA, any
+/// scaling strategy), in module order; `what` names the caller in the error for another method.
+pub fn lora_factors<M: LinearHost>(peft: &PeftModel<M>, name: &str, what: &str) -> Result<Vec<LoraFactors>> {
+    let config = match peft.adapter_config(name)? {
+        AdapterConfig::Lora(c) if !c.use_dora => c,
+        other => return Err(not_lora(what, name, other)),
+    };
+    let adapted = peft.adapted_modules_of(name)?;
+    let mut out = Vec::new();
+    for (path, layer) in peft.model().linears() {
+        if !adapted.contains(&path) {
+            continue;
+        }
+        let adapter = layer.adapter_named(name).ok_or_else(|| {
+            Error::MergeState(format!("{path} has no adapter `{name}`; use PeftModel::unload() to take adapters out"))
+        })?;
+        let params = config.layer_params(&path)?;
+        let tensors = adapter.saved_tensors();
+        let get =
+            |suffix: &str| {
+                tensors.iter().find(|(s, _)| s == suffix).map(|(_, t)| t.clone()).ok_or_else(|| {
+                    Error::Unsupported(format!("adapter `{name}` of {path} has no {suffix}; is it a LoRA?"))
+                })
+            };
+        let (a, b) = (get("lora_A.weight")?, get("lora_B.weight")?);
+        out.push(LoraFactors { module: path, a, b, scale: params.strategy.scale(params.alpha, params.r) });
+    }
+    Ok(out)
+}
+
+impl LoraConversion {
+    /// Every converted layer's factors (scaling 1).
+    pub fn factors(&self) -> Result<Vec<LoraFactors>> {
+        let get = |key: String| {
+            self.tensors
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| Error::Unsupported(format!("the conversion has no tensor {key}")))
+        };
+        self.layers
+            .iter()
+            .map(|l| {
+                Ok(LoraFactors {
+                    module: l.module.clone(),
+                    a: get(peft_key(&l.module, "lora_A.weight"))?,
+                    b: get(peft_key(&l.module, "lora_B.weight"))?,
+                    scale: 1.0,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Converts the adapter of `peft` (any method) to a plain LoRA (see the module's doc). Errors
 /// when the model is merged (unmerge first), when `rank` is `Fixed(0)` or the energy is not in
 /// `(0, 1]`, or when an update holds NaN or infinity.
