@@ -1735,7 +1735,7 @@ const GEMMA3_MLP_NORMS: [(&str, &str); 3] = [
 /// The name of a tensor (`<module>.weight` or `<module>.bias`) of a `family` model in the other
 /// convention: `to_hf` maps llama.cpp's names to HF's, else HF's to llama.cpp's. `None` for a
 /// name the tables do not have.
-fn rename(name: &str, to_hf: bool, family: Family) -> Option<String> {
+pub(super) fn rename(name: &str, to_hf: bool, family: Family) -> Option<String> {
     let (module, suffix) = name.rsplit_once('.').filter(|(_, s)| ["weight", "bias"].contains(s))?;
     let pick = |(gguf, hf): &(&'static str, &'static str)| if to_hf { (*gguf, *hf) } else { (*hf, *gguf) };
     if let Some((_, to)) = MODEL_TENSORS.iter().map(pick).find(|(from, _)| *from == module) {
@@ -1859,7 +1859,7 @@ impl Loading {
 
 /// llama.cpp's `permute(w, n_head)` of q/k rows (what `convert_hf_to_gguf.py` applies), the
 /// inverse of [`unpermute_rows`].
-fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+pub(super) fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = (w.dim(0)?, w.elem_count() / w.dim(0)?.max(1));
     let hd = out / n_head;
     Ok(w.reshape((n_head, 2, hd / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape(w.shape())?)

@@ -1,10 +1,12 @@
 //! Trainable models whose linear layers carry adapters.
 
 pub mod llama;
+pub mod lora_gguf;
 pub mod rope;
 
 pub use crate::gguf::GgufMetadata;
 pub use llama::{Family, KvCache, Llama, LlamaConfig, SavedGguf};
+pub use lora_gguf::SavedLoraGguf;
 
 use std::path::Path;
 

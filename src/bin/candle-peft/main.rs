@@ -80,6 +80,32 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Write an adapter as a llama.cpp LoRA GGUF file (for `llama-cli --lora`, llama-server,
+    /// ollama). An adapter of another method than LoRA is converted first (--rank or --energy).
+    Export {
+        /// The adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base model the adapter was trained on (GGUF file, HF directory or Hub id): its
+        /// architecture, names and head counts.
+        #[arg(long)]
+        base: PathBuf,
+        /// Where to write the adapter GGUF file.
+        #[arg(long)]
+        output: PathBuf,
+        /// The tensors' type (q8_0 falls back to f16 for rows that are not a multiple of 32).
+        #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16", "q8_0"])]
+        outtype: String,
+        /// For a method other than LoRA: the LoRA rank of its conversion.
+        #[arg(long, conflicts_with = "energy")]
+        rank: Option<usize>,
+        /// For a method other than LoRA: per layer, the smallest rank that keeps this share of
+        /// the update's energy (e.g. 0.99).
+        #[arg(long)]
+        energy: Option<f64>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Combine LoRA adapters into one (PEFT's add_weighted_adapter) and write it as a PEFT
     /// adapter directory. Needs only the adapters, not their base model.
     Combine {
@@ -374,6 +400,53 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 converted.layers.len(),
                 output.display()
             );
+            Ok(())
+        }
+        Command::Export { adapter, base, output, outtype, rank, energy, run } => {
+            let (device, dtype) = run.open()?;
+            let quant = run.base_quant.unwrap_or_default();
+            let model = models::load_model(&models::resolve(&base)?, &device, dtype, quant)?;
+            let peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
+            let outtype = match outtype.as_str() {
+                "f32" => GgmlDType::F32,
+                "bf16" => GgmlDType::BF16,
+                "q8_0" => GgmlDType::Q8_0,
+                _ => GgmlDType::F16,
+            };
+            let conversion = match (rank, energy) {
+                (Some(k), _) => Some(to_lora(&peft, LoraRank::Fixed(k))?),
+                (None, Some(e)) => Some(to_lora(&peft, LoraRank::Energy(e))?),
+                (None, None) => None,
+            };
+            let (factors, alpha) = match (&conversion, peft.config()) {
+                // Scaling 1 and lora_alpha = r: any alpha is folded exactly; r keeps B as is.
+                (Some(c), _) => (c.factors()?, c.config.to_peft_json()?["lora_alpha"].as_f64().unwrap_or(1.0)),
+                (None, AdapterConfig::Lora(c)) if !c.use_dora => {
+                    (candle_peft::convert::lora_factors(&peft, candle_peft::DEFAULT_ADAPTER, "export")?, c.lora_alpha)
+                }
+                (None, other) => {
+                    return Err(format!(
+                        "{} is a {} adapter; llama.cpp runs LoRA adapters: give --rank or --energy to convert it \
+                         (e.g. --energy 0.99)",
+                        adapter.display(),
+                        other.method_name()
+                    )
+                    .into())
+                }
+            };
+            if let Some(c) = &conversion {
+                let worst = c.layers.iter().map(|l| l.relative_error).fold(0.0, f64::max);
+                println!(
+                    "{} adapter converted to LoRA ({} layers, largest relative error {worst:.2e})",
+                    peft.config().method_name(),
+                    c.layers.len()
+                );
+            }
+            let saved = peft.model().save_lora_gguf(&factors, alpha, outtype, &output)?;
+            for f in &saved.fallbacks {
+                eprintln!("note: {f}: the rows' length is not a multiple of the type's block");
+            }
+            println!("{} adapted tensors written to {} for llama.cpp", saved.tensors, output.display());
             Ok(())
         }
         Command::Combine { adapters, combination, density, svd_rank, svd_clamp, majority_sign, seed, output } => {
