@@ -16,7 +16,9 @@
 //! Options: `--model <gguf file | HF dir | Hub id>`, `--data <jsonl>` (`{"prompt", "completion"}`
 //! or `{"text"}` per line) or `--task capitals|format` (built-in data: question/answer pairs, or
 //! key=value lines to one-line JSON), `--examples N` (format task records, a sixth held out),
-//! `--steps N`, `--rank R`, `--lr LR`, `--method lora|rslora|dora`, `--output DIR` (default
+//! `--steps N`, `--rank R`, `--lr LR`, `--method lora|rslora|dora`, `--convert-energy E` (after
+//! training, the adapter as a plain LoRA keeping the share E of each layer's update energy, and its
+//! held-out loss and exact match), `--output DIR` (default
 //! `target/finetune-llama`), `--device auto|cpu|cuda:N|metal`, `--no-chat-template` (by default
 //! prompt/completion records are formatted with the model's chat template when it has one).
 //!
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use candle_peft::chat::ChatTemplate;
+use candle_peft::convert::{to_lora, LoraRank};
 use candle_peft::models::{Llama, LlamaConfig};
 use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
 use candle_peft::train::{LrSchedule, TrainConfig, Trainer};
@@ -232,6 +235,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (train, eval) = examples.split_at(split);
     let held_out = &records[split..];
     println!("{} training examples, {} held out", train.len(), eval.len());
+    // The held-out records, for checking the adapter elsewhere (llama.cpp, transformers).
+    std::fs::create_dir_all(&output)?;
+    let lines: Vec<String> = held_out
+        .iter()
+        .filter_map(|r| match r {
+            Record::PromptCompletion { prompt, completion } => {
+                Some(serde_json::json!({ "prompt": prompt, "completion": completion }).to_string())
+            }
+            Record::Text { .. } => None,
+        })
+        .collect();
+    std::fs::write(output.join("held_out.jsonl"), lines.join("\n") + "\n")?;
 
     let alpha = 2.0 * rank as f64;
     let lora = match method.as_str() {
@@ -264,6 +279,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         100.0 * acc_before,
         start.elapsed().as_secs_f64()
     );
+    let trainer_config = config.clone();
     let mut trainer = Trainer::new(peft, config)?;
     let before = trainer.evaluate(eval)?;
     println!("before training: held-out loss {before:.3} ({:.0} s)", start.elapsed().as_secs_f64());
@@ -290,6 +306,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let adapter = output.join("adapter");
     peft.save_pretrained(&adapter)?;
     println!("adapter saved to {} (metrics in {})", adapter.display(), output.join("metrics.jsonl").display());
+    if let Some(energy) = arg(&args, "--convert-energy").map(|e| e.parse::<f64>()).transpose()? {
+        // The adapter as a plain LoRA keeping `energy` of each layer's update, evaluated the same way.
+        let converted = to_lora(&peft, LoraRank::Energy(energy))?;
+        let mut ranks: Vec<usize> = converted.layers.iter().map(|l| l.rank).collect();
+        ranks.sort_unstable();
+        let dir = output.join("adapter-as-lora");
+        converted.save(&dir)?;
+        let lora = PeftModel::from_pretrained(peft.unload()?, &dir, DType::F32)?;
+        let eval_config = TrainConfig { output_dir: None, progress: false, ..trainer_config };
+        let mut evaluator = Trainer::new(lora, eval_config)?;
+        let loss = evaluator.evaluate(eval)?;
+        let lora = evaluator.into_peft();
+        let acc = accuracy(lora.model(), held_out, template.as_ref(), &encode, &decode, ends, &stop)?;
+        println!(
+            "as a LoRA keeping {:.0}% of each layer's update energy: ranks {}..{} (median {}, {} layers), held-out \
+             loss {loss:.3}, exact match {:.1}%; written to {}",
+            100.0 * energy,
+            ranks[0],
+            ranks[ranks.len() - 1],
+            ranks[ranks.len() / 2],
+            ranks.len(),
+            100.0 * acc,
+            dir.display()
+        );
+    }
     println!("done in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -502,3 +502,32 @@ fn combine_writes_peft_tensors_and_an_adapter_that_merge_takes() -> candle_peft:
     assert!(!ok && err.contains("density"), "{err}");
     Ok(())
 }
+
+#[test]
+fn export_writes_llama_cpp_adapters_and_converts_other_methods() {
+    use candle_core::quantized::gguf_file;
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny_llama");
+    let export = |adapter: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{adapter}.gguf"));
+        let args = ["export", "--base", base.to_str().unwrap(), "--adapter"];
+        let adapter_dir = fixture("tiny_llama").join(adapter);
+        let rest = ["--output", out.to_str().unwrap(), "--outtype", "f32"];
+        let (ok, stdout, err) = cli(&[&args[..], &[adapter_dir.to_str().unwrap()], &rest[..], extra].concat());
+        (ok, stdout, err, out)
+    };
+    let (ok, stdout, err, out) = export("lora", &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("6 adapted tensors written"), "{stdout}");
+    let mut f = std::fs::File::open(&out).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    assert_eq!(content.metadata["general.type"].to_string().unwrap(), "adapter");
+    // PEFT's lora_alpha, the file's one alpha.
+    assert_eq!(content.metadata["adapter.lora.alpha"].to_f32().unwrap(), 8.0);
+    assert!(content.tensor_infos.contains_key("blk.1.attn_q.weight.lora_b"));
+    let (ok, _, err, _) = export("dora", &[]);
+    assert!(!ok && err.contains("dora adapter") && err.contains("--energy"), "{err}");
+    let (ok, stdout, err, _) = export("dora", &["--energy", "0.99"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("dora adapter converted to LoRA"), "{stdout}");
+}
