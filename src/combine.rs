@@ -489,14 +489,7 @@ impl<M: LinearHost> PeftModel<M> {
 
     /// The dtype of a source adapter's tensors.
     fn source_dtype(&self, name: &str) -> Result<DType> {
-        let path = self.adapted_modules_of(name)?.first().cloned().unwrap_or_default();
-        let dtype = self
-            .model()
-            .linears()
-            .into_iter()
-            .find(|(p, _)| *p == path)
-            .and_then(|(_, l)| l.adapter_named(name).map(|a| a.dtype()));
-        Ok(dtype.unwrap_or(DType::F32))
+        Ok(self.layers_of(name)?.first().map_or(DType::F32, |(_, _, a)| a.dtype()))
     }
 
     /// Computes and sets the new adapter's factors on every layer it adapts.

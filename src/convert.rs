@@ -99,15 +99,8 @@ pub fn lora_factors<M: LinearHost>(peft: &PeftModel<M>, name: &str, what: &str) 
         AdapterConfig::Lora(c) if !c.use_dora => c,
         other => return Err(not_lora(what, name, other)),
     };
-    let adapted = peft.adapted_modules_of(name)?;
     let mut out = Vec::new();
-    for (path, layer) in peft.model().linears() {
-        if !adapted.contains(&path) {
-            continue;
-        }
-        let adapter = layer.adapter_named(name).ok_or_else(|| {
-            Error::MergeState(format!("{path} has no adapter `{name}`; use PeftModel::unload() to take adapters out"))
-        })?;
+    for (path, _, adapter) in peft.layers_of(name)? {
         let params = config.layer_params(&path)?;
         let tensors = adapter.saved_tensors();
         let get =
@@ -158,16 +151,9 @@ pub fn to_lora<M: LinearHost>(peft: &PeftModel<M>, rank: LoraRank) -> Result<Lor
         _ => {}
     }
     let name = peft.active_adapter()?;
-    let adapted = peft.adapted_modules();
     let mut fits = Vec::new();
     let mut tensors = Vec::new();
-    for (path, layer) in peft.model().linears() {
-        if !adapted.contains(&path) {
-            continue;
-        }
-        let adapter = layer.adapter_named(name).ok_or_else(|| {
-            Error::MergeState(format!("{path} has no adapter `{name}`; use PeftModel::unload() to take adapters out"))
-        })?;
+    for (path, layer, adapter) in peft.layers_of(name)? {
         if layer.is_merged() {
             return Err(Error::MergeState(format!(
                 "{path} is merged; unmerge the model before converting its adapter"

@@ -440,13 +440,20 @@ impl<M: LinearHost> PeftModel<M> {
     /// The adapter `name` of every layer it adapts, with the layer's path. Errors when one was
     /// taken out behind the model's back ([`PeftModel::model_mut`]).
     fn adapters_of(&self, name: &str) -> Result<Vec<(String, &dyn Adapter)>> {
+        Ok(self.layers_of(name)?.into_iter().map(|(p, _, a)| (p, a)).collect())
+    }
+
+    /// Every layer the adapter `name` adapts, in the model's order, with its path and that
+    /// adapter. Errors on an unknown name, or when the adapter was taken out of a layer behind
+    /// the model's back ([`PeftModel::model_mut`]).
+    pub fn layers_of(&self, name: &str) -> Result<Vec<(String, &AdaptedLinear, &dyn Adapter)>> {
         let adapted: BTreeSet<&String> = self.entry(name)?.adapted.iter().collect();
         self.model
             .linears()
             .into_iter()
             .filter(|(p, _)| adapted.contains(p))
             .map(|(p, l)| match l.adapter_named(name) {
-                Some(a) => Ok((p, a)),
+                Some(a) => Ok((p, l, a)),
                 None => Err(adapter_removed(&p, name)),
             })
             .collect()
