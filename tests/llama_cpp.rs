@@ -194,3 +194,21 @@ fn the_exported_file_has_llama_cpps_names_shapes_and_folded_scaling() -> candle_
     assert!(e.to_string().contains("f32, f16, bf16 or q8_0"), "{e}");
     Ok(())
 }
+
+/// A model merged by `candle-peft merge --output-gguf` (SmolLM2 with the format task's DoRA
+/// adapter, Q8_0) loaded by llama.cpp answers the held-out prompts, formatted by the chat
+/// template the GGUF carries (llama-cpp-python's own rendering), with the fine-tuned answers
+/// (`check_llama_cpp.py --merged`, committed output).
+#[test]
+fn llama_cpp_answers_the_format_task_with_a_merged_gguf() {
+    let text = std::fs::read_to_string(fixture("llama_cpp/merged_answers.json")).unwrap();
+    let run: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let answers = run["answers"].as_array().unwrap();
+    assert!(answers.len() >= 10, "{} answers", answers.len());
+    for a in answers {
+        let (got, want) = (a["llama_cpp"].as_str().unwrap(), a["expected"].as_str().unwrap());
+        assert_eq!(got.trim(), want.trim(), "prompt {}", a["prompt"]);
+        // The base model does not answer in this format: the answer is the fine-tuning's.
+        assert!(want.trim().starts_with('{') && want.trim().ends_with('}'), "{want}");
+    }
+}
