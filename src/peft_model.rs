@@ -292,6 +292,23 @@ impl<M: LinearHost> PeftModel<M> {
         Ok(peft)
     }
 
+    /// Loads every adapter of a directory in PEFT's multi-adapter layout (what
+    /// [`Self::save_pretrained`] writes for several adapters): `dir` itself as
+    /// [`DEFAULT_ADAPTER`], then each subdirectory holding an `adapter_config.json` as the adapter
+    /// of its name, in name order. The default adapter is the active one.
+    pub fn from_pretrained_all(model: M, dir: &Path, dtype: DType) -> Result<Self> {
+        let mut peft = Self::from_pretrained(model, dir, dtype)?;
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut subdirs: Vec<_> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(CONFIG_FILE).is_file()).collect();
+        subdirs.sort();
+        for sub in subdirs {
+            let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            peft.load_adapter(&sub, &name, dtype)?;
+        }
+        Ok(peft)
+    }
+
     /// Loads a PEFT adapter directory as the adapter `name`, as PEFT's `load_adapter`: injects
     /// the configured adapters (over the file's shared projections, for VeRA), then sets every
     /// tensor from the file. Missing or unexpected keys and wrong shapes are errors that name

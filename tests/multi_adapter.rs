@@ -104,7 +104,12 @@ fn the_multi_adapter_layout_saves_as_peft_writes_it() -> std::result::Result<(),
         let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(&sub).join(CONFIG_FILE))?)?;
         assert_eq!(config["peft_type"], "LORA", "{name}");
     }
-    // What was saved loads back, adapter by adapter.
+    // What was saved loads back: all of it, or adapter by adapter.
+    let base = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32)?;
+    let all = PeftModel::from_pretrained_all(base, dir.path(), DType::F32)?;
+    assert_eq!(all.adapter_names(), [DEFAULT_ADAPTER, "b", "c", "d"]);
+    assert_eq!(all.active_adapters(), [DEFAULT_ADAPTER]);
+    assert_abs(&all.model().forward(&ids())?, &reference("alone.a"), 1e-5, "default of the saved layout");
     let base = Llama::from_hf_dir(&fixture("tiny_llama"), &test_device(), DType::F32)?;
     let mut back = PeftModel::from_pretrained(base, dir.path(), DType::F32)?;
     back.load_adapter(&dir.path().join("d"), "d", DType::F32)?;
