@@ -340,8 +340,13 @@ impl<M: LinearHost> PeftModel<M> {
     /// model and config. Errors when several adapters are active.
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
         let name = self.active_adapter()?.to_string();
+        self.load_adapter_weights(&name, path)
+    }
+
+    /// Sets every tensor of the adapter `name` from a PEFT safetensors file written for it.
+    pub fn load_adapter_weights(&mut self, name: &str, path: &Path) -> Result<()> {
         let tensors = read_adapter_tensors(path, &self.device())?;
-        self.set_tensors(&name, tensors, path)
+        self.set_tensors(name, tensors, path)
     }
 
     fn set_tensors(&mut self, name: &str, mut tensors: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {

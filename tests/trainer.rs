@@ -364,3 +364,38 @@ fn a_checkpointed_run_has_the_same_losses() -> candle_peft::Result<()> {
     }
     Ok(())
 }
+
+/// Training the second of two adapters: only it changes, its checkpoint holds it (not the
+/// default adapter beside it), and resuming continues its loss curve; resuming with another
+/// adapter active is refused by name.
+#[test]
+fn a_named_adapter_trains_checkpoints_and_resumes_alone() -> candle_peft::Result<()> {
+    let data = counting(10);
+    let two = || -> candle_peft::Result<PeftModel<Llama>> {
+        let mut peft = model(lora());
+        peft.add_adapter("second", lora(), InitOptions { seed: 9, ..Default::default() })?;
+        peft.set_adapter("second")?;
+        Ok(peft)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig { checkpoint_every: Some(3), output_dir: Some(dir.path().to_path_buf()), ..config(6) };
+    let mut full = Trainer::new(two()?, c.clone())?;
+    let default_before = full.peft().adapter_tensors(candle_peft::DEFAULT_ADAPTER)?;
+    full.train(&data, None)?;
+    for (k, t) in full.peft().adapter_tensors(candle_peft::DEFAULT_ADAPTER)? {
+        let before = &default_before.iter().find(|(b, _)| *b == k).unwrap().1;
+        assert_eq!(common::rel_err(&t, before), 0.0, "{k}: the inactive adapter changed");
+    }
+    let checkpoint = dir.path().join("checkpoint-3");
+    assert!(!checkpoint.join("second").exists(), "the checkpoint holds the trained adapter alone");
+    let mut resumed = Trainer::resume(two()?, c.clone(), &checkpoint)?;
+    resumed.train(&data, None)?;
+    for (a, b) in full.history().iter().zip(resumed.history()) {
+        assert!((a.loss - b.loss).abs() < 1e-6, "step {}: {} vs {}", a.step, a.loss, b.loss);
+    }
+    let mut other = two()?;
+    other.set_adapter(candle_peft::DEFAULT_ADAPTER)?;
+    let e = Trainer::resume(other, c, &checkpoint).unwrap_err().to_string();
+    assert!(e.contains("[second]") && e.contains("[default]"), "{e}");
+    Ok(())
+}

@@ -228,6 +228,11 @@ struct TrainerState {
     step: usize,
     peft_type: String,
     history: Vec<StepLog>,
+    /// The adapters trained (the model's active ones): the first in the checkpoint directory,
+    /// the others in `<checkpoint>/<name>/`. Absent in checkpoints from before named adapters:
+    /// the one adapter in the directory.
+    #[serde(default)]
+    adapters: Vec<String>,
 }
 
 /// Trains the adapters of a [`PeftModel`].
@@ -274,7 +279,23 @@ impl<M: CausalLm> Trainer<M> {
                 t.peft.config().peft_type()
             )));
         }
-        t.peft.load_weights(&checkpoint.join(WEIGHTS_FILE))?;
+        let active = t.peft.active_adapters().to_vec();
+        if state.adapters.is_empty() {
+            t.peft.load_weights(&checkpoint.join(WEIGHTS_FILE))?;
+        } else if state.adapters != active {
+            return Err(Error::Unsupported(format!(
+                "checkpoint {} trained the adapters [{}], and the model's active adapters are [{}]: activate the same \
+                 ones (PeftModel::set_adapters) before resuming",
+                checkpoint.display(),
+                state.adapters.join(", "),
+                active.join(", ")
+            )));
+        } else {
+            for (i, name) in active.iter().enumerate() {
+                let dir = if i == 0 { checkpoint.to_path_buf() } else { checkpoint.join(name) };
+                t.peft.load_adapter_weights(name, &dir.join(WEIGHTS_FILE))?;
+            }
+        }
         let device = t.device();
         t.opt.load_state(&read_safetensors(&checkpoint.join(OPTIMIZER_FILE), &device)?)?;
         t.step = state.step;
@@ -576,12 +597,17 @@ impl<M: CausalLm> Trainer<M> {
 
     /// The files of a checkpoint, into `dir` (created), synced.
     fn write_checkpoint_files(&self, dir: &Path) -> Result<()> {
-        self.peft.save_pretrained(dir)?;
+        // The trained adapters: the first as a plain PEFT adapter directory, the others beside it.
+        let active = self.peft.active_adapters();
+        for (i, name) in active.iter().enumerate() {
+            self.peft.save_adapter(name, &if i == 0 { dir.to_path_buf() } else { dir.join(name) })?;
+        }
         write_safetensors(&dir.join(OPTIMIZER_FILE), &self.opt.state()?)?;
         let state = TrainerState {
             step: self.step,
             peft_type: self.peft.config().peft_type().into(),
             history: self.history.clone(),
+            adapters: active.to_vec(),
         };
         let json = serde_json::to_string_pretty(&state)?;
         write_atomic(&dir.join(STATE_FILE), json.as_bytes())
