@@ -547,6 +547,23 @@ impl<M: LinearHost> PeftModel<M> {
     }
 }
 
+/// `(U_k S_k, V_k^T)` of `dW = sum_i w_i s_i B_i A_i` from the factors, without forming `dW`:
+/// with `B = [B_1 .. B_n]: (out, R)` and `A = [w_1 s_1 A_1; ..]: (R, in)`, the SVD
+/// `B = U_b S_b V_b^T` and then `S_b V_b^T A = U_c S_c V_c^T` give `dW = (U_b U_c) S_c V_c^T`, an
+/// SVD of `dW` from products of `R` rows (the same singular values and, up to sign, vectors as
+/// the SVD of the whole matrix when they are distinct). For `svd` with `k <= R`.
+fn low_rank_svd(sources: &[Source], k: usize) -> Result<(Tensor, Tensor)> {
+    let b = Tensor::cat(&sources.iter().map(|s| s.b.tensor()).collect::<Result<Vec<_>>>()?, 1)?;
+    let a = sources.iter().map(|s| s.a.scaled(s.weight).scaled(s.scale).tensor()).collect::<Result<Vec<_>>>()?;
+    let a = Tensor::cat(&a, 0)?;
+    let rank = a.dim(0)?;
+    let outer = truncated_svd(&b, rank)?;
+    let inner = outer.s.unsqueeze(1)?.broadcast_mul(&outer.vt)?.matmul(&a)?;
+    let svd = truncated_svd(&inner, rank)?;
+    let u = outer.u.matmul(&svd.u.narrow(1, 0, k)?)?;
+    Ok((u.broadcast_mul(&svd.s.narrow(0, 0, k)?.unsqueeze(0)?)?, svd.vt.narrow(0, 0, k)?.contiguous()?))
+}
+
 /// The new `(A, B)` of one layer (`A: (new_rank, in)`, `B: (out, new_rank)`).
 fn combine_layer(
     path: &str,
@@ -575,12 +592,6 @@ fn combine_layer(
         return Ok((a, b));
     }
     if combination.is_svd() {
-        let deltas: Vec<Factor> =
-            sources.iter().map(|s| Ok(s.b.matmul(&s.a)?.scaled(s.scale))).collect::<Result<_>>()?;
-        let tasks: Vec<&[f32]> = deltas.iter().map(|d| d.data.as_slice()).collect();
-        let weights: Vec<f64> = sources.iter().map(|s| s.weight).collect();
-        let delta = merge_tensors(&tasks, &weights, combination, density, opts.majority_sign, rng);
-        let delta = Factor { rows: cols_out, cols: rows_in, data: delta }.tensor()?;
         if new_rank > cols_out.min(rows_in) {
             return Err(Error::config(
                 "svd_rank",
@@ -590,9 +601,21 @@ fn combine_layer(
                 ),
             ));
         }
-        let svd = truncated_svd(&delta, new_rank)?;
-        let mut b = Factor::from_tensor(&svd.u.broadcast_mul(&svd.s.unsqueeze(0)?)?)?;
-        let mut a = Factor::from_tensor(&svd.vt)?;
+        let total_rank: usize = sources.iter().map(|s| s.a.rows).sum();
+        let (u, vt) =
+            if combination == Combination::Svd && new_rank <= total_rank && total_rank <= cols_out.min(rows_in) {
+                low_rank_svd(sources, new_rank)?
+            } else {
+                let deltas: Vec<Factor> =
+                    sources.iter().map(|s| Ok(s.b.matmul(&s.a)?.scaled(s.scale))).collect::<Result<_>>()?;
+                let tasks: Vec<&[f32]> = deltas.iter().map(|d| d.data.as_slice()).collect();
+                let weights: Vec<f64> = sources.iter().map(|s| s.weight).collect();
+                let delta = merge_tensors(&tasks, &weights, combination, density, opts.majority_sign, rng);
+                let svd = truncated_svd(&Factor { rows: cols_out, cols: rows_in, data: delta }.tensor()?, new_rank)?;
+                (svd.u.broadcast_mul(&svd.s.unsqueeze(0)?)?, svd.vt)
+            };
+        let mut b = Factor::from_tensor(&u)?;
+        let mut a = Factor::from_tensor(&vt)?;
         if let Some(q) = opts.svd_clamp {
             let all: Vec<f32> = b.data.iter().chain(&a.data).copied().collect();
             let hi = quantile(&all, q);
