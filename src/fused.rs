@@ -539,6 +539,46 @@ pub fn rope_attention_cpu(
     })
 }
 
+/// [`causal_attention_with`] for a left-padded batch, for inference (no gradient): the keys
+/// before `starts[i]` of batch row `i` are its padding, which the row's other queries do not see
+/// (a padding query sees the padding before it, so that no query row is empty). RoPE is
+/// relative, so the row's tokens attend to each other as they would unpadded.
+pub fn padded_attention(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention, starts: &[usize]) -> Result<Tensor> {
+    let AttentionShape { b, heads, kv, tq, tk, d, window, .. } = attention_shape(q, k, v, how)?;
+    if starts.len() != b {
+        return Err(crate::Error::ShapeMismatch {
+            what: "padding starts (one per batch row)".into(),
+            expected: vec![b],
+            actual: vec![starts.len()],
+        });
+    }
+    let group = heads / kv;
+    let scale = how.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let dtype = q.dtype();
+    let q = q.detach().contiguous()?.reshape((b, kv, group * tq, d))?;
+    let scores = (q.matmul(&k.detach().contiguous()?.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let mask: Vec<f32> = starts
+        .iter()
+        .flat_map(|&start| {
+            (0..tq).flat_map(move |i| {
+                let p = i + tk - tq;
+                (0..tk).map(move |j| {
+                    let hidden = j > p || p - j >= window || (p >= start && j < start);
+                    if hidden {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, 1, 1, tq, tk), q.device())?;
+    let scores = scores.reshape((b, kv, group, tq, tk))?.broadcast_add(&mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?.reshape((b, kv, group * tq, tk))?;
+    Ok(probs.matmul(&v.detach().contiguous()?)?.reshape((b, heads, tq, d))?)
+}
+
 /// [`causal_attention_with`] with candle's ops (any device), in blocks of `rows` query rows.
 fn causal_attention_in_blocks(q: &Tensor, k: &Tensor, v: &Tensor, how: Attention, rows: usize) -> Result<Tensor> {
     let AttentionShape { b, heads, kv, tq, tk, d, window, .. } = attention_shape(q, k, v, how)?;

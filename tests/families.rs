@@ -124,6 +124,22 @@ fn the_kv_cache_keeps_the_windows() -> candle_peft::Result<()> {
     Ok(())
 }
 
+/// Batched greedy decoding of prompts of different lengths (left padding, hidden from each row)
+/// gives each prompt's own continuation, in every family (windows, biases, q/k norms, Gemma's
+/// local layers).
+#[test]
+fn batched_generation_of_unequal_prompts_equals_each_alone() -> candle_peft::Result<()> {
+    for (name, _) in FAMILIES {
+        let m = model(name);
+        let prompts: [&[u32]; 3] = [&[3, 17, 42, 5, 9, 60, 1, 33, 12], &[7], &[40, 2, 9, 11]];
+        let batch = m.generate_greedy_batch(&prompts, 6, &[])?;
+        for (p, got) in prompts.iter().zip(&batch) {
+            assert_eq!(got, &m.generate_greedy(p, 6, &[])?, "{name}: prompt {p:?}");
+        }
+    }
+    Ok(())
+}
+
 /// Activation checkpointing recomputes each layer with its window, biases and norms: the same
 /// loss and LoRA gradients as the plain backward.
 #[test]

@@ -178,7 +178,8 @@ fn mixed_batches_are_refused_where_they_cannot_work() -> Result<()> {
 #[test]
 fn mixed_generation_gives_each_adapters_own_continuation() -> Result<()> {
     let mut peft = model_with_adapters();
-    let prompts: [&[u32]; 4] = [&[3, 17, 29], &[3, 17, 29], &[40, 2, 9], &[11, 11, 5]];
+    // Prompts of different lengths: the shorter ones are padded on the left, the padding hidden.
+    let prompts: [&[u32]; 4] = [&[3, 17, 29], &[3, 17, 29], &[40, 2, 9, 33, 8, 1, 60], &[11]];
     let rows = ["d", BASE_ROWS, "b", DEFAULT_ADAPTER];
     let mixed = peft.generate_with_adapters(&prompts, &rows, 6, &[])?;
     for (i, name) in rows.iter().enumerate() {
@@ -191,8 +192,8 @@ fn mixed_generation_gives_each_adapters_own_continuation() -> Result<()> {
         assert_eq!(mixed[i], alone, "row {i} ({name})");
     }
     assert_ne!(mixed[0], mixed[1], "the DoRA row and the base row should differ on the same prompt");
-    let e = peft.generate_with_adapters(&[&[1, 2], &[1]], &["b", "b"], 2, &[]).unwrap_err().to_string();
-    assert!(e.contains("one length"), "{e}");
+    let e = peft.generate_with_adapters(&[&[1, 2], &[]], &["b", "b"], 2, &[]).unwrap_err().to_string();
+    assert!(e.contains("empty prompt"), "{e}");
     Ok(())
 }
 

@@ -35,7 +35,9 @@ use serde::Deserialize;
 use super::rope::{RopeParameters, RopeScaling};
 use crate::format::read_safetensors;
 use crate::frozen::FrozenWeight;
-use crate::fused::{causal_attention_with, geglu_tanh, rms_norm, rope, rope_attention_cpu, swiglu, Attention};
+use crate::fused::{
+    causal_attention_with, geglu_tanh, padded_attention, rms_norm, rope, rope_attention_cpu, swiglu, Attention,
+};
 use crate::gguf::GgufMetadata;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::{LinearHost, PeftModel};
@@ -693,6 +695,9 @@ impl Block {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Per batch row, the positions of its left padding (`0..starts[i]`), hidden from the row's
+    /// tokens; empty when no row is padded.
+    starts: Vec<usize>,
 }
 
 impl KvCache {
@@ -1404,12 +1409,12 @@ impl Llama {
                 cache.layers = vec![None; self.layers.len()];
             }
             for (layer, cached) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                h = self.block(layer, &h, &tables, Some(cached))?;
+                h = self.block(layer, &h, &tables, Some(cached), &cache.starts)?;
             }
             cache.len = offset + t;
         } else {
             for layer in &self.layers {
-                h = self.block(layer, &h, &tables, None)?;
+                h = self.block(layer, &h, &tables, None, &[])?;
             }
         }
         Ok(h)
@@ -1447,6 +1452,7 @@ impl Llama {
         h: &Tensor,
         tables: &[(Tensor, Tensor); 2],
         cached: Option<&mut Option<(Tensor, Tensor)>>,
+        starts: &[usize],
     ) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let c = &self.config;
@@ -1481,7 +1487,11 @@ impl Llama {
                     // Kept for the next call (views of the same storage: no copy).
                     *cached = Some((k.detach(), v.detach()));
                 }
-                causal_attention_with(&q, &k, &v, how)?.transpose(1, 2)?.reshape((b, t, heads * hd))?
+                let attn = match starts {
+                    [] => causal_attention_with(&q, &k, &v, how)?,
+                    starts => padded_attention(&q, &k, &v, how, starts)?,
+                };
+                attn.transpose(1, 2)?.reshape((b, t, heads * hd))?
             }
         };
         let out = layer.o(c).forward_checked(&attn)?;
@@ -1553,7 +1563,7 @@ impl Llama {
         let mut h = self.embed(ids)?.detach();
         for layer in &self.layers {
             // The layer's graph is dropped with its output's: only the detached values stay.
-            let out = self.block(layer, &h, &tables, None)?.detach();
+            let out = self.block(layer, &h, &tables, None, &[])?.detach();
             inputs.push(std::mem::replace(&mut h, out));
         }
         let (b, t, hidden) = h.dims3()?;
@@ -1579,7 +1589,7 @@ impl Llama {
         drop(parts);
         for (layer, input) in self.layers.iter().zip(inputs).rev() {
             let x = Var::from_tensor(&input)?;
-            let out = self.block(layer, x.as_tensor(), &tables, None)?;
+            let out = self.block(layer, x.as_tensor(), &tables, None, &[])?;
             let mut layer_grads = (out * &grad)?.sum_all()?.backward()?;
             grad = layer_grads.remove(x.as_tensor()).ok_or_else(|| no_gradient("a decoder layer's input"))?;
             let vars: Vec<Var> = layer.linears.iter().flat_map(adapter_vars).collect();
@@ -1614,21 +1624,21 @@ impl Llama {
 
     /// Greedy decoding of a batch: each prompt gets up to `max_new` argmax tokens, stopping
     /// after any of `stop`, with one KV cache for the batch (one position's forward pass for
-    /// all rows per new token). The prompts must have the same length (there is no padding
-    /// mask); a row that has stopped keeps running until every row has.
+    /// all rows per new token). Shorter prompts are padded on the left, and their padding is
+    /// hidden from their tokens (each row gives what it gives alone); a row that has stopped
+    /// keeps running until every row has.
     pub fn generate_greedy_batch(&self, prompts: &[&[u32]], max_new: usize, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
-        let Some(len) = prompts.first().map(|p| p.len()) else { return Ok(Vec::new()) };
-        if len == 0 || prompts.iter().any(|p| p.len() != len) {
-            let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-            return Err(Error::config(
-                "prompts",
-                format!("lengths {lens:?}; batched generation needs prompts of one length, at least 1 token"),
-            ));
+        let Some(len) = prompts.iter().map(|p| p.len()).max() else { return Ok(Vec::new()) };
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::config("prompts", "an empty prompt; generation needs at least one prompt token"));
         }
         let device = self.embed_tokens.device();
-        let flat: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+        let starts: Vec<usize> = prompts.iter().map(|p| len - p.len()).collect();
+        let flat: Vec<u32> =
+            prompts.iter().flat_map(|p| std::iter::repeat_n(p[0], len - p.len()).chain(p.iter().copied())).collect();
         let mut input = Tensor::from_vec(flat, (prompts.len(), len), device)?;
-        let mut cache = KvCache::default();
+        let padded = starts.iter().any(|&s| s > 0);
+        let mut cache = KvCache { starts: if padded { starts } else { Vec::new() }, ..KvCache::default() };
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let mut done = vec![false; prompts.len()];
         for _ in 0..max_new {
@@ -1883,7 +1893,7 @@ impl PeftModel<Llama> {
     }
 
     /// [`Llama::generate_greedy_batch`] with row `i` through the adapter `rows[i]`: one base
-    /// model answers for many adapters in one batch, with one KV cache.
+    /// model answers for many adapters in one batch (prompts of any lengths), with one KV cache.
     pub fn generate_with_adapters(
         &mut self,
         prompts: &[&[u32]],
