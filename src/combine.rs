@@ -28,6 +28,9 @@
 //! update is `sqrt(k)` times the combination above). candle-peft writes `use_rslora: false`:
 //! the tensors are PEFT's, and the update is the combination.
 //!
+//! PEFT's `svd_full_matrices` and `svd_driver` choose how torch computes the SVD, not its cut
+//! result, and have no counterpart here.
+//!
 //! DARE's random masks are drawn from a [`rand::rngs::StdRng`] seeded by
 //! [`CombineOptions::seed`] (layer by layer in the model's order, the sources in the given order,
 //! `A` before `B`): the same adapters and seed give the same result on every run and machine.
