@@ -563,7 +563,8 @@ fn low_rank_svd(sources: &[Source], k: usize) -> Result<(Tensor, Tensor)> {
     let outer = truncated_svd(&b, rank)?;
     let inner = outer.s.unsqueeze(1)?.broadcast_mul(&outer.vt)?.matmul(&a)?;
     let svd = truncated_svd(&inner, rank)?;
-    let u = outer.u.matmul(&svd.u.narrow(1, 0, k)?)?;
+    // Contiguous views: MKL's products (the `mkl` build) take no column slice.
+    let u = outer.u.matmul(&svd.u.narrow(1, 0, k)?.contiguous()?)?;
     Ok((u.broadcast_mul(&svd.s.narrow(0, 0, k)?.unsqueeze(0)?)?, svd.vt.narrow(0, 0, k)?.contiguous()?))
 }
 
