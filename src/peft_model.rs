@@ -698,8 +698,15 @@ impl<M: LinearHost> PeftModel<M> {
         }
     }
 
-    /// Switches every adapter on or off (see [`AdaptedLinear::set_enabled`]).
+    /// Switches every adapter on or off (see [`AdaptedLinear::set_enabled`]). Switching off
+    /// while an adapter is merged is an error that changes nothing.
     pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        if let Some((path, l)) = self.model.linears().into_iter().find(|(_, l)| l.is_merged()).filter(|_| !enabled) {
+            return Err(Error::MergeState(format!(
+                "adapter {} is merged into {path}: unmerge before switching adapters off",
+                l.merged_adapters().join(", ")
+            )));
+        }
         for (_, l) in self.model.linears_mut() {
             if l.has_adapters() {
                 l.set_enabled(enabled)?;

@@ -127,8 +127,12 @@ fn merging_two_adapters_gives_their_sum_and_unmerging_restores() -> Result<()> {
     assert_abs(&peft.model().forward(&ids)?, &reference("active.a+b"), 1e-4, "a + b merged");
     assert!(matches!(peft.merge_adapter(&["b"]), Err(Error::MergeState(_))));
     assert!(peft.with_adapters_disabled(|_| Ok(())).is_err(), "disabling a merged adapter is refused");
+    // ... and leaves every layer on: after unmerging, the active adapters run.
+    let merged_logits = peft.model().forward(&ids)?;
+    assert_abs(&merged_logits, &reference("active.a+b"), 1e-4, "a + b merged, after the refusal");
     assert!(peft.delete_adapter("b").is_err(), "deleting a merged adapter is refused");
     peft.unmerge()?;
+    assert_abs(&peft.model().forward(&ids)?, &reference("active.a+b"), 1e-5, "a + b unmerged, still on");
     peft.set_adapter("c")?;
     assert_abs(&peft.model().forward(&ids)?, &reference("alone.c"), 1e-5, "c after unmerging a + b");
     peft.delete_adapter("c")?;
