@@ -36,6 +36,13 @@ fn inspect_describes_an_adapter() {
     assert!(out.contains(&format!("parameters: {params}")), "{out}");
     assert!(out.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight [2, 32]"), "{out}");
     assert!(err.is_empty(), "{err}");
+    assert!(!out.contains("other adapters"), "{out}");
+    // PEFT's multi-adapter layout: the others are named.
+    let (ok, out, err) = cli(&["inspect", fixture("tiny_llama/multi/saved").to_str().unwrap()]);
+    assert!(
+        ok && out.contains("other adapters in this directory (PEFT's multi-adapter layout): b, c, d"),
+        "{err}{out}"
+    );
 
     // A field PEFT does not know is ignored, as PEFT does, with a warning on stderr naming the file.
     let dir = tempfile::tempdir().unwrap();

@@ -842,5 +842,20 @@ fn inspect(dir: &Path) -> anyhow_like::Result<()> {
     for (k, t) in &tensors {
         println!("  {k} {:?} {:?}", t.dims(), t.dtype());
     }
+    // PEFT's multi-adapter layout keeps the adapters other than "default" in subdirectories.
+    let mut others: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(CONFIG_FILE).is_file())
+        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
+        .collect();
+    others.sort();
+    if !others.is_empty() {
+        println!(
+            "other adapters in this directory (PEFT's multi-adapter layout): {}; inspect each as {}/<name>",
+            others.join(", "),
+            dir.display()
+        );
+    }
     Ok(())
 }
