@@ -140,6 +140,19 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     write_atomic(path, &bytes)
 }
 
+/// The adapters that PEFT's multi-adapter layout keeps beside the default one in `dir`: every
+/// subdirectory holding an `adapter_config.json`, with its name, in name order.
+pub fn named_adapter_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut found: Vec<(String, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(CONFIG_FILE).is_file())
+        .filter_map(|p| Some((p.file_name()?.to_str()?.to_string(), p)))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

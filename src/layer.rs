@@ -285,7 +285,7 @@ impl AdaptedLinear {
                 return Err(Error::MergeState(format!("adapter `{name}` is already merged")));
             }
             let w0 = self.weight.dense()?;
-            let adapter = self.adapters.iter_mut().find(|(n, _)| n == name).map(|(_, a)| a).ok_or_else(|| {
+            let adapter = self.adapter_named_mut(name).ok_or_else(|| {
                 Error::MergeState(format!("cannot merge `{name}`: the layer has no adapter of that name"))
             })?;
             let merged = adapter.merge(&w0)?;
@@ -306,8 +306,9 @@ impl AdaptedLinear {
         }
         while let Some(name) = self.merged.pop() {
             let w = self.weight.dense()?;
-            let adapter = self.adapters.iter_mut().find(|(n, _)| *n == name).map(|(_, a)| a);
-            let adapter = adapter.ok_or_else(|| Error::MergeState(format!("merged adapter `{name}` is gone")))?;
+            let adapter = self
+                .adapter_named_mut(&name)
+                .ok_or_else(|| Error::MergeState(format!("merged adapter `{name}` is gone")))?;
             let w0 = adapter.unmerge(&w)?;
             self.weight = match (self.merged.is_empty(), self.quantized_base.take()) {
                 (true, Some(q)) => q,

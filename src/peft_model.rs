@@ -298,12 +298,7 @@ impl<M: LinearHost> PeftModel<M> {
     /// of its name, in name order. The default adapter is the active one.
     pub fn from_pretrained_all(model: M, dir: &Path, dtype: DType) -> Result<Self> {
         let mut peft = Self::from_pretrained(model, dir, dtype)?;
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        let mut subdirs: Vec<_> =
-            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join(CONFIG_FILE).is_file()).collect();
-        subdirs.sort();
-        for sub in subdirs {
-            let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        for (name, sub) in format::named_adapter_dirs(dir)? {
             peft.load_adapter(&sub, &name, dtype)?;
         }
         Ok(peft)

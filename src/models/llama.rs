@@ -1602,24 +1602,7 @@ impl Llama {
     /// `stop` (which ends the returned tokens; see [`crate::tokenizer::stop_tokens`]), with a KV
     /// cache: each new token costs one position's forward pass.
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(Error::config("prompt", "generation needs at least one prompt token"));
-        }
-        let device = self.embed_tokens.device();
-        let mut cache = KvCache::default();
-        let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
-        let mut new = Vec::new();
-        for _ in 0..max_new {
-            let logits = self.forward_cached(&input, &mut cache)?;
-            let last = logits.squeeze(0)?.get(input.dim(1)? - 1)?;
-            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
-            new.push(next);
-            if stop.contains(&next) {
-                break;
-            }
-            input = Tensor::new(&[next], device)?.unsqueeze(0)?;
-        }
-        Ok(new)
+        Ok(self.generate_greedy_batch(&[prompt], max_new, stop)?.remove(0))
     }
 
     /// Greedy decoding of a batch: each prompt gets up to `max_new` argmax tokens, stopping

@@ -843,13 +843,7 @@ fn inspect(dir: &Path) -> anyhow_like::Result<()> {
         println!("  {k} {:?} {:?}", t.dims(), t.dtype());
     }
     // PEFT's multi-adapter layout keeps the adapters other than "default" in subdirectories.
-    let mut others: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(CONFIG_FILE).is_file())
-        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
-        .collect();
-    others.sort();
+    let others: Vec<String> = candle_peft::format::named_adapter_dirs(dir)?.into_iter().map(|(name, _)| name).collect();
     if !others.is_empty() {
         println!(
             "other adapters in this directory (PEFT's multi-adapter layout): {}; inspect each as {}/<name>",
