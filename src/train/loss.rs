@@ -292,7 +292,11 @@ mod tests {
             for block in [7, n, 100] {
                 let loss = (linear_cross_entropy_in_blocks(h.as_tensor(), &weight, &labels, count, block)? * 0.5)?;
                 let grad = loss.backward()?.remove(h.as_tensor()).expect("gradient");
-                assert!(max_diff(&loss, &reference)? < 1e-5, "{dtype:?}, blocks of {block}: loss");
+                // bf16 logits round differently in the two products (the mkl build's bf16 product
+                // differs from the crate's kernels): the loss within bf16's precision there.
+                let loss_tol = if dtype == DType::BF16 { 1e-3 } else { 1e-5 };
+                let loss_diff = max_diff(&loss, &reference)?;
+                assert!(loss_diff < loss_tol, "{dtype:?}, blocks of {block}: loss differs by {loss_diff}");
                 let diff = max_diff(&grad, &grad_ref)?;
                 assert!(diff < tol, "{dtype:?}, blocks of {block}: gradient differs by {diff}");
                 assert_eq!(grad.dtype(), dtype);
