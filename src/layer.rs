@@ -1,9 +1,12 @@
 //! [`AdaptedLinear`]: a frozen linear layer and its adapter, usable as a candle [`Module`].
 
+use std::sync::{Mutex, MutexGuard};
+
 use candle_core::{Module, Tensor};
 
 use crate::adapter::{add_in_f32, Adapter, BaseLayer};
 use crate::frozen::FrozenWeight;
+use crate::gptq::InputGram;
 use crate::{Error, Result};
 
 /// The adapter name PEFT gives the adapter of a model built with one config
@@ -40,6 +43,8 @@ pub struct AdaptedLinear {
     train: bool,
     /// For a mixed batch: the index into `adapters` of each row's adapter, `None` for the base.
     rows: Option<Vec<Option<usize>>>,
+    /// While recording ([`Self::record_inputs`]): the Gram matrix of the inputs seen so far.
+    inputs: Mutex<Option<InputGram>>,
 }
 
 impl AdaptedLinear {
@@ -67,6 +72,7 @@ impl AdaptedLinear {
             enabled: true,
             train: false,
             rows: None,
+            inputs: Mutex::new(None),
         })
     }
 
@@ -78,6 +84,26 @@ impl AdaptedLinear {
     /// The frozen layer as an adapter sees it.
     pub fn base(&self) -> BaseLayer<'_> {
         BaseLayer { weight: &self.weight, bias: self.bias.as_ref() }
+    }
+
+    /// Starts summing the Gram matrix `X^T X` of every input the layer's forward pass sees (for
+    /// [`crate::gptq`]: a quantizer that keeps the layer's outputs on these inputs), replacing
+    /// what an earlier recording held. Costs an `(in, in)` f32 matrix and a product per forward
+    /// pass until [`Self::take_inputs`].
+    pub fn record_inputs(&mut self) -> Result<()> {
+        *self.recorded() = Some(InputGram::new(self.features().0)?);
+        Ok(())
+    }
+
+    /// Ends a recording and returns its Gram matrix (`None` if none was started).
+    pub fn take_inputs(&mut self) -> Option<InputGram> {
+        self.recorded().take()
+    }
+
+    /// The recording, if one is on (a poisoned lock still holds a whole matrix: `add` replaces it
+    /// in one assignment).
+    fn recorded(&self) -> MutexGuard<'_, Option<InputGram>> {
+        self.inputs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current weight: `W0`, or the merged weight after [`Self::merge`] (dense, also over a
@@ -415,6 +441,9 @@ impl AdaptedLinear {
                 *l = in_f;
             }
             return Err(Error::ShapeMismatch { what: "linear input".into(), expected, actual: x.dims().to_vec() });
+        }
+        if let Some(gram) = self.recorded().as_mut() {
+            gram.add(x)?;
         }
         if let Some(rows) = &self.rows {
             return self.forward_rows(x, rows);

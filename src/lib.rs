@@ -48,6 +48,7 @@ pub mod format;
 pub mod frozen;
 pub mod fused;
 pub mod gguf;
+pub mod gptq;
 pub mod hub;
 mod kernels;
 pub mod layer;

@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use crate::adapter::Adapter;
 use crate::config::AdapterConfig;
 use crate::format::{self, peft_key, CONFIG_FILE, WEIGHTS_FILE};
+use crate::gptq::InputGram;
 use crate::layer::{AdaptedLinear, BASE_ROWS, DEFAULT_ADAPTER};
 use crate::method::{BuildContext, SharedTensors};
 use crate::{Error, Result};
@@ -643,6 +644,28 @@ impl<M: LinearHost> PeftModel<M> {
             l.set_row_adapters(None)?;
         }
         out
+    }
+
+    /// Runs `f` on the model while the linears that `which` picks (by path and layer) record
+    /// their inputs, and returns `f`'s result with each picked layer's input Gram matrix `X^T X`
+    /// (for [`crate::gptq::quantize_q8_0`]: run calibration text through the model, merge, then
+    /// quantize each merged weight against its layer's inputs). The recording ends when `f`
+    /// returns, also on an error.
+    pub fn record_input_grams<R>(
+        &mut self,
+        which: impl Fn(&str, &AdaptedLinear) -> bool,
+        f: impl FnOnce(&M) -> Result<R>,
+    ) -> Result<(R, BTreeMap<String, InputGram>)> {
+        let started = self
+            .model
+            .linears_mut()
+            .into_iter()
+            .filter(|(path, l)| which(path, l))
+            .try_for_each(|(_, l)| l.record_inputs());
+        let out = started.and_then(|()| f(&self.model));
+        let grams: BTreeMap<String, InputGram> =
+            self.model.linears_mut().into_iter().filter_map(|(path, l)| Some((path, l.take_inputs()?))).collect();
+        Ok((out?, grams))
     }
 
     /// Folds the active adapters into their layers' weights.

@@ -402,7 +402,7 @@ impl QuantizedWeight {
 }
 
 /// A `(rows, inp)` [`QTensor`] of type `ggml` whose row `i` is the bytes `row(i)`.
-fn gather_rows<'a>(
+pub(crate) fn gather_rows<'a>(
     rows: usize,
     inp: usize,
     ggml: GgmlDType,

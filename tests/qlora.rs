@@ -175,3 +175,40 @@ fn every_method_trains_and_merges_on_a_quantized_base() -> candle_peft::Result<(
     }
     Ok(())
 }
+
+/// A layer records the Gram matrix `X^T X` of exactly the inputs its forward pass sees, and
+/// `record_input_grams` gives each picked linear of the real model its own inputs' Gram (for
+/// GPTQ): q and v of a layer see the same normed hidden states, down the MLP's activations.
+#[test]
+fn recorded_input_grams_are_the_inputs_of_each_linear() -> candle_peft::Result<()> {
+    use candle_peft::AdaptedLinear;
+    let w = Tensor::randn(0f32, 1., (5, 8), &Device::Cpu)?;
+    let mut layer = AdaptedLinear::new(w, None)?;
+    let (x1, x2) = (Tensor::randn(0f32, 1., (2, 3, 8), &Device::Cpu)?, Tensor::randn(0f32, 1., (4, 8), &Device::Cpu)?);
+    layer.forward_checked(&x1)?;
+    assert!(layer.take_inputs().is_none(), "nothing is recorded unless asked");
+    layer.record_inputs()?;
+    layer.forward_checked(&x1)?;
+    layer.forward_checked(&x2)?;
+    let gram = layer.take_inputs().expect("recorded");
+    let x = Tensor::cat(&[x1.reshape((6, 8))?, x2], 0)?;
+    let direct = x.t()?.matmul(&x)?;
+    assert_eq!(gram.rows(), 10);
+    assert!((gram.matrix() - direct)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-4);
+    assert!(layer.take_inputs().is_none(), "taking the Gram ends the recording");
+
+    let mut peft = PeftModel::new(load(BaseQuant::Keep), adapter("lora"), InitOptions::default())?;
+    let ids = Tensor::new(&data()[0].ids[..], &Device::Cpu)?.unsqueeze(0)?;
+    let (_, grams) = peft.record_input_grams(|_, l| l.has_adapters(), |m| m.forward(&ids))?;
+    assert_eq!(grams.len(), peft.model().linears().into_iter().filter(|(_, l)| l.has_adapters()).count());
+    assert!(grams.values().all(|g| g.rows() == 24));
+    let layer = |p: &str| grams[&format!("model.layers.3.{p}")].matrix().clone();
+    let same = (layer("self_attn.q_proj") - layer("self_attn.v_proj"))?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(same, 0.0);
+    assert_eq!(layer("mlp.down_proj").dims(), [1536, 1536]);
+    // The recording ended with the run: the next forward pass records nothing.
+    peft.model().forward(&ids)?;
+    let mut model = peft.unload()?;
+    assert!(model.linears_mut().into_iter().all(|(_, l)| l.take_inputs().is_none()));
+    Ok(())
+}

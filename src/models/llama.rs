@@ -39,6 +39,7 @@ use crate::fused::{
     causal_attention_with, geglu_tanh, padded_attention, rms_norm, rope, rope_attention_cpu, swiglu, Attention,
 };
 use crate::gguf::GgufMetadata;
+use crate::gptq::InputGram;
 use crate::layer::AdaptedLinear;
 use crate::peft_model::{LinearHost, PeftModel};
 use crate::quantized::{type_name, BaseQuant, QuantizedWeight};
@@ -1184,6 +1185,28 @@ impl Llama {
     /// SmolLM2. A sliding window of a `llama` or Qwen file, which llama.cpp's keys cannot say,
     /// is refused, and so is Gemma 3 (not written yet).
     pub fn save_gguf(&self, path: &Path, quant: GgmlDType, source: &GgufMetadata) -> Result<SavedGguf> {
+        self.save_gguf_calibrated(path, quant, source, &BTreeMap::new())
+    }
+
+    /// [`Self::save_gguf`], with the dense linears that have an input Gram matrix in `grams`
+    /// (by path, `model.layers.0.self_attn.q_proj`; from
+    /// [`crate::PeftModel::record_input_grams`]) quantized by GPTQ against those inputs
+    /// ([`crate::gptq::quantize_q8_0`]) instead of rounded to nearest. GPTQ writes Q8_0:
+    /// another lossy `quant` with grams is an error (F16, BF16, F32 and the F16 fallback of rows
+    /// Q8_0's blocks do not divide are written as usual).
+    pub fn save_gguf_calibrated(
+        &self,
+        path: &Path,
+        quant: GgmlDType,
+        source: &GgufMetadata,
+        grams: &BTreeMap<String, InputGram>,
+    ) -> Result<SavedGguf> {
+        if !grams.is_empty() && !matches!(quant, GgmlDType::Q8_0 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32) {
+            return Err(Error::Unsupported(format!(
+                "GPTQ re-quantization to {}: it writes q8_0 (or pick f16, bf16 or f32, which need no calibration)",
+                type_name(quant)
+            )));
+        }
         if matches!(quant, GgmlDType::Q8_1 | GgmlDType::Q8K) {
             return Err(Error::config(
                 "quant",
@@ -1292,7 +1315,19 @@ impl Llama {
                     if t != quant {
                         saved.fallbacks.push(format!("{name} ({} -> {})", type_name(quant), type_name(t)));
                     }
-                    QTensor::quantize(&w, t)?
+                    match hf.strip_suffix(".weight").and_then(|p| grams.get(p)).filter(|_| t == GgmlDType::Q8_0) {
+                        Some(gram) => {
+                            let q = crate::gptq::quantize_q8_0(&w, gram, crate::gptq::DEFAULT_DAMP)?;
+                            let nearest = QTensor::quantize(&w, t)?;
+                            saved.calibrated.push(Calibrated {
+                                name: name.clone(),
+                                error: crate::gptq::output_error(&w, &q, gram)?,
+                                nearest_error: crate::gptq::output_error(&w, &nearest, gram)?,
+                            });
+                            q
+                        }
+                        None => QTensor::quantize(&w, t)?,
+                    }
                 }
             };
             tensors.push((name, q));
@@ -1795,6 +1830,20 @@ pub struct SavedGguf {
     pub copied: Vec<String>,
     /// Dense weights whose rows the asked type's blocks do not divide (`name (asked -> written)`).
     pub fallbacks: Vec<String>,
+    /// Weights quantized by GPTQ ([`Llama::save_gguf_calibrated`]), with their output errors.
+    pub calibrated: Vec<Calibrated>,
+}
+
+/// A weight [`Llama::save_gguf_calibrated`] quantized by GPTQ: its summed squared output error
+/// on the calibration inputs, `tr((W - Q) X^T X (W - Q)^T)`, and round-to-nearest's.
+#[derive(Debug, Clone)]
+pub struct Calibrated {
+    /// The tensor's GGUF name.
+    pub name: String,
+    /// GPTQ's output error.
+    pub error: f64,
+    /// Round-to-nearest's output error (what [`Llama::save_gguf`] writes).
+    pub nearest_error: f64,
 }
 
 /// The weights of a model being loaded, under HF's names: dense, or quantized on load to

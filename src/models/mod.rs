@@ -5,7 +5,7 @@ pub mod lora_gguf;
 pub mod rope;
 
 pub use crate::gguf::GgufMetadata;
-pub use llama::{Family, KvCache, Llama, LlamaConfig, SavedGguf};
+pub use llama::{Calibrated, Family, KvCache, Llama, LlamaConfig, SavedGguf};
 pub use lora_gguf::SavedLoraGguf;
 
 use std::path::Path;

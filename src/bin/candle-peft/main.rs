@@ -17,8 +17,8 @@ use candle_peft::tokenizer::{encode, encode_sequence, ends, stop_tokens};
 use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
 use candle_peft::train::{latest_checkpoint, masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
-    AdapterConfig, Combination, CombineOptions, Fixed, InitOptions, MethodParams, PeftModel, RankStabilized, Standard,
-    TargetConfig, TargetModules,
+    AdaptedLinear, AdapterConfig, Combination, CombineOptions, Fixed, InitOptions, MethodParams, PeftModel,
+    RankStabilized, Standard, TargetConfig, TargetModules,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Parser, Subcommand};
@@ -55,6 +55,12 @@ enum Command {
         /// The type of the GGUF file's merged weights: f32, f16, bf16, q8_0, q4_0, q4_k, ...
         #[arg(long, default_value = "q8_0")]
         quant: String,
+        /// Text (JSONL, as `train` and `eval` read it) to re-quantize the merged weights against:
+        /// GPTQ instead of rounding to nearest, so each merged linear's outputs on this text stay
+        /// closer to the unquantized model's (--output-gguf with --quant q8_0). A few thousand
+        /// tokens of text like the model's use are enough; keep your evaluation text out of it.
+        #[arg(long, requires = "output_gguf")]
+        calibration: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -486,7 +492,7 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             );
             Ok(())
         }
-        Command::Merge { base, adapter, output, output_gguf, quant, run } => {
+        Command::Merge { base, adapter, output, output_gguf, quant, calibration, run } => {
             let (device, dtype) = run.open()?;
             let base = models::resolve(&base)?;
             let quant = match quant.parse::<BaseQuant>()? {
@@ -515,7 +521,28 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 )
                 .into());
             }
+            if calibration.is_some() && quant != GgmlDType::Q8_0 {
+                return Err(format!(
+                    "--calibration: GPTQ writes q8_0 merged weights, not {} (f16, bf16 and f32 need no calibration)",
+                    candle_peft::quantized::type_name(quant)
+                )
+                .into());
+            }
             let mut peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
+            // The inputs of every linear the file will hold quantized from dense values (the
+            // merged ones; all of them on a dense base), as the unmerged model computes them.
+            let mut grams = BTreeMap::new();
+            if let Some(data) = &calibration {
+                let tokenizer = tokenizer.as_ref().ok_or("--calibration needs the model's tokenizer")?;
+                let records = read_jsonl(data)?;
+                let will_quantize = |_: &str, l: &AdaptedLinear| l.has_adapters() || l.weight().as_dense().is_some();
+                let (ran, recorded) = peft.record_input_grams(will_quantize, |m| {
+                    Ok(eval_loss(m, tokenizer, &records, (data, 8192), &device))
+                })?;
+                let (_, tokens) = ran.map_err(|e| format!("--calibration {}: {e}", data.display()))?;
+                eprintln!("calibration: {tokens} tokens of {} through {} linears", data.display(), recorded.len());
+                grams = recorded;
+            }
             peft.merge()?;
             if let Some(output) = &output {
                 peft.model().save_hf_dir(output)?;
@@ -525,7 +552,20 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 println!("merged model written to {}", output.display());
             }
             if let (Some(path), Some(meta)) = (&output_gguf, &meta) {
-                let saved = peft.model().save_gguf(path, quant, meta)?;
+                let saved = peft.model().save_gguf_calibrated(path, quant, meta, &grams)?;
+                if !saved.calibrated.is_empty() {
+                    let mut ratios: Vec<f64> =
+                        saved.calibrated.iter().map(|c| c.error / c.nearest_error.max(f64::MIN_POSITIVE)).collect();
+                    ratios.sort_by(f64::total_cmp);
+                    eprintln!(
+                        "GPTQ: {} merged weights quantized against the calibration text; their output error there is \
+                         {:.2}x round-to-nearest's (median; {:.2}x to {:.2}x)",
+                        ratios.len(),
+                        ratios[ratios.len() / 2],
+                        ratios[0],
+                        ratios[ratios.len() - 1]
+                    );
+                }
                 if !saved.copied.is_empty() {
                     eprintln!(
                         "{} weights the adapter does not change were copied as the base stores them",
