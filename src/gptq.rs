@@ -1,7 +1,7 @@
 //! Re-quantization that minimizes the error of a linear layer's *outputs* on calibration
 //! inputs, rather than of its weights: GPTQ (Frantar et al. 2022, "GPTQ: Accurate
-//! Post-Training Quantization for Generative Pre-trained Transformers", Algorithm 1), with
-//! llama.cpp's Q8_0 blocks as the quantization grid.
+//! Post-Training Quantization for Generative Pre-trained Transformers", Algorithm 1), onto
+//! llama.cpp's 32-value block types ([`TYPES`]: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0).
 //!
 //! For a weight `W: (out, in)` and calibration inputs `X: (n, in)`, GPTQ chooses the quantized
 //! `Q` that makes `||X W^T - X Q^T||^2` small, one input column at a time: column `i` is rounded
@@ -17,9 +17,11 @@
 //!     W[:, i+1..] -= e U[i, i+1..]
 //! ```
 //!
-//! Each row is independent given `U`, so rows run in parallel. With `H` the identity, no error
-//! moves and GPTQ is round-to-nearest, byte for byte the Q8_0 that [`QTensor::quantize`]
-//! writes. The result is an ordinary Q8_0 tensor: any Q8_0 reader (llama.cpp) reads it.
+//! A block's scale (and minimum) is set from its values as compensated so far when its first
+//! column is reached, by llama.cpp's own rule for the type. Each row is independent given `U`,
+//! so rows run in parallel. With `H` the identity, no error moves and GPTQ is round-to-nearest,
+//! byte for byte what [`QTensor::quantize`] writes. The result is an ordinary tensor of its
+//! type: any reader of the type (llama.cpp) reads it.
 //!
 //! Rounding a merged weight to Q8_0 moves a small model's loss by about 1e-2 either way
 //! (SmolLM2-135M: see the README's QLoRA section); GPTQ with a few thousand calibration tokens
@@ -71,24 +73,170 @@ impl InputGram {
 /// GPTQ's default damping: `lambda = 0.01 * mean(diag H)` is added to `H`'s diagonal.
 pub const DEFAULT_DAMP: f64 = 0.01;
 
-/// Largest Q8_0 value: a block's scale is `amax / 127`.
-const Q8_MAX: f32 = 127.0;
+/// The types GPTQ writes: llama.cpp's 32-value blocks with a scale (and a minimum for the `_1`
+/// types) per block.
+pub const TYPES: [GgmlDType; 5] = [GgmlDType::Q8_0, GgmlDType::Q5_1, GgmlDType::Q5_0, GgmlDType::Q4_1, GgmlDType::Q4_0];
+
+/// Values per block of every type of [`TYPES`].
+const BLOCK: usize = 32;
 
 /// Rows of `W` processed together by one task: each row of `U` is read once for all of them.
 const ROWS_PER_TASK: usize = 16;
 
-/// `w: (out, in)` quantized to Q8_0 by GPTQ (see the module docs) against the inputs of `gram`,
-/// with the damping `damp` (e.g. [`DEFAULT_DAMP`]). Inputs that were always zero (a zero
-/// diagonal of `H`) are rounded to nearest.
+/// A block format of [`TYPES`]: how a block's parameters come from its values, how a value is
+/// rounded to a level and read back, and how a block is laid out, each as llama.cpp's reference
+/// quantizers (`quantize_row_q8_0_ref`, ...) do it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Grid {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+}
+
+/// One block's parameters: the scale as stored (f16) and its inverse before that rounding (what
+/// llama.cpp multiplies by), and for the `_1` types the minimum (f32, and as stored).
+#[derive(Debug, Clone, Copy, Default)]
+struct Params {
+    d: f16,
+    inverse: f32,
+    min: f32,
+    m: f16,
+}
+
+impl Grid {
+    fn of(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            _ => return None,
+        })
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+        }
+    }
+
+    /// The highest level (levels run from 0, or from -127 for Q8_0).
+    fn top(self) -> i32 {
+        match self {
+            Self::Q8_0 => 127,
+            Self::Q4_0 | Self::Q4_1 => 15,
+            Self::Q5_0 | Self::Q5_1 => 31,
+        }
+    }
+
+    /// A block's parameters from its values: `amax / 127` (Q8_0); the value of largest magnitude
+    /// over -8 or -16 (Q4_0, Q5_0); `(max - min) / 15` or `/ 31` and the minimum (Q4_1, Q5_1).
+    fn params(self, xs: &[f32]) -> Params {
+        let inverse = |d: f32| if d != 0.0 { 1.0 / d } else { 0.0 };
+        match self {
+            Self::Q8_0 => {
+                let d = xs.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                Params { d: f16::from_f32(d), inverse: inverse(d), ..Default::default() }
+            }
+            Self::Q4_0 | Self::Q5_0 => {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &x in xs {
+                    if amax < x.abs() {
+                        (amax, max) = (x.abs(), x);
+                    }
+                }
+                let d = max / -((self.top() + 1) / 2) as f32;
+                Params { d: f16::from_f32(d), inverse: inverse(d), ..Default::default() }
+            }
+            Self::Q4_1 | Self::Q5_1 => {
+                let min = xs.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+                let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let d = (max - min) / self.top() as f32;
+                Params { d: f16::from_f32(d), inverse: inverse(d), min, m: f16::from_f32(min) }
+            }
+        }
+    }
+
+    /// The level of `x` in a block of parameters `p`, clamped to the grid (GPTQ's compensated
+    /// values can leave the range the block's parameters were set from).
+    fn level(self, x: f32, p: &Params) -> i32 {
+        let top = self.top();
+        match self {
+            Self::Q8_0 => (x * p.inverse).round().clamp(-127.0, 127.0) as i32,
+            Self::Q4_0 | Self::Q5_0 => {
+                let offset = ((top + 1) / 2) as f32 + 0.5;
+                ((x * p.inverse + offset) as i32).clamp(0, top)
+            }
+            Self::Q4_1 | Self::Q5_1 => (((x - p.min) * p.inverse + 0.5) as i32).clamp(0, top),
+        }
+    }
+
+    /// The value a reader gets back for level `q`.
+    fn value(self, q: i32, p: &Params) -> f32 {
+        let d = p.d.to_f32();
+        match self {
+            Self::Q8_0 => q as f32 * d,
+            Self::Q4_0 | Self::Q5_0 => (q - (self.top() + 1) / 2) as f32 * d,
+            Self::Q4_1 | Self::Q5_1 => q as f32 * d + p.m.to_f32(),
+        }
+    }
+
+    /// Writes a block: the scale (f16), the minimum (`_1` types), the levels' fifth bits (Q5
+    /// types, a little-endian u32), then the levels: bytes for Q8_0, nibbles for the others
+    /// (value `j` in the low nibble of byte `j`, value `j + 16` in its high nibble).
+    fn pack(self, p: &Params, q: &[i32; BLOCK], out: &mut [u8]) {
+        out[..2].copy_from_slice(&p.d.to_le_bytes());
+        let mut at = 2;
+        if matches!(self, Self::Q4_1 | Self::Q5_1) {
+            out[at..at + 2].copy_from_slice(&p.m.to_le_bytes());
+            at += 2;
+        }
+        if self == Self::Q8_0 {
+            for (o, &q) in out[at..at + BLOCK].iter_mut().zip(q) {
+                *o = q as i8 as u8;
+            }
+            return;
+        }
+        if matches!(self, Self::Q5_0 | Self::Q5_1) {
+            let high = q.iter().enumerate().fold(0u32, |h, (j, &q)| h | (((q as u32 >> 4) & 1) << j));
+            out[at..at + 4].copy_from_slice(&high.to_le_bytes());
+            at += 4;
+        }
+        for j in 0..BLOCK / 2 {
+            out[at + j] = (q[j] as u8 & 0x0F) | ((q[j + BLOCK / 2] as u8 & 0x0F) << 4);
+        }
+    }
+}
+
+/// Whether [`quantize`] writes `t` (the types of [`TYPES`]).
+pub fn supports(t: GgmlDType) -> bool {
+    Grid::of(t).is_some()
+}
+
+/// `w: (out, in)` quantized to `t` (one of [`TYPES`]) by GPTQ (see the module docs) against the
+/// inputs of `gram`, with the damping `damp` (e.g. [`DEFAULT_DAMP`]). Inputs that were always
+/// zero (a zero diagonal of `H`) are rounded to nearest.
 ///
-/// Errors when `in` is not a multiple of Q8_0's 32-value blocks, when the shapes of `w` and
-/// `gram` disagree, when no input was recorded, or when `w` or `gram` hold NaN or infinity.
-pub fn quantize_q8_0(w: &Tensor, gram: &InputGram, damp: f64) -> Result<QTensor> {
+/// Errors when `t` is not one of [`TYPES`], when `in` is not a multiple of their 32-value
+/// blocks, when the shapes of `w` and `gram` disagree, when no input was recorded, or when `w`
+/// or `gram` hold NaN or infinity.
+pub fn quantize(w: &Tensor, gram: &InputGram, t: GgmlDType, damp: f64) -> Result<QTensor> {
+    let grid = Grid::of(t).ok_or_else(|| {
+        let names: Vec<&str> = TYPES.iter().map(|&t| crate::quantized::type_name(t)).collect();
+        Error::Unsupported(format!("GPTQ to {}: it writes {}", crate::quantized::type_name(t), names.join(", ")))
+    })?;
     let (out, inp) = w.dims2()?;
-    let block = GgmlDType::Q8_0.block_size();
-    if inp == 0 || out == 0 || inp % block != 0 {
+    if inp == 0 || out == 0 || inp % BLOCK != 0 {
         return Err(Error::Unsupported(format!(
-            "GPTQ to Q8_0 of a ({out}, {inp}) weight: rows must be a non-zero multiple of {block} values"
+            "GPTQ to {} of a ({out}, {inp}) weight: rows must be a non-zero multiple of {BLOCK} values",
+            crate::quantized::type_name(t)
         )));
     }
     if gram.matrix().dims() != [inp, inp] {
@@ -109,14 +257,12 @@ pub fn quantize_q8_0(w: &Tensor, gram: &InputGram, damp: f64) -> Result<QTensor>
     if w.iter().any(|v| !v.is_finite()) {
         return Err(Error::LinAlg("the weight holds NaN or infinite values; it cannot be quantized".into()));
     }
-    let row_bytes = inp / block * GgmlDType::Q8_0.type_size();
+    let row_bytes = inp / BLOCK * t.type_size();
     let mut bytes = vec![0u8; out * row_bytes];
     w.par_chunks_mut(ROWS_PER_TASK * inp)
         .zip(bytes.par_chunks_mut(ROWS_PER_TASK * row_bytes))
-        .for_each(|(rows, bytes)| quantize_rows(rows, bytes, &u, inp));
-    crate::quantized::gather_rows(out, inp, GgmlDType::Q8_0, &Device::Cpu, |i| {
-        &bytes[i * row_bytes..(i + 1) * row_bytes]
-    })
+        .for_each(|(rows, bytes)| quantize_rows(grid, rows, bytes, &u, inp));
+    crate::quantized::gather_rows(out, inp, grid.ggml(), &Device::Cpu, |i| &bytes[i * row_bytes..(i + 1) * row_bytes])
 }
 
 /// `U`, row-major `(n, n)` f32, upper triangular with `(H + lambda I)^{-1} = U^T U`, for the
@@ -144,36 +290,32 @@ fn inverse_hessian_factor(h: &Tensor, damp: f64) -> Result<Vec<f32>> {
     Ok((0..n).flat_map(|i| (0..n).map(move |j| if j >= i { l[(j, i)] as f32 } else { 0.0 })).collect())
 }
 
-/// GPTQ of a few rows `w` (row-major, `in` columns each) into Q8_0 `bytes`, against `u`.
-fn quantize_rows(w: &mut [f32], bytes: &mut [u8], u: &[f32], inp: usize) {
-    let block = GgmlDType::Q8_0.block_size();
-    let block_bytes = GgmlDType::Q8_0.type_size();
+/// GPTQ of a few rows `w` (row-major, `in` columns each) into `grid`'s blocks `bytes`, against
+/// `u`: a block's parameters are set from its values as compensated when its first column is
+/// reached, and each value's error is measured against what a reader gets back.
+fn quantize_rows(grid: Grid, w: &mut [f32], bytes: &mut [u8], u: &[f32], inp: usize) {
+    let block_bytes = grid.ggml().type_size();
     let rows = w.len() / inp;
-    let mut inverse_scales = vec![0f32; rows];
-    let mut scales = vec![0f32; rows];
+    let mut blocks = vec![(Params::default(), [0i32; BLOCK]); rows];
     for i in 0..inp {
-        let (b, k) = (i / block, i % block);
+        let (b, k) = (i / BLOCK, i % BLOCK);
         if k == 0 {
-            // The block's scale, from its values as compensated so far (llama.cpp's rounding:
-            // `d = amax / 127`, values multiplied by `1 / d`, `d` stored as f16).
-            for r in 0..rows {
-                let amax = w[r * inp + i..r * inp + i + block].iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / Q8_MAX;
-                let d16 = f16::from_f32(d);
-                inverse_scales[r] = if d != 0.0 { 1.0 / d } else { 0.0 };
-                scales[r] = d16.to_f32();
-                let at = r * inp / block * block_bytes + b * block_bytes;
-                bytes[at..at + 2].copy_from_slice(&d16.to_le_bytes());
+            for (r, (p, _)) in blocks.iter_mut().enumerate() {
+                *p = grid.params(&w[r * inp + i..r * inp + i + BLOCK]);
             }
         }
         let (ui, tail) = (u[i * inp + i], &u[i * inp + i + 1..(i + 1) * inp]);
-        for r in 0..rows {
+        for (r, (p, levels)) in blocks.iter_mut().enumerate() {
             let row = &mut w[r * inp..(r + 1) * inp];
-            let q = (row[i] * inverse_scales[r]).round().clamp(-Q8_MAX, Q8_MAX);
-            bytes[r * inp / block * block_bytes + b * block_bytes + 2 + k] = q as i8 as u8;
-            let e = (row[i] - q * scales[r]) / ui;
+            let q = grid.level(row[i], p);
+            levels[k] = q;
+            let e = (row[i] - grid.value(q, p)) / ui;
             for (v, &uij) in row[i + 1..].iter_mut().zip(tail) {
                 *v -= e * uij;
+            }
+            if k == BLOCK - 1 {
+                let at = (r * inp / BLOCK + b) * block_bytes;
+                grid.pack(p, levels, &mut bytes[at..at + block_bytes]);
             }
         }
     }
@@ -203,13 +345,16 @@ mod tests {
     }
 
     /// With uncorrelated inputs no error can be compensated: GPTQ is round-to-nearest, byte for
-    /// byte candle's (llama.cpp's) Q8_0.
+    /// byte candle's (llama.cpp's reference) quantization, for every type it writes.
     #[test]
     fn identity_hessian_gives_round_to_nearest() -> Result<()> {
-        let w = random(8, 96, 1);
+        let w = (random(8, 96, 1) * 3.0)?;
         let eye: Vec<f32> = (0..96 * 96).map(|i| if i / 96 == i % 96 { 3.0 } else { 0.0 }).collect();
-        let q = quantize_q8_0(&w, &gram_of(eye, 96), DEFAULT_DAMP)?;
-        assert_eq!(q.data()?, QTensor::quantize(&w, GgmlDType::Q8_0)?.data()?);
+        for t in TYPES {
+            let q = quantize(&w, &gram_of(eye.clone(), 96), t, DEFAULT_DAMP)?;
+            assert_eq!(q.dtype(), t);
+            assert_eq!(q.data()?, QTensor::quantize(&w, t)?.data()?, "{t:?}");
+        }
         Ok(())
     }
 
@@ -225,7 +370,7 @@ mod tests {
         let mut w = vec![0f32; n];
         (w[0], w[1], w[31]) = (0.3333, 0.5049, 1.27);
         let wt = Tensor::from_vec(w.clone(), (1, n), &Device::Cpu)?;
-        let q = quantize_q8_0(&wt, &gram_of(h, n), DEFAULT_DAMP)?;
+        let q = quantize(&wt, &gram_of(h, n), GgmlDType::Q8_0, DEFAULT_DAMP)?;
         let bytes = q.data()?;
         let d = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
         let inverse = 1.0 / (1.27f32 / 127.0);
@@ -240,7 +385,8 @@ mod tests {
         Ok(())
     }
 
-    /// On correlated calibration inputs, GPTQ's output error is well under round-to-nearest's.
+    /// On correlated calibration inputs, GPTQ's output error is well under round-to-nearest's,
+    /// for every type it writes.
     #[test]
     fn correlated_inputs_get_a_smaller_output_error_than_rounding() -> Result<()> {
         let mixing = random(64, 64, 2);
@@ -251,25 +397,33 @@ mod tests {
         let direct = x.t()?.matmul(&x)?;
         assert!((gram.matrix() - &direct)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-3);
         let w = random(24, 64, 4);
-        let gptq = output_error(&w, &quantize_q8_0(&w, &gram, DEFAULT_DAMP)?, &gram)?;
-        let nearest = output_error(&w, &QTensor::quantize(&w, GgmlDType::Q8_0)?, &gram)?;
-        assert!(gptq < 0.7 * nearest, "GPTQ {gptq} vs round-to-nearest {nearest}");
+        for t in TYPES {
+            let gptq = output_error(&w, &quantize(&w, &gram, t, DEFAULT_DAMP)?, &gram)?;
+            let nearest = output_error(&w, &QTensor::quantize(&w, t)?, &gram)?;
+            assert!(gptq < 0.7 * nearest, "{t:?}: GPTQ {gptq} vs round-to-nearest {nearest}");
+        }
         Ok(())
     }
 
     #[test]
     fn unfit_shapes_and_inputs_are_errors() -> Result<()> {
         let w = random(4, 40, 5);
-        assert!(matches!(quantize_q8_0(&w, &InputGram::new(40)?, DEFAULT_DAMP), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            quantize(&w, &InputGram::new(40)?, GgmlDType::Q8_0, DEFAULT_DAMP),
+            Err(Error::Unsupported(_))
+        ));
+        let w = random(4, 256, 5);
+        let k = quantize(&w, &InputGram::new(256)?, GgmlDType::Q4K, DEFAULT_DAMP);
+        assert!(matches!(&k, Err(Error::Unsupported(m)) if m.contains("q4_0")), "{k:?}");
         let w = random(4, 32, 5);
         let empty = InputGram::new(32)?;
-        assert!(matches!(quantize_q8_0(&w, &empty, DEFAULT_DAMP), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(quantize(&w, &empty, GgmlDType::Q8_0, DEFAULT_DAMP), Err(Error::InvalidConfig { .. })));
         let mut small = InputGram::new(16)?;
         small.add(&random(3, 16, 6))?;
-        assert!(matches!(quantize_q8_0(&w, &small, DEFAULT_DAMP), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(quantize(&w, &small, GgmlDType::Q8_0, DEFAULT_DAMP), Err(Error::ShapeMismatch { .. })));
         let mut nan = InputGram::new(32)?;
         nan.add(&(random(3, 32, 7) * f64::NAN)?)?;
-        assert!(matches!(quantize_q8_0(&w, &nan, DEFAULT_DAMP), Err(Error::LinAlg(_))));
+        assert!(matches!(quantize(&w, &nan, GgmlDType::Q8_0, DEFAULT_DAMP), Err(Error::LinAlg(_))));
         Ok(())
     }
 }

@@ -648,7 +648,7 @@ impl<M: LinearHost> PeftModel<M> {
 
     /// Runs `f` on the model while the linears that `which` picks (by path and layer) record
     /// their inputs, and returns `f`'s result with each picked layer's input Gram matrix `X^T X`
-    /// (for [`crate::gptq::quantize_q8_0`]: run calibration text through the model, merge, then
+    /// (for [`crate::gptq::quantize`]: run calibration text through the model, merge, then
     /// quantize each merged weight against its layer's inputs). The recording ends when `f`
     /// returns, also on an error.
     pub fn record_input_grams<R>(

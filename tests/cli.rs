@@ -189,6 +189,26 @@ fn bad_input_is_reported_not_panicked() {
         "cpu",
     ]);
     assert!(!ok && err.contains("qkv") && err.contains("model.layers.0.self_attn.q_proj"), "{err}");
+    // GPTQ writes the 32-value block types: calibration for a K-quant is refused before the
+    // adapter is read.
+    let out = dir.path().join("m.gguf");
+    let (ok, _, err) = cli(&[
+        "merge",
+        "--base",
+        &smollm2(),
+        "--adapter",
+        "no-such-adapter",
+        "--output-gguf",
+        out.to_str().unwrap(),
+        "--quant",
+        "q4_k",
+        "--calibration",
+        good.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("--calibration") && err.contains("q4_0") && err.contains("q4_k"), "{err}");
+    assert!(!out.exists());
 }
 
 /// `--every 0` (and the other zero counts) are refused by their flag's name before the model or

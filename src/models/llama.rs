@@ -1191,9 +1191,10 @@ impl Llama {
     /// [`Self::save_gguf`], with the dense linears that have an input Gram matrix in `grams`
     /// (by path, `model.layers.0.self_attn.q_proj`; from
     /// [`crate::PeftModel::record_input_grams`]) quantized by GPTQ against those inputs
-    /// ([`crate::gptq::quantize_q8_0`]) instead of rounded to nearest. GPTQ writes Q8_0:
-    /// another lossy `quant` with grams is an error (F16, BF16, F32 and the F16 fallback of rows
-    /// Q8_0's blocks do not divide are written as usual).
+    /// ([`crate::gptq::quantize`]) instead of rounded to nearest. GPTQ writes the types of
+    /// [`crate::gptq::TYPES`] (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0): another lossy `quant` with grams
+    /// is an error (F16, BF16, F32 and the F16 fallback of rows the blocks do not divide are
+    /// written as usual).
     pub fn save_gguf_calibrated(
         &self,
         path: &Path,
@@ -1201,10 +1202,13 @@ impl Llama {
         source: &GgufMetadata,
         grams: &BTreeMap<String, InputGram>,
     ) -> Result<SavedGguf> {
-        if !grams.is_empty() && !matches!(quant, GgmlDType::Q8_0 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32) {
+        let exact = matches!(quant, GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32);
+        if !grams.is_empty() && !exact && !crate::gptq::supports(quant) {
+            let types: Vec<&str> = crate::gptq::TYPES.iter().map(|&t| type_name(t)).collect();
             return Err(Error::Unsupported(format!(
-                "GPTQ re-quantization to {}: it writes q8_0 (or pick f16, bf16 or f32, which need no calibration)",
-                type_name(quant)
+                "GPTQ re-quantization to {}: it writes {} (f16, bf16 and f32 need no calibration)",
+                type_name(quant),
+                types.join(", ")
             )));
         }
         if matches!(quant, GgmlDType::Q8_1 | GgmlDType::Q8K) {
@@ -1315,9 +1319,9 @@ impl Llama {
                     if t != quant {
                         saved.fallbacks.push(format!("{name} ({} -> {})", type_name(quant), type_name(t)));
                     }
-                    match hf.strip_suffix(".weight").and_then(|p| grams.get(p)).filter(|_| t == GgmlDType::Q8_0) {
+                    match hf.strip_suffix(".weight").and_then(|p| grams.get(p)).filter(|_| crate::gptq::supports(t)) {
                         Some(gram) => {
-                            let q = crate::gptq::quantize_q8_0(&w, gram, crate::gptq::DEFAULT_DAMP)?;
+                            let q = crate::gptq::quantize(&w, gram, t, crate::gptq::DEFAULT_DAMP)?;
                             let nearest = QTensor::quantize(&w, t)?;
                             saved.calibrated.push(Calibrated {
                                 name: name.clone(),

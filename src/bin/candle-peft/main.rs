@@ -57,8 +57,9 @@ enum Command {
         quant: String,
         /// Text (JSONL, as `train` and `eval` read it) to re-quantize the merged weights against:
         /// GPTQ instead of rounding to nearest, so each merged linear's outputs on this text stay
-        /// closer to the unquantized model's (--output-gguf with --quant q8_0). A few thousand
-        /// tokens of text like the model's use are enough; keep your evaluation text out of it.
+        /// closer to the unquantized model's (--output-gguf with --quant q8_0, q5_1, q5_0, q4_1 or
+        /// q4_0). A few thousand tokens of text like the model's use are enough; keep your
+        /// evaluation text out of it.
         #[arg(long, requires = "output_gguf")]
         calibration: Option<PathBuf>,
         #[command(flatten)]
@@ -521,9 +522,12 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 )
                 .into());
             }
-            if calibration.is_some() && quant != GgmlDType::Q8_0 {
+            if calibration.is_some() && !candle_peft::gptq::supports(quant) {
+                let types: Vec<&str> =
+                    candle_peft::gptq::TYPES.iter().map(|&t| candle_peft::quantized::type_name(t)).collect();
                 return Err(format!(
-                    "--calibration: GPTQ writes q8_0 merged weights, not {} (f16, bf16 and f32 need no calibration)",
+                    "--calibration: GPTQ writes {} merged weights, not {} (f16, bf16 and f32 need no calibration)",
+                    types.join(", "),
                     candle_peft::quantized::type_name(quant)
                 )
                 .into());
@@ -541,6 +545,13 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 })?;
                 let (_, tokens) = ran.map_err(|e| format!("--calibration {}: {e}", data.display()))?;
                 eprintln!("calibration: {tokens} tokens of {} through {} linears", data.display(), recorded.len());
+                if quant != GgmlDType::Q8_0 {
+                    eprintln!(
+                        "warning: GPTQ at 4-5 bits fits its compensation to the calibration text's inputs: give it \
+                         plenty of text like the model's use. On SmolLM2, 3.4k tokens of one kind of text improved \
+                         q4_0 on more of that kind and made it worse than rounding to nearest on other text (README)"
+                    );
+                }
                 grams = recorded;
             }
             peft.merge()?;
