@@ -650,7 +650,7 @@ impl<M: LinearHost> PeftModel<M> {
     /// their inputs, and returns `f`'s result with each picked layer's input Gram matrix `X^T X`
     /// (for [`crate::gptq::quantize`]: run calibration text through the model, merge, then
     /// quantize each merged weight against its layer's inputs). The recording ends when `f`
-    /// returns, also on an error.
+    /// returns, also on an error. Each picked layer holds an `(in, in)` f32 matrix.
     pub fn record_input_grams<R>(
         &mut self,
         which: impl Fn(&str, &AdaptedLinear) -> bool,
