@@ -12,7 +12,7 @@
 //! ```text
 //! U = chol(H^{-1})  (upper: H^{-1} = U^T U)
 //! for i in 0..in:
-//!     q_i  = round_to_grid(W[:, i])                 (a block's scale is set at its first column)
+//!     q_i  = round_to_grid(W[:, i])
 //!     e    = (W[:, i] - q_i) / U[i, i]
 //!     W[:, i+1..] -= e U[i, i+1..]
 //! ```
@@ -25,8 +25,10 @@
 //!
 //! Rounding a merged weight to Q8_0 moves a small model's loss by about 1e-2 either way
 //! (SmolLM2-135M: see the README's QLoRA section); GPTQ with a few thousand calibration tokens
-//! keeps the merged linears' outputs closer to the unquantized ones. The calibration inputs are
-//! each linear's own inputs as the unquantized model computes them
+//! keeps the merged linears' outputs closer to the unquantized ones. At 4-5 bits the
+//! compensation is large and fits the calibration text's inputs: it helps on text like it and
+//! can hurt on other text (measured in the README), so calibrate on text like the model's use.
+//! The calibration inputs are each linear's own inputs as the unquantized model computes them
 //! ([`crate::PeftModel::record_input_grams`]).
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -53,6 +55,13 @@ impl InputGram {
     /// Adds the rows of `x: (.., features)` (any dtype or device).
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
         let features = self.sum.dim(0)?;
+        if x.dims().last() != Some(&features) {
+            return Err(Error::ShapeMismatch {
+                what: "inputs added to an input Gram matrix (last dimension)".into(),
+                expected: vec![features],
+                actual: x.dims().to_vec(),
+            });
+        }
         let x = x.detach().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.reshape(((), features))?;
         self.rows += x.dim(0)?;
         self.sum = (&self.sum + x.t()?.contiguous()?.matmul(&x)?)?;
@@ -420,6 +429,7 @@ mod tests {
         assert!(matches!(quantize(&w, &empty, GgmlDType::Q8_0, DEFAULT_DAMP), Err(Error::InvalidConfig { .. })));
         let mut small = InputGram::new(16)?;
         small.add(&random(3, 16, 6))?;
+        assert!(matches!(small.add(&random(3, 32, 6)), Err(Error::ShapeMismatch { .. })));
         assert!(matches!(quantize(&w, &small, GgmlDType::Q8_0, DEFAULT_DAMP), Err(Error::ShapeMismatch { .. })));
         let mut nan = InputGram::new(32)?;
         nan.add(&(random(3, 32, 7) * f64::NAN)?)?;
