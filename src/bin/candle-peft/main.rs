@@ -15,6 +15,7 @@ use candle_peft::quantized::BaseQuant;
 use candle_peft::sweep::{Sweep, SweepConfig};
 use candle_peft::tokenizer::{encode, encode_sequence, ends, stop_tokens};
 use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
+use candle_peft::train::loss::linear_cross_entropy_part;
 use candle_peft::train::{latest_checkpoint, masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
     AdaptedLinear, AdapterConfig, Combination, CombineOptions, Fixed, InitOptions, MethodParams, PeftModel,
@@ -540,10 +541,14 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 let tokenizer = tokenizer.as_ref().ok_or("--calibration needs the model's tokenizer")?;
                 let records = read_jsonl(data)?;
                 let will_quantize = |_: &str, l: &AdaptedLinear| l.has_adapters() || l.weight().as_dense().is_some();
+                // The whole forward pass: an adapted output head records its inputs too.
                 let (ran, recorded) = peft.record_input_grams(will_quantize, |m| {
-                    Ok(eval_loss(m, tokenizer, &records, (data, 8192), &device))
+                    Ok(for_each_record(tokenizer, &records, (data, 8192), &device, |input, _| {
+                        m.forward(input)?;
+                        Ok(())
+                    }))
                 })?;
-                let (_, tokens) = ran.map_err(|e| format!("--calibration {}: {e}", data.display()))?;
+                let tokens = ran.map_err(|e| format!("--calibration {}: {e}", data.display()))?;
                 eprintln!("calibration: {tokens} tokens of {} through {} linears", data.display(), recorded.len());
                 if quant != GgmlDType::Q8_0 {
                     eprintln!(
@@ -683,16 +688,17 @@ fn load_with_adapter(
     Ok((lm, tokenizer))
 }
 
-/// Token-weighted mean next-token loss over every record's tokens (labels = input ids), for the
-/// records of the file `data`, each of at most `max_len` tokens.
-fn eval_loss(
-    lm: &Llama,
+/// Runs `f` on the token ids `(1, t)` of every record of the file `data` (prompt and completion
+/// joined; records of fewer than two tokens skipped, more than `max_len` an error) and returns
+/// how many next tokens they predict.
+fn for_each_record(
     tokenizer: &Tokenizer,
     records: &[Record],
     (data, max_len): (&Path, usize),
     device: &Device,
-) -> anyhow_like::Result<(f64, usize)> {
-    let (mut sum, mut count) = (0f64, 0usize);
+    mut f: impl FnMut(&Tensor, &[u32]) -> anyhow_like::Result<()>,
+) -> anyhow_like::Result<usize> {
+    let mut count = 0usize;
     for (i, r) in records.iter().enumerate() {
         let text = match r {
             Record::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
@@ -705,24 +711,48 @@ fn eval_loss(
         if ids.len() > max_len {
             return Err(format!(
                 "record {} of {} has {} tokens, more than --max-len {max_len}: split it, or raise --max-len \
-                 (one forward pass holds all of a record's logits)",
+                 (one forward pass holds all of a record's activations)",
                 i + 1,
                 data.display(),
                 ids.len()
             )
             .into());
         }
-        let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-        let logits = lm.forward(&input)?.squeeze(0)?;
-        let n = ids.len() - 1;
-        let labels: Vec<i64> = ids[1..].iter().map(|&t| t as i64).collect();
-        let loss = masked_cross_entropy(&logits.narrow(0, 0, n)?, &Tensor::new(labels.as_slice(), device)?)?;
-        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-        count += n;
+        f(&Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?, &ids)?;
+        count += ids.len() - 1;
     }
     if count == 0 {
-        return Err("the data set has no record of two or more tokens".into());
+        return Err(format!("{} has no record of two or more tokens", data.display()).into());
     }
+    Ok(count)
+}
+
+/// Token-weighted mean next-token loss over every record's tokens (labels = input ids), for the
+/// records of the file `data`, each of at most `max_len` tokens. With a frozen output projection
+/// (no adapter on it, no soft-capping) the loss comes from the final hidden states a block of
+/// positions at a time, so a long record never holds its whole `(tokens, vocab)` logits.
+fn eval_loss(
+    lm: &Llama,
+    tokenizer: &Tokenizer,
+    records: &[Record],
+    source: (&Path, usize),
+    device: &Device,
+) -> anyhow_like::Result<(f64, usize)> {
+    let mut sum = 0f64;
+    let count = for_each_record(tokenizer, records, source, device, |input, ids| {
+        let n = ids.len() - 1;
+        let labels: Vec<i64> = ids[1..].iter().map(|&t| t as i64).collect();
+        let labels = Tensor::new(labels.as_slice(), device)?;
+        let loss = match lm.frozen_head() {
+            Some(head) => {
+                let h = lm.final_hidden_states(input)?.narrow(0, 0, n)?;
+                linear_cross_entropy_part(&h, head, &labels, n)?
+            }
+            None => masked_cross_entropy(&lm.forward(input)?.squeeze(0)?.narrow(0, 0, n)?, &labels)?,
+        };
+        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+        Ok(())
+    })?;
     Ok((sum / count as f64, count))
 }
 
