@@ -63,8 +63,8 @@ impl InputGram {
             });
         }
         let x = x.detach().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.reshape(((), features))?;
-        self.rows += x.dim(0)?;
-        self.sum = (&self.sum + x.t()?.contiguous()?.matmul(&x)?)?;
+        let sum = (&self.sum + x.t()?.contiguous()?.matmul(&x)?)?;
+        (self.sum, self.rows) = (sum, self.rows + x.dim(0)?);
         Ok(())
     }
 
@@ -283,12 +283,14 @@ fn inverse_hessian_factor(h: &Tensor, damp: f64) -> Result<Vec<f32>> {
         return Err(Error::LinAlg("the calibration inputs hold NaN or infinite values".into()));
     }
     let mut h = faer::Mat::<f64>::from_fn(n, n, |i, j| host[i * n + j]);
-    let mean = (0..n).map(|i| h[(i, i)]).sum::<f64>() / n as f64;
     for i in 0..n {
         if h[(i, i)] == 0.0 {
             h[(i, i)] = 1.0;
         }
-        h[(i, i)] += damp * mean.max(f64::MIN_POSITIVE);
+    }
+    let mean = (0..n).map(|i| h[(i, i)]).sum::<f64>() / n as f64;
+    for i in 0..n {
+        h[(i, i)] += damp * mean;
     }
     use faer::linalg::solvers::DenseSolveCore;
     let not_pd = |e| Error::LinAlg(format!("the damped {n}x{n} input Hessian is not positive definite: {e:?}"));

@@ -100,8 +100,8 @@ impl AdaptedLinear {
         self.recorded().take()
     }
 
-    /// The recording, if one is on (a poisoned lock still holds a whole matrix: `add` replaces it
-    /// in one assignment).
+    /// The recording, if one is on (a poisoned lock still holds a consistent recording: `add`
+    /// replaces the matrix and its row count together, after the product).
     fn recorded(&self) -> MutexGuard<'_, Option<InputGram>> {
         self.inputs.lock().unwrap_or_else(|e| e.into_inner())
     }

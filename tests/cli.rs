@@ -429,7 +429,7 @@ fn a_merged_gguf_evaluates_as_the_adapter_on_the_quantized_base() {
         let (ok, _, err) = cli(&args);
         assert!(ok, "{err}");
         assert_eq!(err.contains("loses precision"), quant == "q8_0", "the re-quantization warning: {err}");
-        assert_eq!(err.contains("GPTQ: 90 merged weights"), gptq, "the GPTQ report: {err}");
+        assert_eq!(err.contains("GPTQ: 90 weights"), gptq, "the GPTQ report: {err}");
         // The weights the adapter leaves alone are copied in the base's types (merge keeps a
         // GGUF base quantized by default); the adapted ones are written as asked.
         use candle_core::quantized::{gguf_file::Content, GgmlDType};

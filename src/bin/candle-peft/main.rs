@@ -18,7 +18,7 @@ use candle_peft::train::data::{read_jsonl, Ends, Example, Record};
 use candle_peft::train::loss::linear_cross_entropy_part;
 use candle_peft::train::{latest_checkpoint, masked_cross_entropy, LrSchedule, TrainConfig, Trainer};
 use candle_peft::{
-    AdaptedLinear, AdapterConfig, Combination, CombineOptions, Fixed, InitOptions, MethodParams, PeftModel,
+    AdaptedLinear, AdapterConfig, Combination, CombineOptions, Fixed, InitOptions, LinearHost, MethodParams, PeftModel,
     RankStabilized, Standard, TargetConfig, TargetModules,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser};
@@ -541,10 +541,21 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 let tokenizer = tokenizer.as_ref().ok_or("--calibration needs the model's tokenizer")?;
                 let records = read_jsonl(data)?;
                 let will_quantize = |_: &str, l: &AdaptedLinear| l.has_adapters() || l.weight().as_dense().is_some();
-                // The whole forward pass: an adapted output head records its inputs too.
+                // The output head runs only when it records (its logits are as large as the
+                // record times the vocabulary).
+                let head = peft.model().output_layer();
+                let head_records = peft
+                    .model()
+                    .linears()
+                    .into_iter()
+                    .any(|(p, l)| head.as_deref() == Some(p.as_str()) && will_quantize(&p, l));
                 let (ran, recorded) = peft.record_input_grams(will_quantize, |m| {
-                    Ok(for_each_record(tokenizer, &records, (data, 8192), &device, |input, _| {
-                        m.forward(input)?;
+                    Ok(for_each_record(tokenizer, &records, (data, 8192, None), &device, |input, _| {
+                        if head_records {
+                            m.forward(input)?;
+                        } else {
+                            m.final_hidden_states(input)?;
+                        }
                         Ok(())
                     }))
                 })?;
@@ -570,11 +581,15 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
             if let (Some(path), Some(meta)) = (&output_gguf, &meta) {
                 let saved = peft.model().save_gguf_calibrated(path, quant, meta, &grams)?;
                 if !saved.calibrated.is_empty() {
-                    let mut ratios: Vec<f64> =
-                        saved.calibrated.iter().map(|c| c.error / c.nearest_error.max(f64::MIN_POSITIVE)).collect();
+                    // Both errors are 0 where rounding is exact.
+                    let ratio = |c: &candle_peft::models::Calibrated| match c.nearest_error {
+                        0.0 => 1.0,
+                        nearest => c.error / nearest,
+                    };
+                    let mut ratios: Vec<f64> = saved.calibrated.iter().map(ratio).collect();
                     ratios.sort_by(f64::total_cmp);
                     eprintln!(
-                        "GPTQ: {} merged weights quantized against the calibration text; their output error there is \
+                        "GPTQ: {} weights quantized against the calibration text; their output error there is \
                          {:.2}x round-to-nearest's (median; {:.2}x to {:.2}x)",
                         ratios.len(),
                         ratios[ratios.len() / 2],
@@ -689,12 +704,12 @@ fn load_with_adapter(
 }
 
 /// Runs `f` on the token ids `(1, t)` of every record of the file `data` (prompt and completion
-/// joined; records of fewer than two tokens skipped, more than `max_len` an error) and returns
-/// how many next tokens they predict.
+/// joined; records of fewer than two tokens skipped, more than `max_len` an error that names the
+/// `flag` setting it, if one does) and returns how many next tokens they predict.
 fn for_each_record(
     tokenizer: &Tokenizer,
     records: &[Record],
-    (data, max_len): (&Path, usize),
+    (data, max_len, flag): (&Path, usize, Option<&str>),
     device: &Device,
     mut f: impl FnMut(&Tensor, &[u32]) -> anyhow_like::Result<()>,
 ) -> anyhow_like::Result<usize> {
@@ -709,9 +724,13 @@ fn for_each_record(
             continue;
         }
         if ids.len() > max_len {
+            let limit = match flag {
+                Some(flag) => format!("{flag} {max_len}: split it, or raise {flag}"),
+                None => format!("{max_len}: split it"),
+            };
             return Err(format!(
-                "record {} of {} has {} tokens, more than --max-len {max_len}: split it, or raise --max-len \
-                 (one forward pass holds all of a record's activations)",
+                "record {} of {} has {} tokens, more than {limit} (one forward pass holds all of a record's \
+                 activations)",
                 i + 1,
                 data.display(),
                 ids.len()
@@ -735,11 +754,11 @@ fn eval_loss(
     lm: &Llama,
     tokenizer: &Tokenizer,
     records: &[Record],
-    source: (&Path, usize),
+    (data, max_len): (&Path, usize),
     device: &Device,
 ) -> anyhow_like::Result<(f64, usize)> {
     let mut sum = 0f64;
-    let count = for_each_record(tokenizer, records, source, device, |input, ids| {
+    let count = for_each_record(tokenizer, records, (data, max_len, Some("--max-len")), device, |input, ids| {
         let n = ids.len() - 1;
         let labels: Vec<i64> = ids[1..].iter().map(|&t| t as i64).collect();
         let labels = Tensor::new(labels.as_slice(), device)?;
