@@ -224,9 +224,23 @@ impl Grid {
     }
 }
 
-/// Whether [`quantize`] writes `t` (the types of [`TYPES`]).
-pub fn supports(t: GgmlDType) -> bool {
-    Grid::of(t).is_some()
+/// `Ok` when [`quantize`] writes `t` (the types of [`TYPES`]), otherwise an error that lists them
+/// (f16, bf16 and f32 need no calibration).
+pub fn check_type(t: GgmlDType) -> Result<()> {
+    grid(t).map(|_| ())
+}
+
+/// The grid of `t`, or [`check_type`]'s error.
+fn grid(t: GgmlDType) -> Result<Grid> {
+    if let Some(grid) = Grid::of(t) {
+        return Ok(grid);
+    }
+    let names: Vec<&str> = TYPES.iter().map(|&t| crate::quantized::type_name(t)).collect();
+    Err(Error::Unsupported(format!(
+        "GPTQ to {}: it writes {} (f16, bf16 and f32 need no calibration)",
+        crate::quantized::type_name(t),
+        names.join(", ")
+    )))
 }
 
 /// `w: (out, in)` quantized to `t` (one of [`TYPES`]) by GPTQ (see the module docs) against the
@@ -237,10 +251,7 @@ pub fn supports(t: GgmlDType) -> bool {
 /// blocks, when the shapes of `w` and `gram` disagree, when no input was recorded, or when `w`
 /// or `gram` hold NaN or infinity.
 pub fn quantize(w: &Tensor, gram: &InputGram, t: GgmlDType, damp: f64) -> Result<QTensor> {
-    let grid = Grid::of(t).ok_or_else(|| {
-        let names: Vec<&str> = TYPES.iter().map(|&t| crate::quantized::type_name(t)).collect();
-        Error::Unsupported(format!("GPTQ to {}: it writes {}", crate::quantized::type_name(t), names.join(", ")))
-    })?;
+    let grid = grid(t)?;
     let (out, inp) = w.dims2()?;
     if inp == 0 || out == 0 || inp % BLOCK != 0 {
         return Err(Error::Unsupported(format!(

@@ -1202,14 +1202,8 @@ impl Llama {
         source: &GgufMetadata,
         grams: &BTreeMap<String, InputGram>,
     ) -> Result<SavedGguf> {
-        let exact = matches!(quant, GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32);
-        if !grams.is_empty() && !exact && !crate::gptq::supports(quant) {
-            let types: Vec<&str> = crate::gptq::TYPES.iter().map(|&t| type_name(t)).collect();
-            return Err(Error::Unsupported(format!(
-                "GPTQ re-quantization to {}: it writes {} (f16, bf16 and f32 need no calibration)",
-                type_name(quant),
-                types.join(", ")
-            )));
+        if !grams.is_empty() && !matches!(quant, GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::F32) {
+            crate::gptq::check_type(quant)?;
         }
         if matches!(quant, GgmlDType::Q8_1 | GgmlDType::Q8K) {
             return Err(Error::config(
@@ -1319,7 +1313,11 @@ impl Llama {
                     if t != quant {
                         saved.fallbacks.push(format!("{name} ({} -> {})", type_name(quant), type_name(t)));
                     }
-                    match hf.strip_suffix(".weight").and_then(|p| grams.get(p)).filter(|_| crate::gptq::supports(t)) {
+                    match hf
+                        .strip_suffix(".weight")
+                        .and_then(|p| grams.get(p))
+                        .filter(|_| crate::gptq::check_type(t).is_ok())
+                    {
                         Some(gram) => {
                             let q = crate::gptq::quantize(&w, gram, t, crate::gptq::DEFAULT_DAMP)?;
                             let nearest = QTensor::quantize(&w, t)?;

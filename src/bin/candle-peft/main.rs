@@ -523,15 +523,8 @@ fn run(cli: Cli) -> anyhow_like::Result<()> {
                 )
                 .into());
             }
-            if calibration.is_some() && !candle_peft::gptq::supports(quant) {
-                let types: Vec<&str> =
-                    candle_peft::gptq::TYPES.iter().map(|&t| candle_peft::quantized::type_name(t)).collect();
-                return Err(format!(
-                    "--calibration: GPTQ writes {} merged weights, not {} (f16, bf16 and f32 need no calibration)",
-                    types.join(", "),
-                    candle_peft::quantized::type_name(quant)
-                )
-                .into());
+            if calibration.is_some() {
+                candle_peft::gptq::check_type(quant).map_err(|e| format!("--calibration: {e}"))?;
             }
             let mut peft = PeftModel::from_pretrained(model, &adapter, dtype)?;
             // The inputs of every linear the file will hold quantized from dense values (the
